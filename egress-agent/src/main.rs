@@ -1,0 +1,3 @@
+fn main() {
+    let _obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-ebpf"));
+}

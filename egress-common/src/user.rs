@@ -1,0 +1,33 @@
+//! The agent's half: lets aya read and write these types in maps.
+
+use crate::{
+    config::Config,
+    counters::Counter,
+    flow::{FlowKey, InboundFlow, SteeredFlow},
+    nat::{NatForward, NatReverse},
+    nodes::{EgressIp, LocalPod, NodeInfo},
+    policy::{PolicyKey, PolicyValue},
+};
+
+macro_rules! impl_pod {
+    ($($ty:ty),+ $(,)?) => {
+        // SAFETY: each type is `#[repr(C)]`, made only of integers and byte arrays, with
+        // explicit padding fields, so every bit pattern is valid.
+        $(unsafe impl aya::Pod for $ty {})+
+    };
+}
+
+impl_pod!(
+    Config,
+    Counter,
+    FlowKey,
+    InboundFlow,
+    SteeredFlow,
+    NatForward,
+    NatReverse,
+    EgressIp,
+    LocalPod,
+    NodeInfo,
+    PolicyKey,
+    PolicyValue,
+);
