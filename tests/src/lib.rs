@@ -1,1 +1,45 @@
+//! Test harness for the egress gateway: a small Kubernetes-like cluster in network namespaces.
+//!
+//! A [`Cluster`] has an underlay router, worker nodes with a plain routed CNI (pods reach the
+//! outside through their node's masquerade), an external destination running `egress-peer`, and a
+//! manifests folder the agents read instead of an API server. Everything lives in namespaces the
+//! harness creates and is removed when the `Cluster` is dropped, also when a test panics.
 
+pub mod agent;
+pub mod capture;
+pub mod cluster;
+pub mod manifests;
+pub mod peer;
+pub mod process;
+
+use std::path::PathBuf;
+
+pub use agent::{Counter, Counters, EgressEntry, GATEWAY_EXCLUDED, GATEWAY_NOT_FOUND};
+pub use capture::{CapturedPacket, IpProtocol};
+pub use cluster::{
+    BPFFS_ROOT, Cluster, ClusterConfig, Node, Pod, TeardownHandle, is_root, teardown_all_clusters,
+    wait_for_value, wait_until,
+};
+pub use peer::{DESTINATION_IP, PEER_HTTP_PORT, PEER_UDP_PORT, PeerProtocol, PeerRecord, peer_url};
+pub use process::{Background, Finished, Signal};
+
+/// `<repo>/../shared/policies/valid/<name>`: the shared example policies (read, never copied).
+pub fn shared_policy(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/policies/valid")
+        .join(name)
+}
+
+/// Returns early from a test (passing it) with a message when not running as root.
+#[macro_export]
+macro_rules! skip_unless_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!(
+                "SKIPPED: {} needs root (network namespaces, bpffs)",
+                module_path!()
+            );
+            return;
+        }
+    };
+}

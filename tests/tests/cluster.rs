@@ -1,0 +1,564 @@
+//! End-to-end scenarios on a namespace cluster: what a user would check after applying a policy.
+//!
+//! Each test builds its own cluster (k8s-worker-1..3, destination 198.51.100.10 running
+//! egress-peer) and tears it down on drop. They need root; as another user they pass with a
+//! SKIPPED message. All but the baseline need the agent: `cargo build -p egress-agent` first (or
+//! set EGRESS_AGENT_BIN).
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use egress_tests::{
+    Cluster, ClusterConfig, GATEWAY_EXCLUDED, GATEWAY_NOT_FOUND, IpProtocol, PeerProtocol, Pod,
+    Signal, peer_url, shared_policy, skip_unless_root, wait_until,
+};
+
+const WORKER_1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
+const WORKER_2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
+const WORKER_3: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 13);
+const SECONDARY_EGRESS_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+/// How long an agent may take to program a change (Cilium reconciles within about a second).
+const PROGRAMMED: Duration = Duration::from_secs(30);
+const UDP_PEER: &str = "198.51.100.10:8081";
+const HTTP_PEER: &str = "198.51.100.10:8080";
+
+fn new_cluster() -> Cluster {
+    Cluster::new(ClusterConfig::with_peer_bin(env!(
+        "CARGO_BIN_EXE_egress-peer"
+    )))
+    .expect("building the test cluster")
+}
+
+/// The how-to's test pod: `my-app` (app=my-app) in namespace default.
+fn add_my_app(cluster: &mut Cluster, node: &str) -> Pod {
+    cluster
+        .add_pod(node, "default", "my-app", &[("app", "my-app")])
+        .expect("adding pod my-app")
+}
+
+/// A policy steering pods labelled app=my-app to 198.51.100.0/24; `gateway` is the YAML body of
+/// `egressGateway` and `excluded` the excludedCIDRs.
+fn policy(name: &str, excluded: &[&str], gateway: &str) -> String {
+    let mut yaml = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata:\n  name: {name}\nspec:\n  \
+         selectors:\n  - podSelector:\n      matchLabels:\n        app: my-app\n  destinationCIDRs:\n  - \
+         198.51.100.0/24\n"
+    );
+    if !excluded.is_empty() {
+        yaml.push_str("  excludedCIDRs:\n");
+        for cidr in excluded {
+            yaml.push_str(&format!("  - {cidr}\n"));
+        }
+    }
+    yaml.push_str("  egressGateway:\n");
+    for line in gateway.lines() {
+        yaml.push_str(&format!("    {line}\n"));
+    }
+    yaml
+}
+
+/// The how-to, steps 1-2: label k8s-worker-2 `egress-node=true`, apply seed-example.yaml.
+fn apply_howto_policy(cluster: &mut Cluster) -> String {
+    cluster
+        .label_node("k8s-worker-2", "egress-node", "true")
+        .unwrap();
+    cluster
+        .apply_policy_file(shared_policy("seed-example.yaml"))
+        .expect("applying seed-example.yaml")
+}
+
+/// Gives k8s-worker-2 eth1 with 192.0.2.200 and makes it the gateway of a policy using that egressIP.
+fn apply_secondary_egress_ip_policy(cluster: &mut Cluster) {
+    cluster.add_secondary_interface("k8s-worker-2").unwrap();
+    cluster
+        .add_address("k8s-worker-2", "eth1", &format!("{SECONDARY_EGRESS_IP}/24"))
+        .unwrap();
+    cluster
+        .label_node("k8s-worker-2", "egress-node", "true")
+        .unwrap();
+    let gateway = format!(
+        "nodeSelector:\n  matchLabels:\n    egress-node: \"true\"\negressIP: {SECONDARY_EGRESS_IP}"
+    );
+    cluster
+        .apply_policy(
+            "secondary-egress-ip",
+            &policy("secondary-egress-ip", &[], &gateway),
+        )
+        .unwrap();
+}
+
+fn source_ip(cluster: &Cluster, pod: &Pod) -> Ipv4Addr {
+    cluster
+        .source_ip_seen_by_destination(pod)
+        .expect("curl from the pod to the destination")
+}
+
+// ----- (a) harness baseline: no agents -----
+
+#[test]
+fn baseline_without_agents_pod_leaves_with_its_node_ip() {
+    skip_unless_root!();
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-1");
+
+    assert_eq!(
+        source_ip(&cluster, &pod),
+        WORKER_1,
+        "the plain CNI masquerades to the node IP"
+    );
+    let seen = cluster.peer_log();
+    assert!(
+        seen.iter()
+            .any(|record| record.protocol == PeerProtocol::Tcp && *record.source.ip() == WORKER_1),
+        "the peer log records the connection: {seen:?}"
+    );
+}
+
+#[test]
+fn baseline_without_agents_capture_udp_and_burst_see_node_ips() {
+    skip_unless_root!();
+    let mut cluster = new_cluster();
+    let on_worker_3 = cluster
+        .add_pod("k8s-worker-3", "team-a", "client", &[("app", "client")])
+        .unwrap();
+    cluster.start_capture().unwrap();
+
+    let udp = cluster
+        .peer_client(&on_worker_3, &["udp", UDP_PEER, "--count", "3"])
+        .unwrap();
+    assert!(
+        udp.status.success(),
+        "udp client: {}",
+        String::from_utf8_lossy(&udp.stderr)
+    );
+    let replies = String::from_utf8_lossy(&udp.stdout).into_owned();
+    assert_eq!(replies.lines().count(), 3, "{replies}");
+    assert!(
+        replies.lines().all(|line| line.starts_with("10.0.0.13:")),
+        "{replies}"
+    );
+
+    let burst = cluster
+        .peer_client(
+            &on_worker_3,
+            &["tcp-burst", HTTP_PEER, "--connections", "20"],
+        )
+        .unwrap();
+    assert!(
+        burst.status.success(),
+        "tcp-burst: {}",
+        String::from_utf8_lossy(&burst.stderr)
+    );
+    let sources = String::from_utf8_lossy(&burst.stdout).into_owned();
+    assert_eq!(
+        sources.lines().filter(|line| *line == "10.0.0.13").count(),
+        20,
+        "{sources}"
+    );
+
+    let packets = cluster.stop_capture().unwrap();
+    assert!(
+        packets
+            .iter()
+            .any(|p| p.src == WORKER_3 && p.protocol == IpProtocol::Udp),
+        "{packets:?}"
+    );
+    assert!(
+        packets
+            .iter()
+            .any(|p| p.src == WORKER_3 && p.protocol == IpProtocol::Tcp),
+        "{packets:?}"
+    );
+    assert!(
+        packets.iter().all(|p| p.src != on_worker_3.ip),
+        "pod IPs never reach the destination"
+    );
+}
+
+// ----- (b)-(j) with agents -----
+
+#[test]
+fn howto_policy_moves_the_source_ip_to_the_gateway_and_back() {
+    skip_unless_root!();
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-1");
+    cluster.start_all_agents().unwrap();
+    assert_eq!(source_ip(&cluster, &pod), WORKER_1, "before the policy");
+
+    let policy_name = apply_howto_policy(&mut cluster);
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+    assert_eq!(
+        source_ip(&cluster, &pod),
+        WORKER_2,
+        "with the how-to policy"
+    );
+
+    // The troubleshooting view from the how-to: both CIDRs, gateway 10.0.0.12, egress IP 0.0.0.0
+    // everywhere except on the gateway.
+    let on_worker_1 = cluster.egress_list("k8s-worker-1").unwrap();
+    for cidr in ["198.51.0.0/16", "198.51.100.0/24"] {
+        let entry = on_worker_1
+            .iter()
+            .find(|entry| entry.source() == Some(pod.ip) && entry.dest_cidr == cidr)
+            .unwrap_or_else(|| panic!("no entry for {cidr} on worker-1: {on_worker_1:?}"));
+        assert_eq!(entry.gateway(), Some(WORKER_2), "{entry:?}");
+        assert_eq!(entry.egress(), Some(Ipv4Addr::UNSPECIFIED), "{entry:?}");
+    }
+    let on_worker_2 = cluster.egress_list("k8s-worker-2").unwrap();
+    assert!(
+        on_worker_2
+            .iter()
+            .any(|entry| entry.source() == Some(pod.ip) && entry.egress() == Some(WORKER_2)),
+        "the gateway shows the egress IP: {on_worker_2:?}"
+    );
+
+    cluster.delete_policy(&policy_name).unwrap();
+    cluster.wait_for_pod_unprogrammed(&pod, PROGRAMMED).unwrap();
+    assert_eq!(
+        source_ip(&cluster, &pod),
+        WORKER_1,
+        "after deleting the policy"
+    );
+}
+
+#[test]
+fn pod_on_the_gateway_node_leaves_with_the_egress_ip() {
+    skip_unless_root!();
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-2");
+    apply_howto_policy(&mut cluster);
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+
+    assert_eq!(source_ip(&cluster, &pod), WORKER_2);
+}
+
+#[test]
+fn excluded_destination_leaves_through_the_pods_own_node() {
+    skip_unless_root!();
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-1");
+    cluster
+        .label_node("k8s-worker-2", "egress-node", "true")
+        .unwrap();
+    let gateway = "nodeSelector:\n  matchLabels:\n    egress-node: \"true\"\ninterface: eth0";
+    cluster
+        .apply_policy(
+            "exclude-peer",
+            &policy("exclude-peer", &["198.51.100.10/32"], gateway),
+        )
+        .unwrap();
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_egress_entry("k8s-worker-1", PROGRAMMED, "the excluded /32", |entry| {
+            entry.source() == Some(pod.ip)
+                && entry.dest_cidr == "198.51.100.10/32"
+                && entry.gateway() == Some(GATEWAY_EXCLUDED)
+        })
+        .unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+
+    assert_eq!(
+        source_ip(&cluster, &pod),
+        WORKER_1,
+        "excluded traffic is left alone"
+    );
+}
+
+#[test]
+fn policy_without_gateway_node_drops_traffic_and_counts_it() {
+    skip_unless_root!();
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-1");
+    let gateway =
+        "nodeSelector:\n  matchLabels:\n    egress-node: \"no-such-node\"\ninterface: eth0";
+    cluster
+        .apply_policy("no-gateway", &policy("no-gateway", &[], gateway))
+        .unwrap();
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_egress_entry(
+            "k8s-worker-1",
+            PROGRAMMED,
+            "a gateway-less entry",
+            |entry| entry.source() == Some(pod.ip) && entry.gateway() == Some(GATEWAY_NOT_FOUND),
+        )
+        .unwrap();
+
+    let result = cluster.curl_from_pod(&pod, &peer_url("/"));
+    assert!(
+        result.is_err(),
+        "fail closed: the request must not get through, got {result:?}"
+    );
+    let drops = cluster
+        .counter_packets("k8s-worker-1", "drop_no_gateway")
+        .unwrap();
+    assert!(
+        drops > 0,
+        "drop_no_gateway counted: {:?}",
+        cluster.counters("k8s-worker-1")
+    );
+    let seen = cluster.peer_log();
+    assert!(seen.is_empty(), "nothing reached the destination: {seen:?}");
+}
+
+#[test]
+fn relabelling_the_gateway_moves_new_connections() {
+    skip_unless_root!();
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-1");
+    cluster
+        .label_node("k8s-worker-2", "egress-node", "true")
+        .unwrap();
+    // No interface and no egressIP: the gateway's default-route interface (eth0) gives the IP.
+    let gateway = "nodeSelector:\n  matchLabels:\n    egress-node: \"true\"";
+    cluster
+        .apply_policy("movable", &policy("movable", &[], gateway))
+        .unwrap();
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+    assert_eq!(source_ip(&cluster, &pod), WORKER_2);
+
+    cluster.unlabel_node("k8s-worker-2", "egress-node").unwrap();
+    cluster
+        .label_node("k8s-worker-3", "egress-node", "true")
+        .unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_3, PROGRAMMED)
+        .unwrap();
+    assert_eq!(source_ip(&cluster, &pod), WORKER_3);
+}
+
+#[test]
+fn egress_ip_on_a_second_interface_is_used() {
+    skip_unless_root!();
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-1");
+    apply_secondary_egress_ip_policy(&mut cluster);
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+    cluster
+        .wait_for_egress_entry(
+            "k8s-worker-2",
+            PROGRAMMED,
+            "egress IP 192.0.2.200",
+            |entry| entry.source() == Some(pod.ip) && entry.egress() == Some(SECONDARY_EGRESS_IP),
+        )
+        .unwrap();
+
+    assert_eq!(source_ip(&cluster, &pod), SECONDARY_EGRESS_IP);
+}
+
+#[test]
+fn udp_through_the_policy_leaves_with_the_egress_ip() {
+    skip_unless_root!();
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-1");
+    apply_howto_policy(&mut cluster);
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+
+    let output = cluster
+        .peer_client(&pod, &["udp", UDP_PEER, "--count", "5"])
+        .unwrap();
+    let replies = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "udp: {replies} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(replies.lines().count(), 5, "{replies}");
+    assert!(
+        replies.lines().all(|line| line.starts_with("10.0.0.12:")),
+        "peer saw: {replies}"
+    );
+    let udp_sources: Vec<_> = cluster
+        .peer_log()
+        .into_iter()
+        .filter(|record| record.protocol == PeerProtocol::Udp)
+        .collect();
+    assert!(
+        udp_sources
+            .iter()
+            .all(|record| *record.source.ip() == WORKER_2),
+        "{udp_sources:?}"
+    );
+}
+
+#[test]
+fn many_parallel_connections_all_leave_with_the_egress_ip() {
+    skip_unless_root!();
+    const CONNECTIONS_PER_POD: usize = 30;
+    let mut cluster = new_cluster();
+    let pods: Vec<Pod> = ["k8s-worker-1", "k8s-worker-2", "k8s-worker-3"]
+        .iter()
+        .enumerate()
+        .map(|(index, node)| {
+            cluster
+                .add_pod(
+                    node,
+                    "default",
+                    &format!("my-app-{index}"),
+                    &[("app", "my-app")],
+                )
+                .unwrap()
+        })
+        .collect();
+    apply_secondary_egress_ip_policy(&mut cluster);
+    cluster.start_all_agents().unwrap();
+    for pod in &pods {
+        cluster
+            .wait_for_pod_gateway(pod, WORKER_2, PROGRAMMED)
+            .unwrap();
+    }
+
+    cluster.start_capture().unwrap();
+    let connections = CONNECTIONS_PER_POD.to_string();
+    let peer_bin = env!("CARGO_BIN_EXE_egress-peer");
+    let bursts: Vec<_> = pods
+        .iter()
+        .map(|pod| {
+            let args = [
+                peer_bin,
+                "tcp-burst",
+                HTTP_PEER,
+                "--connections",
+                &connections,
+            ];
+            cluster
+                .spawn_in_pod(pod, &format!("burst-{}", pod.name), &args)
+                .unwrap()
+        })
+        .collect();
+    for (pod, burst) in pods.iter().zip(bursts) {
+        let finished = burst.wait(Duration::from_secs(60)).unwrap();
+        assert!(
+            finished.status.success(),
+            "burst from {}: {}",
+            pod.name,
+            finished.stderr
+        );
+        let sources: Vec<&str> = finished.stdout.lines().collect();
+        assert_eq!(
+            sources.len(),
+            CONNECTIONS_PER_POD,
+            "{}: {sources:?}",
+            pod.name
+        );
+        assert!(
+            sources.iter().all(|source| *source == "192.0.2.200"),
+            "{}: {sources:?}",
+            pod.name
+        );
+    }
+    let packets = cluster.stop_capture().unwrap();
+
+    let mut forbidden: Vec<Ipv4Addr> = cluster.nodes.iter().map(|node| node.ip).collect();
+    forbidden.extend(pods.iter().map(|pod| pod.ip));
+    let leaked: Vec<_> = packets
+        .iter()
+        .filter(|packet| forbidden.contains(&packet.src))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "packets with a node or pod source reached the destination: {leaked:?}"
+    );
+    assert!(
+        packets
+            .iter()
+            .any(|packet| packet.src == SECONDARY_EGRESS_IP),
+        "capture saw the egress IP"
+    );
+    let tcp_seen: Vec<_> = cluster
+        .peer_log()
+        .into_iter()
+        .filter(|r| r.protocol == PeerProtocol::Tcp)
+        .collect();
+    assert_eq!(tcp_seen.len(), 3 * CONNECTIONS_PER_POD, "{tcp_seen:?}");
+    assert!(
+        tcp_seen
+            .iter()
+            .all(|record| *record.source.ip() == SECONDARY_EGRESS_IP),
+        "{tcp_seen:?}"
+    );
+}
+
+#[test]
+fn transfer_survives_agent_restarts_on_pod_node_and_gateway() {
+    skip_unless_root!();
+    // ~12 s at 1 MB/s: long enough to kill and restart both agents mid-transfer.
+    const BODY_BYTES: u64 = 12_000_000;
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-1");
+    apply_howto_policy(&mut cluster);
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+
+    let url = peer_url(&format!("/bytes/{BODY_BYTES}"));
+    let curl = [
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download} %{http_code}",
+        "--max-time",
+        "90",
+    ];
+    let mut transfer = cluster
+        .spawn_in_pod(
+            &pod,
+            "transfer",
+            &[&curl[..], &["--limit-rate", "1M", &url]].concat(),
+        )
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || !cluster.peer_log().is_empty()),
+        "the transfer did not reach the destination"
+    );
+
+    cluster.kill_agent("k8s-worker-1", Signal::Kill).unwrap();
+    cluster.kill_agent("k8s-worker-2", Signal::Kill).unwrap();
+    assert!(
+        transfer.is_running(),
+        "the transfer must still be running while the agents are down"
+    );
+    cluster.start_agent("k8s-worker-1").unwrap();
+    cluster.start_agent("k8s-worker-2").unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+
+    let finished = transfer.wait(Duration::from_secs(90)).unwrap();
+    assert!(
+        finished.status.success(),
+        "curl failed ({}): {}",
+        finished.status,
+        finished.stderr
+    );
+    assert_eq!(finished.stdout.trim(), format!("{BODY_BYTES} 200"));
+    let seen = cluster.peer_log();
+    assert_eq!(
+        seen.len(),
+        1,
+        "one connection, never re-established: {seen:?}"
+    );
+    assert_eq!(
+        *seen[0].source.ip(),
+        WORKER_2,
+        "the transfer was seen with the egress IP"
+    );
+}
