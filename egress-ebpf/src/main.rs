@@ -1,11 +1,337 @@
+//! TC programs of the egress gateway datapath.
+//!
+//! - `from_pod` (ingress of a local pod's host-side interface): policy lookup; matched new
+//!   flows go through the VXLAN tunnel to the gateway, or are SNATed here when this node is
+//!   the gateway.
+//! - `to_pod` (egress of the same interface): remembers UDP flows that came in to the pod,
+//!   so the pod's replies keep their old path.
+//! - `from_tunnel` (ingress of the agent's VXLAN device): on a gateway, checks and SNATs
+//!   requests; on a pod's node, delivers replies to the pod.
+//! - `from_egress` (ingress of an interface holding an egress IP): reverse-SNAT of replies,
+//!   which go back through the tunnel to the pod's node.
+//!
+//! Every packet the datapath does not own gets `TC_ACT_UNSPEC` (TCX "next"), so programs of
+//! other tools on the same hooks (a CNI's) still run.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+mod maps;
+mod nat;
+mod packet;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_tunnel_key},
+    helpers::{
+        bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_get_tunnel_key,
+        bpf_skb_set_tunnel_key,
+    },
+    macros::classifier,
+    programs::TcContext,
+};
+use egress_common::{
+    Ipv4,
+    config::{Config, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
+    counters::reason,
+    flow::{InboundFlow, PROTO_UDP, SteeredFlow},
+    policy::{GATEWAY_EXCLUDED, GATEWAY_NONE, POLICY_LOOKUP_PREFIX, PolicyKey, PolicyValue},
+};
+
+use crate::{
+    maps::{
+        EGRESS_IPS, EGRESS_POLICIES, INBOUND_FLOWS, LOCAL_PODS, NAT_REVERSE, NODES, STEERED_FLOWS,
+        config, count,
+    },
+    nat::Translation,
+    packet::{End, Packet, parse, rewrite},
+};
+
+const PASS: i32 = TC_ACT_UNSPEC;
+const DROP: i32 = TC_ACT_SHOT;
+const TUNNEL_TTL: u8 = 64;
+
+#[inline(always)]
+fn drop(reason: u32, packet: &Packet) -> i32 {
+    count(reason, packet.len);
+    DROP
+}
+
+#[inline(always)]
+fn policy_for(source_ip: Ipv4, dest_ip: Ipv4) -> Option<&'static PolicyValue> {
+    let key = aya_ebpf::btf_maps::lpm_trie::Key::new(
+        POLICY_LOOKUP_PREFIX,
+        PolicyKey { source_ip, dest_ip },
+    );
+    EGRESS_POLICIES.get(&key)
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
 
 #[classifier]
-pub fn from_pod(_ctx: TcContext) -> i32 {
-    TC_ACT_UNSPEC
+pub fn from_pod(mut ctx: TcContext) -> i32 {
+    let Some(packet) = parse(&ctx) else {
+        return PASS;
+    };
+    let Some(config) = config() else {
+        return PASS;
+    };
+    let Some(policy) = policy_for(packet.flow.src_ip, packet.flow.dst_ip) else {
+        count(reason::PASS_NO_MATCH, packet.len);
+        return PASS;
+    };
+    let policy = *policy;
+    if policy.gateway_ip == GATEWAY_EXCLUDED {
+        count(reason::PASS_EXCLUDED, packet.len);
+        return PASS;
+    }
+    // Matched: from here on the packet either takes the gateway path or is dropped, unless
+    // it belongs to a connection that predates the policy or came in to the pod.
+    if !packet.translatable {
+        return drop(reason::DROP_UNSUPPORTED, &packet);
+    }
+    let now = now();
+    if let Some(steered) = STEERED_FLOWS.get_ptr_mut(&packet.flow) {
+        // SAFETY: valid for this run; last_seen is advisory.
+        unsafe { (*steered).last_seen_ns = now };
+    } else {
+        // SAFETY: plain lookup.
+        let inbound = unsafe { INBOUND_FLOWS.get(&packet.flow) }.is_some();
+        let opens_connection = if packet.is_tcp() { packet.is_tcp_open() } else { !inbound };
+        if !opens_connection {
+            count(reason::PASS_EXISTING_FLOW, packet.len);
+            return PASS;
+        }
+        if policy.gateway_ip == GATEWAY_NONE {
+            return drop(reason::DROP_NO_GATEWAY, &packet);
+        }
+        let steered = SteeredFlow {
+            gateway_ip: policy.gateway_ip,
+            _pad: 0,
+            last_seen_ns: now,
+        };
+        if STEERED_FLOWS.insert(&packet.flow, &steered, 0).is_err() {
+            return drop(reason::DROP_ERROR, &packet);
+        }
+    }
+    if policy.gateway_ip == GATEWAY_NONE {
+        return drop(reason::DROP_NO_GATEWAY, &packet);
+    }
+    if policy.gateway_ip == config.node_ip {
+        // The pod runs on its gateway: translate here, no tunnel.
+        return snat_and_send(&mut ctx, &packet, &policy, config.node_ip, config, now);
+    }
+    tunnel_to(&ctx, &packet, policy.gateway_ip, VNI_TO_GATEWAY, config, reason::REDIRECT_TO_GATEWAY)
+}
+
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    let Some(packet) = parse(&ctx) else {
+        return PASS;
+    };
+    // TCP needs no record: the pod's replies are never bare SYNs. ICMP echo replies are
+    // never steered either. UDP has no handshake, so remember the flow.
+    if packet.flow.protocol != PROTO_UDP || !packet.translatable {
+        return PASS;
+    }
+    let reply = packet.flow.reversed();
+    // SAFETY: plain lookup.
+    if unsafe { STEERED_FLOWS.get(&reply) }.is_some() {
+        return PASS;
+    }
+    match policy_for(reply.src_ip, reply.dst_ip) {
+        Some(policy) if policy.gateway_ip != GATEWAY_EXCLUDED => {
+            let _ = INBOUND_FLOWS.insert(&reply, &InboundFlow { last_seen_ns: now() }, 0);
+        }
+        _ => {}
+    }
+    PASS
+}
+
+#[classifier]
+pub fn from_tunnel(mut ctx: TcContext) -> i32 {
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: key is a valid bpf_tunnel_key of the size passed.
+    let ret = unsafe {
+        bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0)
+    };
+    if ret != 0 {
+        count(reason::DROP_ERROR, ctx.len());
+        return DROP;
+    }
+    // SAFETY: the helper filled the IPv4 member (remote_ipv4 is in host byte order).
+    let remote = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes();
+    from_tunnel_peer(&mut ctx, remote, key.tunnel_id)
+}
+
+/// Test-only twin of `from_tunnel`: BPF_PROG_TEST_RUN cannot attach tunnel metadata, so the
+/// outer source (network byte order) comes from `cb[0]` and the VNI from `cb[1]`. The agent
+/// never attaches this program.
+#[classifier]
+pub fn test_from_tunnel(mut ctx: TcContext) -> i32 {
+    let cb = ctx.skb.cb();
+    let (remote, vni) = (cb[0].to_ne_bytes(), cb[1]);
+    from_tunnel_peer(&mut ctx, remote, vni)
+}
+
+#[inline(always)]
+fn from_tunnel_peer(ctx: &mut TcContext, remote: Ipv4, vni: u32) -> i32 {
+    let Some(packet) = parse(ctx) else {
+        count(reason::DROP_UNSUPPORTED, ctx.len());
+        return DROP;
+    };
+    let Some(config) = config() else {
+        return drop(reason::DROP_ERROR, &packet);
+    };
+    // SAFETY: plain lookup.
+    if unsafe { NODES.get(&remote) }.is_none() {
+        return drop(reason::DROP_UNKNOWN_NODE, &packet);
+    }
+    match vni {
+        VNI_TO_GATEWAY => gateway_request(ctx, &packet, remote, config),
+        VNI_TO_POD_NODE => deliver_reply(&packet),
+        _ => drop(reason::DROP_NOT_ALLOWED, &packet),
+    }
+}
+
+/// A pod's request arriving at its gateway: translate only what a policy naming this node
+/// allows, for a pod of the node that sent it. Anything else is dropped: no open relay.
+#[inline(always)]
+fn gateway_request(ctx: &mut TcContext, packet: &Packet, remote: Ipv4, config: &Config) -> i32 {
+    let Some(policy) = policy_for(packet.flow.src_ip, packet.flow.dst_ip) else {
+        return drop(reason::DROP_NOT_ALLOWED, packet);
+    };
+    let policy = *policy;
+    if policy.gateway_ip != config.node_ip || policy.pod_node_ip != remote {
+        return drop(reason::DROP_NOT_ALLOWED, packet);
+    }
+    if !packet.translatable {
+        return drop(reason::DROP_UNSUPPORTED, packet);
+    }
+    snat_and_send(ctx, packet, &policy, remote, config, now())
+}
+
+/// A reply coming back from a gateway: only to a local pod, only for a flow this node
+/// steered.
+#[inline(always)]
+fn deliver_reply(packet: &Packet) -> i32 {
+    // SAFETY: plain lookups.
+    let Some(pod) = (unsafe { LOCAL_PODS.get(&packet.flow.dst_ip) }) else {
+        return drop(reason::DROP_UNKNOWN_REPLY, packet);
+    };
+    if unsafe { STEERED_FLOWS.get(&packet.flow.reversed()) }.is_none() {
+        return drop(reason::DROP_UNKNOWN_REPLY, packet);
+    }
+    send_to_pod(packet, pod.ifindex, reason::REPLY_TO_POD)
+}
+
+#[inline(always)]
+fn snat_and_send(
+    ctx: &mut TcContext,
+    packet: &Packet,
+    policy: &PolicyValue,
+    pod_node_ip: Ipv4,
+    config: &Config,
+    now: u64,
+) -> i32 {
+    if policy.egress_ip == GATEWAY_NONE {
+        return drop(reason::DROP_NO_EGRESS_IP, packet);
+    }
+    // SAFETY: plain lookup.
+    let Some(egress) = (unsafe { EGRESS_IPS.get(&policy.egress_ip) }) else {
+        return drop(reason::DROP_NO_EGRESS_IP, packet);
+    };
+    let ifindex = egress.ifindex;
+    let (translation, verdict) =
+        match nat::translate(&packet.flow, policy.egress_ip, pod_node_ip, config, now) {
+            Translation::Existing(t) => (t, reason::SNAT_EXISTING_FLOW),
+            Translation::New(t) => (t, reason::SNAT_NEW_FLOW),
+            Translation::Exhausted => return drop(reason::DROP_NAT_EXHAUSTED, packet),
+            Translation::Error => return drop(reason::DROP_ERROR, packet),
+        };
+    if rewrite(ctx, packet, End::Source, translation.nat_ip, translation.nat_port).is_err() {
+        return drop(reason::DROP_ERROR, packet);
+    }
+    redirect_neigh(packet, ifindex, verdict)
+}
+
+#[classifier]
+pub fn from_egress(mut ctx: TcContext) -> i32 {
+    let Some(packet) = parse(&ctx) else {
+        return PASS;
+    };
+    // SAFETY: plain lookups.
+    if unsafe { EGRESS_IPS.get(&packet.flow.dst_ip) }.is_none() {
+        return PASS;
+    }
+    let Some(reverse) = NAT_REVERSE.get_ptr_mut(&packet.flow) else {
+        // The node's own traffic to its egress IP.
+        return PASS;
+    };
+    let Some(config) = config() else {
+        return PASS;
+    };
+    // SAFETY: valid for this run; last_seen is advisory.
+    let reverse = unsafe {
+        (*reverse).last_seen_ns = now();
+        *reverse
+    };
+    if rewrite(&mut ctx, &packet, End::Destination, reverse.pod_ip, reverse.pod_port).is_err() {
+        return drop(reason::DROP_ERROR, &packet);
+    }
+    if reverse.pod_node_ip == config.node_ip {
+        // SAFETY: plain lookup.
+        let Some(pod) = (unsafe { LOCAL_PODS.get(&reverse.pod_ip) }) else {
+            return drop(reason::DROP_UNKNOWN_REPLY, &packet);
+        };
+        return send_to_pod(&packet, pod.ifindex, reason::REVERSE_SNAT);
+    }
+    tunnel_to(&ctx, &packet, reverse.pod_node_ip, VNI_TO_POD_NODE, config, reason::REVERSE_SNAT)
+}
+
+/// Encapsulates through the agent's VXLAN device (external mode) towards `remote`.
+#[inline(always)]
+fn tunnel_to(
+    ctx: &TcContext,
+    packet: &Packet,
+    remote: Ipv4,
+    vni: u32,
+    config: &Config,
+    verdict: u32,
+) -> i32 {
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = vni;
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(remote);
+    key.tunnel_ttl = TUNNEL_TTL;
+    // SAFETY: key is a valid bpf_tunnel_key of the size passed.
+    let ret = unsafe {
+        bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0)
+    };
+    if ret != 0 {
+        return drop(reason::DROP_ERROR, packet);
+    }
+    count(verdict, packet.len);
+    // SAFETY: helper with plain arguments.
+    unsafe { bpf_redirect(config.tunnel_ifindex, 0) as i32 }
+}
+
+#[inline(always)]
+fn send_to_pod(packet: &Packet, ifindex: u32, verdict: u32) -> i32 {
+    redirect_neigh(packet, ifindex, verdict)
+}
+
+/// Sends out of `ifindex`; the kernel resolves the next hop and fills the Ethernet header.
+#[inline(always)]
+fn redirect_neigh(packet: &Packet, ifindex: u32, verdict: u32) -> i32 {
+    // SAFETY: no neighbour parameters: the helper does the FIB lookup itself.
+    let ret = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    if ret != TC_ACT_REDIRECT as i32 {
+        return drop(reason::DROP_ERROR, packet);
+    }
+    count(verdict, packet.len);
+    ret
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,107 @@
+//! Gateway SNAT: find or create a flow's translation, keeping forward and reverse entries
+//! consistent even when two CPUs see the flow's first packets at once.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
+use egress_common::{
+    Ipv4, Port,
+    config::{Config, NAT_PORT_RETRIES},
+    flow::FlowKey,
+    nat::{NatForward, NatReverse},
+};
+
+use crate::maps::{NAT_FORWARD, NAT_REVERSE};
+
+pub enum Translation {
+    Existing(NatForward),
+    New(NatForward),
+    Exhausted,
+    Error,
+}
+
+/// Returns the translation of `flow` (as the pod sent it) to `egress_ip`, allocating a port
+/// when the flow is new: the pod's own port when it lies in the NAT range and is free for
+/// (egress IP, destination, destination port, protocol), otherwise random ports in the range,
+/// at most `NAT_PORT_RETRIES` tries. The reverse entry is claimed first with BPF_NOEXIST, so
+/// a port is never handed to two flows.
+#[inline(always)]
+pub fn translate(flow: &FlowKey, egress_ip: Ipv4, pod_node_ip: Ipv4, config: &Config, now: u64) -> Translation {
+    if let Some(existing) = NAT_FORWARD.get_ptr_mut(flow) {
+        // SAFETY: the entry stays valid for this program run; last_seen is advisory.
+        let existing = unsafe {
+            (*existing).last_seen_ns = now;
+            *existing
+        };
+        if existing.nat_ip == egress_ip {
+            return Translation::Existing(existing);
+        }
+        // The policy's egress IP changed: the old translation must not be used again.
+        let _ = NAT_REVERSE.remove(&reply_key(flow, existing.nat_ip, existing.nat_port));
+        let _ = NAT_FORWARD.remove(flow);
+    }
+    let min = config.nat_port_min as u32;
+    let max = config.nat_port_max as u32;
+    if min == 0 || max < min {
+        return Translation::Error;
+    }
+    let span = max - min + 1;
+    let reverse = NatReverse {
+        pod_ip: flow.src_ip,
+        pod_port: flow.src_port,
+        _pad: [0; 2],
+        pod_node_ip,
+        _pad2: 0,
+        last_seen_ns: now,
+    };
+    let own_port = u16::from_be_bytes(flow.src_port) as u32;
+    let mut claimed: Option<Port> = None;
+    for attempt in 0..NAT_PORT_RETRIES {
+        let port = if attempt == 0 && own_port >= min && own_port <= max {
+            own_port
+        } else {
+            // SAFETY: helper without arguments. checked_rem: no panic path for the verifier.
+            let Some(offset) = unsafe { bpf_get_prandom_u32() }.checked_rem(span) else {
+                return Translation::Error;
+            };
+            min + offset
+        };
+        let port = (port as u16).to_be_bytes();
+        if NAT_REVERSE.insert(&reply_key(flow, egress_ip, port), &reverse, BPF_NOEXIST as u64).is_ok() {
+            claimed = Some(port);
+            break;
+        }
+    }
+    let Some(nat_port) = claimed else {
+        return Translation::Exhausted;
+    };
+    let forward = NatForward {
+        nat_ip: egress_ip,
+        nat_port,
+        _pad: [0; 2],
+        pod_node_ip,
+        _pad2: 0,
+        last_seen_ns: now,
+    };
+    if NAT_FORWARD.insert(flow, &forward, BPF_NOEXIST as u64).is_ok() {
+        return Translation::New(forward);
+    }
+    // Another CPU created the flow first: give our port back and use its translation.
+    let _ = NAT_REVERSE.remove(&reply_key(flow, egress_ip, nat_port));
+    // SAFETY: plain lookup.
+    match unsafe { NAT_FORWARD.get(flow) } {
+        Some(winner) => Translation::Existing(*winner),
+        None => Translation::Error,
+    }
+}
+
+/// The key under which a reply to `flow`, translated to (`nat_ip`, `nat_port`), arrives.
+#[inline(always)]
+fn reply_key(flow: &FlowKey, nat_ip: Ipv4, nat_port: Port) -> FlowKey {
+    FlowKey {
+        src_ip: flow.dst_ip,
+        dst_ip: nat_ip,
+        src_port: flow.dst_port,
+        dst_port: nat_port,
+        protocol: flow.protocol,
+        _pad: [0; 3],
+    }
+}

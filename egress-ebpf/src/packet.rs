@@ -1,0 +1,188 @@
+//! Header parsing and rewriting through the skb helpers (bpf_skb_load_bytes and friends),
+//! which work whether or not the headers sit in the linear part of the skb.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use egress_common::{
+    Ipv4, Port,
+    flow::{FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IP_CHECK_OFF: usize = ETH_HLEN + 10;
+const IP_SRC_OFF: usize = ETH_HLEN + 12;
+const IP_DST_OFF: usize = ETH_HLEN + 16;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// An IPv4 packet's flow and where its layer-4 fields are.
+pub struct Packet {
+    pub flow: FlowKey,
+    /// Offset of the layer-4 header from the start of the frame.
+    pub l4_off: usize,
+    /// The flow can be translated: TCP, UDP or ICMP echo, not a fragment, headers complete.
+    pub translatable: bool,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub len: u32,
+}
+
+impl Packet {
+    /// A TCP SYN without ACK: the first packet of a connection this side opens.
+    #[inline(always)]
+    pub fn is_tcp_open(&self) -> bool {
+        self.flow.protocol == PROTO_TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    }
+
+    #[inline(always)]
+    pub fn is_tcp(&self) -> bool {
+        self.flow.protocol == PROTO_TCP
+    }
+}
+
+/// Parses an Ethernet + IPv4 frame. `None` for anything else (ARP, IPv6, truncated IPv4
+/// header): such packets are none of the datapath's business.
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Option<Packet> {
+    let ether_type: [u8; 2] = ctx.load(12).ok()?;
+    if u16::from_be_bytes(ether_type) != ETH_P_IP {
+        return None;
+    }
+    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let ihl = (vihl & 0x0f) as usize * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    let tot_len: [u8; 2] = ctx.load(ETH_HLEN + 2).ok()?;
+    let tot_len = u16::from_be_bytes(tot_len) as usize;
+    let frags: [u8; 2] = ctx.load(ETH_HLEN + 6).ok()?;
+    // More-fragments flag or a non-zero offset: layer-4 ports are absent or incomplete.
+    let fragment = u16::from_be_bytes(frags) & 0x3fff != 0;
+    let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    let src_ip: Ipv4 = ctx.load(IP_SRC_OFF).ok()?;
+    let dst_ip: Ipv4 = ctx.load(IP_DST_OFF).ok()?;
+    let l4_off = ETH_HLEN + ihl;
+    let mut packet = Packet {
+        flow: FlowKey {
+            src_ip,
+            dst_ip,
+            src_port: [0; 2],
+            dst_port: [0; 2],
+            protocol,
+            _pad: [0; 3],
+        },
+        l4_off,
+        translatable: false,
+        tcp_flags: 0,
+        icmp_type: 0,
+        len: ctx.len(),
+    };
+    // A fragment, or a header claiming more bytes than the frame holds, is never
+    // translated: its ports are missing or cannot be trusted.
+    if fragment || tot_len < ihl || ETH_HLEN + tot_len > packet.len as usize {
+        return Some(packet);
+    }
+    let l4_len = tot_len - ihl;
+    match protocol {
+        PROTO_TCP | PROTO_UDP => {
+            if l4_len < if protocol == PROTO_TCP { 20 } else { 8 } {
+                return Some(packet);
+            }
+            let Ok(ports) = ctx.load::<[u8; 4]>(l4_off) else {
+                return Some(packet);
+            };
+            packet.flow.src_port = [ports[0], ports[1]];
+            packet.flow.dst_port = [ports[2], ports[3]];
+            if protocol == PROTO_TCP {
+                let Ok(flags) = ctx.load::<u8>(l4_off + 13) else {
+                    return Some(packet);
+                };
+                packet.tcp_flags = flags;
+            }
+            packet.translatable = true;
+        }
+        PROTO_ICMP => {
+            if l4_len < 8 {
+                return Some(packet);
+            }
+            let Ok(head) = ctx.load::<[u8; 8]>(l4_off) else {
+                return Some(packet);
+            };
+            packet.icmp_type = head[0];
+            let id = [head[4], head[5]];
+            // The echo identifier stands in for the requester's port.
+            match head[0] {
+                ICMP_ECHO_REQUEST => {
+                    packet.flow.src_port = id;
+                    packet.translatable = true;
+                }
+                ICMP_ECHO_REPLY => {
+                    packet.flow.dst_port = id;
+                    packet.translatable = true;
+                }
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    Some(packet)
+}
+
+/// Which end of the flow a rewrite touches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Source,
+    Destination,
+}
+
+/// Rewrites one end's address and port (or ICMP echo identifier) with checksums fixed.
+#[inline(always)]
+pub fn rewrite(
+    ctx: &mut TcContext,
+    packet: &Packet,
+    end: End,
+    new_ip: Ipv4,
+    new_port: Port,
+) -> Result<(), i64> {
+    let (ip_off, old_ip, old_port) = match end {
+        End::Source => (IP_SRC_OFF, packet.flow.src_ip, packet.flow.src_port),
+        End::Destination => (IP_DST_OFF, packet.flow.dst_ip, packet.flow.dst_port),
+    };
+    let l4 = packet.l4_off;
+    let (port_off, check_off, flags) = match packet.flow.protocol {
+        PROTO_TCP => (
+            if end == End::Source { l4 } else { l4 + 2 },
+            l4 + 16,
+            BPF_F_PSEUDO_HDR as u64,
+        ),
+        // A zero UDP checksum means "none" and must stay zero.
+        PROTO_UDP => (
+            if end == End::Source { l4 } else { l4 + 2 },
+            l4 + 6,
+            (BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0) as u64,
+        ),
+        // ICMP has no pseudo-header; only the identifier is in its checksum.
+        _ => (l4 + 4, l4 + 2, 0),
+    };
+    let old_ip_word = u32::from_ne_bytes(old_ip) as u64;
+    let new_ip_word = u32::from_ne_bytes(new_ip) as u64;
+    if old_ip != new_ip {
+        if packet.flow.protocol != PROTO_ICMP {
+            ctx.l4_csum_replace(check_off, old_ip_word, new_ip_word, flags | 4)?;
+        }
+        ctx.l3_csum_replace(IP_CHECK_OFF, old_ip_word, new_ip_word, 4)?;
+        ctx.store(ip_off, &new_ip, 0)?;
+    }
+    if old_port != new_port {
+        let old_port_word = u16::from_ne_bytes(old_port) as u64;
+        let new_port_word = u16::from_ne_bytes(new_port) as u64;
+        ctx.l4_csum_replace(check_off, old_port_word, new_port_word, (flags & !(BPF_F_PSEUDO_HDR as u64)) | 2)?;
+        ctx.store(port_off, &new_port, 0)?;
+    }
+    Ok(())
+}
