@@ -1,3 +1,126 @@
-fn main() {
-    let _obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-ebpf"));
+//! egress-agent: the node agent of the eBPF egress gateway.
+
+mod agent;
+mod datapath;
+mod desired;
+mod inspect;
+mod inventory;
+mod manifests;
+mod netlink;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::{agent::RunArgs, datapath::DEFAULT_BPFFS, inspect::Output};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "egress-agent",
+    version,
+    about = "eBPF egress gateway agent: sends selected pods' traffic out through a gateway \
+             node with a fixed egress IP, as CiliumEgressGatewayPolicy objects describe"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent on this node.
+    Run(RunArgs),
+    /// Validate manifests without touching the kernel; exits 1 when any object is refused.
+    Check {
+        /// Folder of manifests (`kubectl get -o yaml` output), read recursively.
+        #[arg(long)]
+        manifests: PathBuf,
+    },
+    /// Remove everything the agent installed: TCX links, pinned maps, the tunnel device.
+    Cleanup {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// Name of the agent's VXLAN device.
+        #[arg(long, default_value = agent::DEFAULT_TUNNEL_DEVICE)]
+        tunnel_device: String,
+    },
+    /// Inspect the datapath's maps.
+    Bpf {
+        #[command(subcommand)]
+        command: BpfCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BpfCommand {
+    /// The egress policy map.
+    Egress {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// The gateway's NAT entries.
+    Nat {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Packet counters per verdict and drop reason.
+    Counters {
+        #[command(flatten)]
+        pins: PinArgs,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ListCommand {
+    /// List the entries.
+    List {
+        #[command(flatten)]
+        pins: PinArgs,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// Folder on bpffs holding this agent's pinned maps and links (mounted if needed).
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => agent::run(args),
+        Command::Check { manifests } => inspect::check(&manifests),
+        Command::Cleanup {
+            pins,
+            tunnel_device,
+        } => agent::cleanup(&pins.bpffs, &tunnel_device),
+        Command::Bpf { command } => match command {
+            BpfCommand::Egress {
+                command: ListCommand::List { pins, output },
+            } => inspect::egress_list(&pins.bpffs, output),
+            BpfCommand::Nat {
+                command: ListCommand::List { pins, output },
+            } => inspect::nat_list(&pins.bpffs, output),
+            BpfCommand::Counters { pins, output } => inspect::counters(&pins.bpffs, output),
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

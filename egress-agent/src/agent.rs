@@ -1,0 +1,397 @@
+//! `egress-agent run`: the reconcile loop. Manifests and the node's interfaces in, map
+//! contents and TCX attachments out, by diff, whenever something changes.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    str::FromStr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use egress_common::{
+    config::{Config, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN, DEFAULT_TUNNEL_PORT},
+    policy::DEFAULT_POLICY_MAP_SIZE,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    datapath::{Attachment, Datapath, Hook, MapContents, MapSizes, PinLayout, check_capacity},
+    desired::{self, DesiredState, LocalInterface, LocalNetwork},
+    inventory::Inventory,
+    manifests,
+    netlink::{self, Netlink, Snapshot},
+};
+
+pub const DEFAULT_TUNNEL_DEVICE: &str = "egw0";
+/// How often the manifests folder and the node's interfaces are looked at.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Even with no visible change, re-sync this often (mark and sweep of the maps).
+const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// This node's Kubernetes name (as in the Node object).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Folder of manifests (`kubectl get -o yaml` output: Nodes, Namespaces, Pods,
+    /// CiliumEgressGatewayPolicies), read recursively and watched for changes.
+    #[arg(long)]
+    manifests: PathBuf,
+    #[command(flatten)]
+    pins: crate::PinArgs,
+    /// Name of the VXLAN device the agent creates (external mode).
+    #[arg(long, default_value = DEFAULT_TUNNEL_DEVICE)]
+    tunnel_device: String,
+    /// UDP port of the tunnel; every node must use the same.
+    #[arg(long, default_value_t = DEFAULT_TUNNEL_PORT)]
+    tunnel_port: u16,
+    /// Source ports the gateway translates to, MIN-MAX; must not overlap the node's
+    /// ephemeral range (net.ipv4.ip_local_port_range).
+    #[arg(long, default_value_t = PortRange { min: DEFAULT_NAT_PORT_MIN, max: DEFAULT_NAT_PORT_MAX })]
+    nat_port_range: PortRange,
+    /// Capacity of the policy map (entries = pods x CIDRs).
+    #[arg(long, default_value_t = DEFAULT_POLICY_MAP_SIZE)]
+    policy_map_size: u32,
+    /// Capacity of each NAT map (one entry per translated flow).
+    #[arg(long, default_value_t = 65536)]
+    nat_map_size: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (min, max) = s
+            .split_once('-')
+            .ok_or_else(|| format!("expected MIN-MAX, got {s:?}"))?;
+        let parse = |part: &str| {
+            part.trim()
+                .parse::<u16>()
+                .map_err(|e| format!("invalid port {part:?}: {e}"))
+        };
+        let range = PortRange {
+            min: parse(min)?,
+            max: parse(max)?,
+        };
+        if range.min == 0 || range.min > range.max {
+            return Err(format!("{s:?} is not a range of ports 1-65535 with MIN <= MAX"));
+        }
+        Ok(range)
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+impl PortRange {
+    fn overlaps(&self, other: &PortRange) -> bool {
+        self.min <= other.max && other.min <= self.max
+    }
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(run_async(args))
+}
+
+async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if !args.manifests.is_dir() {
+        bail!("--manifests {}: not a folder", args.manifests.display());
+    }
+    if let Some(ephemeral) = ephemeral_port_range()
+        && args.nat_port_range.overlaps(&ephemeral)
+    {
+        bail!(
+            "--nat-port-range {} overlaps this node's ephemeral ports {} \
+             (net.ipv4.ip_local_port_range): translated flows could collide with the node's \
+             own connections; pick a range outside it",
+            args.nat_port_range,
+            ephemeral
+        );
+    }
+    let netlink = Netlink::connect()?;
+    let pins = PinLayout::new(&args.pins.bpffs);
+    let mut datapath = Datapath::load(
+        pins,
+        MapSizes {
+            policies: args.policy_map_size,
+            nat: args.nat_map_size,
+        },
+    )
+    .context("loading the datapath")?;
+    let snapshot = netlink.snapshot().await?;
+    let underlay_mtu = snapshot
+        .default_route_ifindex()
+        .and_then(|index| snapshot.link(index))
+        .map_or(1500, |link| link.mtu);
+    let tunnel_ifindex = netlink
+        .ensure_tunnel(
+            &args.tunnel_device,
+            args.tunnel_port,
+            underlay_mtu.saturating_sub(netlink::TUNNEL_OVERHEAD),
+        )
+        .await
+        .context("creating the tunnel device")?;
+    info!(
+        node = args.node_name,
+        tunnel = args.tunnel_device,
+        port = args.tunnel_port,
+        bpffs = %args.pins.bpffs.display(),
+        "agent started"
+    );
+
+    let mut reconciler = Reconciler {
+        args: &args,
+        datapath: &mut datapath,
+        tunnel_ifindex,
+        inventory: Inventory::default(),
+        last_errors: Vec::new(),
+        last_config: None,
+        last_snapshot: None,
+        last_summary: String::new(),
+    };
+    let mut fingerprint = None;
+    let mut last_sync = Instant::now() - RESYNC_INTERVAL;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let current = manifests::fingerprint(&args.manifests);
+        let manifests_changed = fingerprint.as_ref() != Some(&current);
+        if manifests_changed {
+            reconciler.reload_manifests();
+            fingerprint = Some(current);
+        }
+        match netlink.snapshot().await {
+            Ok(snapshot) => {
+                let network_changed = reconciler.last_snapshot.as_ref() != Some(&snapshot);
+                if manifests_changed || network_changed || last_sync.elapsed() >= RESYNC_INTERVAL
+                {
+                    reconciler.reconcile(&snapshot);
+                    reconciler.last_snapshot = Some(snapshot);
+                    last_sync = Instant::now();
+                }
+            }
+            Err(error) => error!(%error, "cannot read the node's interfaces"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+        }
+    }
+    info!("stopping; pinned state stays, so traffic keeps flowing until the next agent");
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Reconciler<'a> {
+    args: &'a RunArgs,
+    datapath: &'a mut Datapath,
+    tunnel_ifindex: u32,
+    inventory: Inventory,
+    last_errors: Vec<String>,
+    last_config: Option<Config>,
+    last_snapshot: Option<Snapshot>,
+    last_summary: String,
+}
+
+impl Reconciler<'_> {
+    fn reload_manifests(&mut self) {
+        let loaded = manifests::load_dir(&self.args.manifests);
+        let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        // Log refusals once per change, not on every reload.
+        if errors != self.last_errors {
+            for error in &errors {
+                error!("{error}");
+            }
+            self.last_errors = errors;
+        }
+        self.inventory = loaded.inventory;
+    }
+
+    fn reconcile(&mut self, snapshot: &Snapshot) {
+        let started = Instant::now();
+        let args = self.args;
+        let node_ip = self
+            .inventory
+            .nodes
+            .get(&args.node_name)
+            .and_then(|node| node.internal_ip);
+        let Some(node_ip) = node_ip else {
+            warn!(
+                node = args.node_name,
+                "this node is not in the manifests (or has no InternalIP): nothing programmed"
+            );
+            return;
+        };
+        let config = Config {
+            node_ip: node_ip.octets(),
+            tunnel_ifindex: self.tunnel_ifindex,
+            nat_port_min: args.nat_port_range.min,
+            nat_port_max: args.nat_port_range.max,
+            reserved: 0,
+        };
+        if self.last_config != Some(config) {
+            if let Err(error) = self.datapath.write_config(config) {
+                error!(%error, "cannot write the datapath config");
+                return;
+            }
+            self.last_config = Some(config);
+        }
+        let local = local_network(snapshot);
+        let desired = desired::desired_state(&self.inventory, &args.node_name, &local);
+        let (contents, attachments) = self.plan(&desired, snapshot);
+        check_capacity("policies", contents.policies.len(), args.policy_map_size);
+        let stats = match self.datapath.sync_maps(&contents) {
+            Ok(stats) => stats,
+            Err(error) => {
+                error!(%error, "cannot program the maps");
+                return;
+            }
+        };
+        for error in self.datapath.sync_attachments(&attachments) {
+            warn!(%error, "attachment failed");
+        }
+        let summary = format!(
+            "{} policies, {} policy entries, {} local pods, {} egress IPs",
+            self.inventory.policies.len(),
+            contents.policies.len(),
+            contents.local_pods.len(),
+            contents.egress_ips.len()
+        );
+        if stats.written + stats.deleted > 0 || summary != self.last_summary {
+            info!(
+                written = stats.written,
+                deleted = stats.deleted,
+                took_us = started.elapsed().as_micros() as u64,
+                "datapath in sync: {summary}"
+            );
+            self.last_summary = summary;
+        }
+    }
+
+    /// Turns the desired state into map contents and attachments for this node.
+    fn plan(&self, desired: &DesiredState, snapshot: &Snapshot) -> (MapContents, BTreeSet<Attachment>) {
+        let mut contents = MapContents {
+            policies: desired
+                .policy_entries
+                .iter()
+                .map(|((pod, dest), value)| (desired::policy_map_key(*pod, *dest), *value))
+                .collect(),
+            nodes: desired.nodes.clone(),
+            egress_ips: desired.egress_ips.clone(),
+            ..MapContents::default()
+        };
+        let mut attachments = BTreeSet::new();
+        let mut attach = |ifindex: u32, hook: Hook| {
+            if let Some(link) = snapshot.link(ifindex) {
+                attachments.insert(Attachment {
+                    ifname: link.name.clone(),
+                    ifindex,
+                    hook,
+                });
+            }
+        };
+        attach(self.tunnel_ifindex, Hook::FromTunnel);
+        for pod_ip in &desired.local_pods {
+            match snapshot.route_lookup(*pod_ip) {
+                Some(ifindex) if !is_underlay(snapshot, ifindex) => {
+                    contents.local_pods.insert(*pod_ip, ifindex);
+                    attach(ifindex, Hook::FromPod);
+                    attach(ifindex, Hook::ToPod);
+                }
+                _ => warn!(pod_ip = %pod_ip, "no host interface routes to this local pod yet"),
+            }
+        }
+        for ifindex in desired.egress_ips.values() {
+            attach(*ifindex, Hook::FromEgress);
+        }
+        (contents, attachments)
+    }
+}
+
+/// A route to a pod through the default-route interface means the pod is not really here
+/// (a stale manifest): never attach pod programs to the node's uplink.
+fn is_underlay(snapshot: &Snapshot, ifindex: u32) -> bool {
+    snapshot.default_route_ifindex() == Some(ifindex)
+}
+
+fn local_network(snapshot: &Snapshot) -> LocalNetwork {
+    LocalNetwork {
+        interfaces: snapshot
+            .links
+            .iter()
+            .map(|link| LocalInterface {
+                name: link.name.clone(),
+                ifindex: link.index,
+                ipv4: link.ipv4.clone(),
+            })
+            .collect(),
+        default_route_ifindex: snapshot.default_route_ifindex(),
+    }
+}
+
+fn ephemeral_port_range() -> Option<PortRange> {
+    let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>());
+    Some(PortRange {
+        min: parts.next()?.ok()?,
+        max: parts.next()?.ok()?,
+    })
+}
+
+pub fn cleanup(bpffs: &Path, tunnel_device: &str) -> anyhow::Result<ExitCode> {
+    PinLayout::new(bpffs)
+        .remove_all()
+        .with_context(|| format!("removing pins under {}", bpffs.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let netlink = Netlink::connect()?;
+        let snapshot = netlink.snapshot().await?;
+        if let Some(link) = snapshot.links.iter().find(|link| link.name == tunnel_device) {
+            if link.kind.as_deref() == Some("vxlan") {
+                netlink.delete_link(link.index).await?;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    println!("removed pins under {} and tunnel device {tunnel_device}", bpffs.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_range_parses_and_rejects() {
+        assert_eq!("1024-32767".parse(), Ok(PortRange { min: 1024, max: 32767 }));
+        assert!("0-10".parse::<PortRange>().is_err());
+        assert!("20-10".parse::<PortRange>().is_err());
+        assert!("abc".parse::<PortRange>().is_err());
+        assert!("1024-70000".parse::<PortRange>().unwrap_err().contains("70000"));
+    }
+
+    #[test]
+    fn overlap() {
+        let nat = PortRange { min: 1024, max: 32767 };
+        assert!(!nat.overlaps(&PortRange { min: 32768, max: 60999 }));
+        assert!(nat.overlaps(&PortRange { min: 30000, max: 60999 }));
+    }
+}

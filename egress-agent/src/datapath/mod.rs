@@ -1,0 +1,513 @@
+//! The kernel side: loads the eBPF object, pins and adopts its maps and TCX links, and
+//! writes map contents by diff.
+
+mod pins;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    hash::Hash,
+    net::Ipv4Addr,
+    path::PathBuf,
+};
+
+use aya::{
+    Ebpf, EbpfLoader, Pod,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use egress_common::{
+    config::Config,
+    counters::{Counter, reason},
+    map_names, program_names,
+    nodes::{EgressIp, LocalPod, NodeInfo},
+    policy::{PolicyKey, PolicyValue},
+};
+pub use pins::{DEFAULT_BPFFS, PinError, PinLayout};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+/// The compiled datapath, built by build.rs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-ebpf"));
+
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("eBPF program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("cannot attach {hook} to {ifname} (ifindex {ifindex}): {source}")]
+    Attach {
+        hook: Hook,
+        ifname: String,
+        ifindex: u32,
+        source: ProgramError,
+    },
+    #[error("pinned link {path}: {message}")]
+    Link { path: PathBuf, message: String },
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// Where a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    /// Ingress of a local pod's host-side interface.
+    FromPod,
+    /// Egress of a local pod's host-side interface.
+    ToPod,
+    /// Ingress of the agent's VXLAN device.
+    FromTunnel,
+    /// Ingress of an interface holding an egress IP.
+    FromEgress,
+}
+
+impl Hook {
+    const ALL: [Hook; 4] = [Hook::FromPod, Hook::ToPod, Hook::FromTunnel, Hook::FromEgress];
+
+    pub fn program(self) -> &'static str {
+        match self {
+            Hook::FromPod => program_names::FROM_POD,
+            Hook::ToPod => program_names::TO_POD,
+            Hook::FromTunnel => program_names::FROM_TUNNEL,
+            Hook::FromEgress => program_names::FROM_EGRESS,
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::ToPod => TcAttachType::Egress,
+            _ => TcAttachType::Ingress,
+        }
+    }
+
+    fn from_program(name: &str) -> Option<Hook> {
+        Hook::ALL.into_iter().find(|hook| hook.program() == name)
+    }
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.program())
+    }
+}
+
+/// One program on one interface.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Attachment {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub hook: Hook,
+}
+
+impl Attachment {
+    fn pin_name(&self) -> String {
+        format!("{}.{}.{}", self.ifname, self.ifindex, self.hook.program())
+    }
+
+    fn from_pin_name(name: &str) -> Option<Self> {
+        let mut parts = name.rsplitn(3, '.');
+        let hook = Hook::from_program(parts.next()?)?;
+        let ifindex = parts.next()?.parse().ok()?;
+        let ifname = parts.next()?.to_owned();
+        Some(Self { ifname, ifindex, hook })
+    }
+}
+
+/// Map capacities, settable at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub policies: u32,
+    pub nat: u32,
+}
+
+/// What a map sync changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub written: usize,
+    pub deleted: usize,
+}
+
+impl SyncStats {
+    fn add(&mut self, other: SyncStats) {
+        self.written += other.written;
+        self.deleted += other.deleted;
+    }
+}
+
+/// The full contents the agent wants in the node-local maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub policies: BTreeMap<(u32, PolicyKey), PolicyValue>,
+    pub nodes: BTreeSet<Ipv4Addr>,
+    pub local_pods: BTreeMap<Ipv4Addr, u32>,
+    pub egress_ips: BTreeMap<Ipv4Addr, u32>,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: PinLayout,
+    /// Pinned links whose program this process has already replaced with its own.
+    refreshed: BTreeSet<Attachment>,
+}
+
+impl Datapath {
+    /// Loads the object, reusing maps pinned by an earlier agent (so NAT and flow state
+    /// survive a restart), and loads the programs into the kernel.
+    pub fn load(pins: PinLayout, sizes: MapSizes) -> Result<Self> {
+        pins.prepare()?;
+        let paths: Vec<(&'static str, PathBuf)> =
+            map_names::ALL.iter().map(|name| (*name, pins.map(name))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader
+            .map_max_entries(map_names::POLICIES, sizes.policies)
+            .map_max_entries(map_names::NAT_FORWARD, sizes.nat)
+            .map_max_entries(map_names::NAT_REVERSE, sizes.nat);
+        let mut ebpf = loader.load(OBJECT)?;
+        for hook in Hook::ALL {
+            program_mut(&mut ebpf, hook.program())?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    name: hook.program(),
+                    source,
+                })?;
+        }
+        Ok(Self {
+            ebpf,
+            pins,
+            refreshed: BTreeSet::new(),
+        })
+    }
+
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
+    pub fn write_config(&mut self, config: Config) -> Result<()> {
+        let mut array: Array<&mut MapData, Config> = self.map_mut(map_names::CONFIG)?;
+        array
+            .set(0, config, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map_names::CONFIG,
+                source,
+            })
+    }
+
+    /// Makes the maps hold exactly `desired`, writing only entries that differ and deleting
+    /// the ones not wanted (mark and sweep against what the kernel really holds).
+    pub fn sync_maps(&mut self, desired: &MapContents) -> Result<SyncStats> {
+        let mut stats = SyncStats::default();
+        let policies = desired
+            .policies
+            .iter()
+            .map(|((prefix, key), value)| (LpmKey(*prefix, *key), *value))
+            .collect();
+        stats.add(self.sync_lpm(map_names::POLICIES, &policies)?);
+        let nodes = desired
+            .nodes
+            .iter()
+            .map(|ip| (ip.octets(), NodeInfo::default()))
+            .collect();
+        stats.add(self.sync_hash(map_names::NODES, &nodes)?);
+        let local_pods = desired
+            .local_pods
+            .iter()
+            .map(|(ip, ifindex)| {
+                (
+                    ip.octets(),
+                    LocalPod {
+                        ifindex: *ifindex,
+                        _pad: 0,
+                    },
+                )
+            })
+            .collect();
+        stats.add(self.sync_hash(map_names::LOCAL_PODS, &local_pods)?);
+        let egress_ips = desired
+            .egress_ips
+            .iter()
+            .map(|(ip, ifindex)| {
+                (
+                    ip.octets(),
+                    EgressIp {
+                        ifindex: *ifindex,
+                        _pad: 0,
+                    },
+                )
+            })
+            .collect();
+        stats.add(self.sync_hash(map_names::EGRESS_IPS, &egress_ips)?);
+        Ok(stats)
+    }
+
+    fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(
+        &mut self,
+        name: &'static str,
+        desired: &BTreeMap<K, V>,
+    ) -> Result<SyncStats> {
+        let map_err = |source| DatapathError::Map { name, source };
+        let mut map: HashMap<&mut MapData, K, V> = self.map_mut(name)?;
+        let current: BTreeMap<K, V> = map.iter().collect::<Result<_, _>>().map_err(map_err)?;
+        let mut stats = SyncStats::default();
+        for key in current.keys().filter(|key| !desired.contains_key(key)) {
+            match map.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => stats.deleted += 1,
+                Err(source) => return Err(map_err(source)),
+            }
+        }
+        for (key, value) in desired {
+            if current.get(key) != Some(value) {
+                map.insert(key, value, 0).map_err(map_err)?;
+                stats.written += 1;
+            }
+        }
+        Ok(stats)
+    }
+
+    fn sync_lpm(
+        &mut self,
+        name: &'static str,
+        desired: &BTreeMap<LpmKey, PolicyValue>,
+    ) -> Result<SyncStats> {
+        let map_err = |source| DatapathError::Map { name, source };
+        let mut map: LpmTrie<&mut MapData, PolicyKey, PolicyValue> = self.map_mut(name)?;
+        let current: BTreeMap<LpmKey, PolicyValue> = map
+            .iter()
+            .map(|entry| entry.map(|(key, value)| (LpmKey::from(key), value)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err)?;
+        let mut stats = SyncStats::default();
+        for key in current.keys().filter(|key| !desired.contains_key(key)) {
+            match map.remove(&key.to_aya()) {
+                Ok(()) | Err(MapError::KeyNotFound) => stats.deleted += 1,
+                Err(source) => return Err(map_err(source)),
+            }
+        }
+        for (key, value) in desired {
+            if current.get(key) != Some(value) {
+                map.insert(&key.to_aya(), value, 0).map_err(|source| {
+                    DatapathError::Map { name, source }
+                })?;
+                stats.written += 1;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Attaches exactly the wanted programs: new attachments are made and pinned, pinned
+    /// ones from an earlier agent get this agent's program (atomically, through the link),
+    /// and attachments no longer wanted are removed. Errors for one interface do not stop
+    /// the others.
+    pub fn sync_attachments(&mut self, desired: &BTreeSet<Attachment>) -> Vec<DatapathError> {
+        let mut errors = Vec::new();
+        let pinned = match self.pinned_attachments() {
+            Ok(pinned) => pinned,
+            Err(error) => return vec![error],
+        };
+        for (attachment, path) in &pinned {
+            if !desired.contains(attachment) {
+                debug!(ifname = attachment.ifname, hook = %attachment.hook, "detaching");
+                if let Err(source) = fs::remove_file(path) {
+                    errors.push(DatapathError::Link {
+                        path: path.clone(),
+                        message: source.to_string(),
+                    });
+                }
+                self.refreshed.remove(attachment);
+            }
+        }
+        for attachment in desired {
+            if self.refreshed.contains(attachment) {
+                continue;
+            }
+            let result = match pinned.get(attachment) {
+                Some(path) => self.replace_program(attachment, path),
+                None => self.attach(attachment),
+            };
+            match result {
+                Ok(()) => {
+                    self.refreshed.insert(attachment.clone());
+                }
+                Err(error) => errors.push(error),
+            }
+        }
+        errors
+    }
+
+    fn pinned_attachments(&self) -> Result<BTreeMap<Attachment, PathBuf>> {
+        let dir = self.pins.links_dir();
+        let entries = fs::read_dir(&dir).map_err(|source| PinError::ReadDir {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name();
+                Attachment::from_pin_name(name.to_str()?).map(|a| (a, entry.path()))
+            })
+            .collect())
+    }
+
+    fn attach(&mut self, attachment: &Attachment) -> Result<()> {
+        let path = self.pins.links_dir().join(attachment.pin_name());
+        let program = program_mut(&mut self.ebpf, attachment.hook.program())?;
+        let attach_err = |source| DatapathError::Attach {
+            hook: attachment.hook,
+            ifname: attachment.ifname.clone(),
+            ifindex: attachment.ifindex,
+            source,
+        };
+        let link_id = program
+            .attach_with_options(
+                &attachment.ifname,
+                attachment.hook.attach_type(),
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(attach_err)?;
+        let link = program.take_link(link_id).map_err(attach_err)?;
+        let link = FdLink::try_from(link).map_err(|error| link_error(&path, error))?;
+        link.pin(&path).map_err(|error| DatapathError::Link {
+            path: path.clone(),
+            message: error.to_string(),
+        })?;
+        info!(ifname = attachment.ifname, hook = %attachment.hook, "attached");
+        Ok(())
+    }
+
+    fn replace_program(&mut self, attachment: &Attachment, path: &PathBuf) -> Result<()> {
+        let link = PinnedLink::from_pin(path).map_err(|error| link_error(path, error))?;
+        let link = SchedClassifierLink::try_from(FdLink::from(link))
+            .map_err(|error| link_error(path, error))?;
+        let program = program_mut(&mut self.ebpf, attachment.hook.program())?;
+        let link_id = program.attach_to_link(link).map_err(|source| DatapathError::Attach {
+            hook: attachment.hook,
+            ifname: attachment.ifname.clone(),
+            ifindex: attachment.ifindex,
+            source,
+        })?;
+        // The pin keeps the link alive; our descriptor can go.
+        drop(program.take_link(link_id));
+        debug!(ifname = attachment.ifname, hook = %attachment.hook, "adopted pinned link");
+        Ok(())
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::Map {
+                name,
+                source: MapError::InvalidName { name: name.into() },
+            })?;
+        T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+    }
+}
+
+fn link_error(path: &std::path::Path, error: impl std::fmt::Display) -> DatapathError {
+    DatapathError::Link {
+        path: path.into(),
+        message: error.to_string(),
+    }
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?;
+    program.try_into().map_err(|source| DatapathError::Program { name, source })
+}
+
+/// An LPM key with an order, so trie contents can be diffed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct LpmKey(u32, PolicyKey);
+
+impl LpmKey {
+    fn to_aya(self) -> Key<PolicyKey> {
+        Key::new(self.0, self.1)
+    }
+}
+
+impl From<Key<PolicyKey>> for LpmKey {
+    fn from(key: Key<PolicyKey>) -> Self {
+        LpmKey(key.prefix_len(), key.data())
+    }
+}
+
+/// Read-only views of pinned maps, for the CLI (`egress-agent bpf ...`).
+pub mod pinned {
+    use super::*;
+
+    fn open(pins: &PinLayout, name: &'static str) -> Result<aya::maps::Map> {
+        let data = MapData::from_pin(pins.map(name))
+            .map_err(|source| DatapathError::Map { name, source })?;
+        aya::maps::Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    pub fn policies(pins: &PinLayout) -> Result<Vec<(u32, PolicyKey, PolicyValue)>> {
+        let name = map_names::POLICIES;
+        let map = open(pins, name)?;
+        let trie: LpmTrie<MapData, PolicyKey, PolicyValue> =
+            LpmTrie::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        trie.iter()
+            .map(|entry| entry.map(|(key, value)| (key.prefix_len(), key.data(), value)))
+            .collect::<Result<_, _>>()
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    pub fn hash<K: Pod + Ord, V: Pod>(pins: &PinLayout, name: &'static str) -> Result<Vec<(K, V)>> {
+        let map = open(pins, name)?;
+        let hash: HashMap<MapData, K, V> =
+            HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        let mut entries: Vec<(K, V)> = hash
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| DatapathError::Map { name, source })?;
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(entries)
+    }
+
+    /// Counters summed over CPUs, indexed by reason.
+    pub fn counters(pins: &PinLayout) -> Result<Vec<Counter>> {
+        let name = map_names::COUNTERS;
+        let map = open(pins, name)?;
+        let array: PerCpuArray<MapData, Counter> =
+            PerCpuArray::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        (0..reason::COUNT)
+            .map(|index| {
+                let per_cpu = array
+                    .get(&index, 0)
+                    .map_err(|source| DatapathError::Map { name, source })?;
+                Ok(per_cpu.iter().fold(Counter::default(), |sum, c| Counter {
+                    packets: sum.packets + c.packets,
+                    bytes: sum.bytes + c.bytes,
+                }))
+            })
+            .collect()
+    }
+}
+
+/// Warns once about a map nearing its capacity. Cheap enough to call after every sync.
+pub fn check_capacity(name: &str, used: usize, capacity: u32) {
+    if used > capacity as usize {
+        warn!(map = name, used, capacity, "more entries wanted than the map holds");
+    }
+}

@@ -1,0 +1,169 @@
+//! Where the agent keeps its pinned state on bpffs, and how it gets there.
+//!
+//! ```text
+//! <bpffs>/v1/maps/<MAP>                    maps, reused across restarts
+//! <bpffs>/v1/links/<ifname>.<ifindex>.<hook>  TCX links, so programs stay attached
+//! ```
+//! The `v1` folder is the map-layout version: a future layout change uses a new folder, so
+//! a new agent never misreads maps pinned by an old one.
+
+use std::{
+    ffi::CString,
+    fs,
+    io,
+    os::unix::{ffi::OsStrExt as _, fs::PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use thiserror::Error;
+
+/// Version of the pinned map layout; bump when a map's key or value type changes.
+pub const LAYOUT_VERSION: &str = "v1";
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/egress-gateway";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Debug, Error)]
+pub enum PinError {
+    #[error("cannot create pin folder {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot mount bpffs at {path}: {source}")]
+    Mount { path: PathBuf, source: io::Error },
+    #[error("cannot read pin folder {path}: {source}")]
+    ReadDir { path: PathBuf, source: io::Error },
+    #[error("cannot remove {path}: {source}")]
+    Remove { path: PathBuf, source: io::Error },
+}
+
+/// The agent's pin folders under one `--bpffs` path.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn versioned(&self) -> PathBuf {
+        self.root.join(LAYOUT_VERSION)
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.versioned().join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.versioned().join("links")
+    }
+
+    /// Creates the folders, root-only, mounting a bpffs at the root when it is not on one.
+    pub fn prepare(&self) -> Result<(), PinError> {
+        create_private_dir(&self.root)?;
+        if !is_bpffs(&self.root) {
+            mount_bpffs(&self.root)?;
+            set_private(&self.root)?;
+        }
+        for dir in [self.versioned(), self.maps_dir(), self.links_dir()] {
+            create_private_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every pin: maps go when no program uses them, links detach.
+    pub fn remove_all(&self) -> Result<(), PinError> {
+        if !self.root.exists() {
+            return Ok(());
+        }
+        remove_tree(&self.root)?;
+        // A bpffs the agent mounted itself is unmounted; a failure just leaves it mounted.
+        if is_bpffs(&self.root) && !self.root.parent().is_some_and(is_bpffs) {
+            let path = CString::new(self.root.as_os_str().as_bytes()).expect("path without NUL");
+            // SAFETY: valid C string.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = fs::remove_dir(&self.root);
+        Ok(())
+    }
+}
+
+fn create_private_dir(path: &Path) -> Result<(), PinError> {
+    fs::create_dir_all(path).map_err(|source| PinError::CreateDir {
+        path: path.into(),
+        source,
+    })?;
+    set_private(path)
+}
+
+fn set_private(path: &Path) -> Result<(), PinError> {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(|source| {
+        PinError::CreateDir {
+            path: path.into(),
+            source,
+        }
+    })
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs is plain old data, filled by the call.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    let ret = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    ret == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn mount_bpffs(path: &Path) -> Result<(), PinError> {
+    let target = CString::new(path.as_os_str().as_bytes()).expect("path without NUL");
+    let fstype = CString::new("bpf").expect("literal");
+    // SAFETY: valid C strings; no data argument.
+    let ret = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(PinError::Mount {
+            path: path.into(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn remove_tree(path: &Path) -> Result<(), PinError> {
+    let entries = fs::read_dir(path).map_err(|source| PinError::ReadDir {
+        path: path.into(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let child = entry.path();
+        if child.is_dir() {
+            remove_tree(&child)?;
+            fs::remove_dir(&child).map_err(|source| PinError::Remove {
+                path: child.clone(),
+                source,
+            })?;
+        } else {
+            fs::remove_file(&child).map_err(|source| PinError::Remove {
+                path: child.clone(),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,715 @@
+//! Packet-in, verdict-and-packet-out tests of the TC programs through BPF_PROG_TEST_RUN,
+//! covering at least the scenarios of Cilium's own egress gateway BPF tests. They need
+//! root (CAP_BPF) like the agent itself.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use egress_common::{
+    config::{Config, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
+    counters::{Counter, reason},
+    flow::{FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SteeredFlow},
+    map_names, program_names,
+    nat::{NatForward, NatReverse},
+    nodes::{EgressIp, LocalPod, NodeInfo},
+    policy::{GATEWAY_EXCLUDED, GATEWAY_NONE, PolicyKey, PolicyValue},
+};
+
+use super::OBJECT;
+
+const TC_ACT_OK_NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): TCX "next", packet untouched
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const POD_NODE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
+const EGRESS_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+const DEST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const OTHER_DEST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+const TUNNEL_IFINDEX: u32 = 41;
+const EGRESS_IFINDEX: u32 = 42;
+const POD_IFINDEX: u32 = 43;
+const NAT_MIN: u16 = 1024;
+const NAT_MAX: u16 = 32767;
+
+fn root() -> bool {
+    // SAFETY: no arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
+    }
+    root
+}
+
+/// One node's datapath with fresh, unpinned maps.
+struct Node {
+    ebpf: Ebpf,
+}
+
+impl Node {
+    fn new(node_ip: Ipv4Addr) -> Self {
+        let mut ebpf = EbpfLoader::new().load(OBJECT).expect("load object");
+        for name in [
+            program_names::FROM_POD,
+            program_names::TO_POD,
+            program_names::FROM_TUNNEL,
+            program_names::FROM_EGRESS,
+            program_names::TEST_FROM_TUNNEL,
+        ] {
+            let program: &mut SchedClassifier =
+                ebpf.program_mut(name).unwrap().try_into().unwrap();
+            program.load().unwrap_or_else(|e| panic!("load {name}: {e:?}"));
+        }
+        let mut node = Self { ebpf };
+        let mut config: Array<&mut MapData, Config> =
+            Array::try_from(node.ebpf.map_mut(map_names::CONFIG).unwrap()).unwrap();
+        config
+            .set(
+                0,
+                Config {
+                    node_ip: node_ip.octets(),
+                    tunnel_ifindex: TUNNEL_IFINDEX,
+                    nat_port_min: NAT_MIN,
+                    nat_port_max: NAT_MAX,
+                    reserved: 0,
+                },
+                0,
+            )
+            .unwrap();
+        for ip in [POD_NODE, GATEWAY] {
+            node.hash::<[u8; 4], NodeInfo>(map_names::NODES)
+                .insert(ip.octets(), NodeInfo::default(), 0)
+                .unwrap();
+        }
+        node
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
+        HashMap::try_from(self.ebpf.map_mut(name).unwrap()).unwrap()
+    }
+
+    fn policy(&mut self, pod: Ipv4Addr, dest: &str, value: PolicyValue) {
+        let net: ipnet::Ipv4Net = dest.parse().unwrap();
+        let mut trie: LpmTrie<&mut MapData, PolicyKey, PolicyValue> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICIES).unwrap()).unwrap();
+        let key = PolicyKey {
+            source_ip: pod.octets(),
+            dest_ip: net.network().octets(),
+        };
+        trie.insert(&Key::new(32 + net.prefix_len() as u32, key), value, 0)
+            .unwrap();
+    }
+
+    fn egress_ip(&mut self, ip: Ipv4Addr, ifindex: u32) {
+        self.hash::<[u8; 4], EgressIp>(map_names::EGRESS_IPS)
+            .insert(ip.octets(), EgressIp { ifindex, _pad: 0 }, 0)
+            .unwrap();
+    }
+
+    fn local_pod(&mut self, ip: Ipv4Addr, ifindex: u32) {
+        self.hash::<[u8; 4], LocalPod>(map_names::LOCAL_PODS)
+            .insert(ip.octets(), LocalPod { ifindex, _pad: 0 }, 0)
+            .unwrap();
+    }
+
+    fn run(&self, program: &str, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.run_with_cb(program, packet, [0; 2])
+    }
+
+    /// Runs `program`; `cb` feeds `test_from_tunnel` its outer source and VNI.
+    fn run_with_cb(&self, program: &str, packet: &[u8], cb: [u32; 2]) -> (u32, Vec<u8>) {
+        let program: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; packet.len() + 256];
+        // struct __sk_buff up to the end of cb[5]: cb starts at byte 48.
+        let mut ctx = [0u8; 68];
+        ctx[48..52].copy_from_slice(&cb[0].to_ne_bytes());
+        ctx[52..56].copy_from_slice(&cb[1].to_ne_bytes());
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .expect("test run");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn counter(&self, index: u32) -> u64 {
+        let array: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::COUNTERS).unwrap()).unwrap();
+        array
+            .get(&index, 0)
+            .unwrap()
+            .iter()
+            .map(|counter| counter.packets)
+            .sum()
+    }
+
+    fn nat_forward(&self) -> Vec<(FlowKey, NatForward)> {
+        let map: HashMap<&MapData, FlowKey, NatForward> =
+            HashMap::try_from(self.ebpf.map(map_names::NAT_FORWARD).unwrap()).unwrap();
+        map.iter().map(Result::unwrap).collect()
+    }
+
+    fn nat_reverse(&self) -> Vec<(FlowKey, NatReverse)> {
+        let map: HashMap<&MapData, FlowKey, NatReverse> =
+            HashMap::try_from(self.ebpf.map(map_names::NAT_REVERSE).unwrap()).unwrap();
+        map.iter().map(Result::unwrap).collect()
+    }
+
+    fn steered(&self) -> Vec<FlowKey> {
+        let map: HashMap<&MapData, FlowKey, SteeredFlow> =
+            HashMap::try_from(self.ebpf.map(map_names::STEERED_FLOWS).unwrap()).unwrap();
+        map.keys().map(Result::unwrap).collect()
+    }
+}
+
+fn to_gateway(egress_ip: Ipv4Addr) -> PolicyValue {
+    PolicyValue {
+        egress_ip: egress_ip.octets(),
+        gateway_ip: GATEWAY.octets(),
+        pod_node_ip: POD_NODE.octets(),
+        reserved: 0,
+    }
+}
+
+fn with_gateway(gateway: [u8; 4]) -> PolicyValue {
+    PolicyValue {
+        egress_ip: [0; 4],
+        gateway_ip: gateway,
+        pod_node_ip: POD_NODE.octets(),
+        reserved: 0,
+    }
+}
+
+// ---- packet building and checking ----
+
+#[derive(Clone, Copy)]
+enum L4 {
+    Tcp { flags: u8 },
+    Udp,
+    IcmpEcho { reply: bool },
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn checksum(data: &[u8], initial: u32) -> u16 {
+    let mut sum = initial;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += word as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn pseudo_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
+    let mut sum = 0u32;
+    for pair in [src, dst] {
+        sum += u16::from_be_bytes([pair[0], pair[1]]) as u32;
+        sum += u16::from_be_bytes([pair[2], pair[3]]) as u32;
+    }
+    sum + proto as u32 + len as u32
+}
+
+fn packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, l4: L4) -> Vec<u8> {
+    let payload = b"egress gateway test payload";
+    let (proto, mut l4_bytes) = match l4 {
+        L4::Tcp { flags } => {
+            let mut h = vec![0u8; 20];
+            h[0..2].copy_from_slice(&sport.to_be_bytes());
+            h[2..4].copy_from_slice(&dport.to_be_bytes());
+            h[4..8].copy_from_slice(&1000u32.to_be_bytes());
+            h[12] = 5 << 4;
+            h[13] = flags;
+            h[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            (PROTO_TCP, h)
+        }
+        L4::Udp => {
+            let mut h = vec![0u8; 8];
+            h[0..2].copy_from_slice(&sport.to_be_bytes());
+            h[2..4].copy_from_slice(&dport.to_be_bytes());
+            h[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            (PROTO_UDP, h)
+        }
+        L4::IcmpEcho { reply } => {
+            let mut h = vec![0u8; 8];
+            h[0] = if reply { 0 } else { 8 };
+            // The identifier travels in the "port" of the requester's side.
+            let id = if reply { dport } else { sport };
+            h[4..6].copy_from_slice(&id.to_be_bytes());
+            h[6..8].copy_from_slice(&1u16.to_be_bytes());
+            (PROTO_ICMP, h)
+        }
+    };
+    l4_bytes.extend_from_slice(payload);
+    let check_off = match proto {
+        PROTO_TCP => 16,
+        PROTO_UDP => 6,
+        _ => 2,
+    };
+    let initial = if proto == PROTO_ICMP {
+        0
+    } else {
+        pseudo_sum(src.octets(), dst.octets(), proto, l4_bytes.len())
+    };
+    let sum = checksum(&l4_bytes, initial);
+    l4_bytes[check_off..check_off + 2].copy_from_slice(&sum.to_be_bytes());
+
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + l4_bytes.len()) as u16).to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let sum = checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&l4_bytes);
+    frame
+}
+
+/// Addresses and ports of a frame built by `packet` (or rewritten by a program).
+struct Seen {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+}
+
+fn seen(frame: &[u8]) -> Seen {
+    let ip = &frame[14..];
+    let l4 = &ip[20..];
+    let (sport, dport) = match ip[9] {
+        PROTO_ICMP if l4[0] == 8 => (u16::from_be_bytes([l4[4], l4[5]]), 0),
+        PROTO_ICMP => (0, u16::from_be_bytes([l4[4], l4[5]])),
+        _ => (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        ),
+    };
+    Seen {
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        sport,
+        dport,
+    }
+}
+
+/// Both checksums of a frame verify (a correct checksum sums to zero).
+fn assert_checksums(frame: &[u8]) {
+    let ip = &frame[14..34];
+    assert_eq!(checksum(ip, 0), 0, "IPv4 header checksum");
+    let proto = ip[9];
+    let l4 = &frame[34..];
+    let initial = if proto == PROTO_ICMP {
+        0
+    } else {
+        let mut src = [0; 4];
+        let mut dst = [0; 4];
+        src.copy_from_slice(&ip[12..16]);
+        dst.copy_from_slice(&ip[16..20]);
+        pseudo_sum(src, dst, proto, l4.len())
+    };
+    assert_eq!(checksum(l4, initial), 0, "layer-4 checksum of protocol {proto}");
+}
+
+// ---- pod's node: policy lookup and steering ----
+
+#[test]
+fn no_match_is_untouched() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
+    let input = packet(POD, 40000, OTHER_DEST, 443, L4::Tcp { flags: SYN });
+    let (verdict, output) = node.run(program_names::FROM_POD, &input);
+    assert_eq!(verdict, TC_ACT_OK_NEXT);
+    assert_eq!(output, input);
+    assert_eq!(node.counter(reason::PASS_NO_MATCH), 1);
+}
+
+#[test]
+fn excluded_cidr_is_untouched() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "198.51.0.0/16", with_gateway(GATEWAY.octets()));
+    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY_EXCLUDED));
+    let input = packet(POD, 40000, DEST, 443, L4::Tcp { flags: SYN });
+    let (verdict, output) = node.run(program_names::FROM_POD, &input);
+    assert_eq!(verdict, TC_ACT_OK_NEXT);
+    assert_eq!(output, input);
+    assert_eq!(node.counter(reason::PASS_EXCLUDED), 1);
+    assert!(node.steered().is_empty());
+}
+
+#[test]
+fn new_connection_is_redirected_to_the_remote_gateway() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
+    let input = packet(POD, 40000, DEST, 443, L4::Tcp { flags: SYN });
+    let (verdict, output) = node.run(program_names::FROM_POD, &input);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    // The pod's node does not translate: the gateway does.
+    assert_eq!(output, input);
+    assert_eq!(node.counter(reason::REDIRECT_TO_GATEWAY), 1);
+    assert_eq!(node.steered().len(), 1);
+    // Later packets of the steered connection follow it.
+    let next = packet(POD, 40000, DEST, 443, L4::Tcp { flags: ACK });
+    assert_eq!(node.run(program_names::FROM_POD, &next).0, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn connection_opened_before_the_policy_keeps_its_path() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
+    // An ACK of a connection the node never steered (or a SYN-ACK of an inbound one).
+    for flags in [ACK, SYN | ACK] {
+        let input = packet(POD, 40000, DEST, 443, L4::Tcp { flags });
+        let (verdict, output) = node.run(program_names::FROM_POD, &input);
+        assert_eq!(verdict, TC_ACT_OK_NEXT);
+        assert_eq!(output, input);
+    }
+    assert_eq!(node.counter(reason::PASS_EXISTING_FLOW), 2);
+}
+
+#[test]
+fn replies_of_inbound_udp_keep_their_path() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
+    let inbound = packet(DEST, 5353, POD, 53, L4::Udp);
+    assert_eq!(node.run(program_names::TO_POD, &inbound).0, TC_ACT_OK_NEXT);
+    let reply = packet(POD, 53, DEST, 5353, L4::Udp);
+    assert_eq!(node.run(program_names::FROM_POD, &reply).0, TC_ACT_OK_NEXT);
+    assert_eq!(node.counter(reason::PASS_EXISTING_FLOW), 1);
+    // A new UDP flow from the pod is steered.
+    let outbound = packet(POD, 53000, DEST, 53, L4::Udp);
+    assert_eq!(node.run(program_names::FROM_POD, &outbound).0, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn no_gateway_drops() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY_NONE));
+    for l4 in [L4::Tcp { flags: SYN }, L4::Udp, L4::IcmpEcho { reply: false }] {
+        let input = packet(POD, 40000, DEST, 443, l4);
+        assert_eq!(node.run(program_names::FROM_POD, &input).0, TC_ACT_SHOT);
+    }
+    assert_eq!(node.counter(reason::DROP_NO_GATEWAY), 3);
+}
+
+#[test]
+fn matched_fragments_are_dropped_not_leaked() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
+    let mut input = packet(POD, 40000, DEST, 443, L4::Udp);
+    input[14 + 6] = 0x20; // more fragments
+    assert_eq!(node.run(program_names::FROM_POD, &input).0, TC_ACT_SHOT);
+    assert_eq!(node.counter(reason::DROP_UNSUPPORTED), 1);
+}
+
+// ---- gateway: SNAT ----
+
+fn gateway_node() -> Node {
+    let mut node = Node::new(GATEWAY);
+    node.policy(POD, "198.51.100.0/24", to_gateway(EGRESS_IP));
+    node.egress_ip(EGRESS_IP, EGRESS_IFINDEX);
+    node
+}
+
+fn from_pod_node(node: &Node, frame: &[u8]) -> (u32, Vec<u8>) {
+    node.run_with_cb(
+        program_names::TEST_FROM_TUNNEL,
+        frame,
+        [u32::from_ne_bytes(POD_NODE.octets()), VNI_TO_GATEWAY],
+    )
+}
+
+#[test]
+fn snat_of_a_new_flow_keeps_a_free_port_in_range() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    let input = packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN });
+    let (verdict, output) = from_pod_node(&node, &input);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let out = seen(&output);
+    assert_eq!(out.src, EGRESS_IP);
+    assert_eq!(out.sport, 20000, "a free port inside the NAT range is kept");
+    assert_eq!((out.dst, out.dport), (DEST, 443));
+    assert_checksums(&output);
+    assert_eq!(node.counter(reason::SNAT_NEW_FLOW), 1);
+    assert_eq!(node.nat_forward().len(), 1);
+    assert_eq!(node.nat_reverse().len(), 1);
+}
+
+#[test]
+fn snat_of_an_existing_flow_reuses_its_translation() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    // Ephemeral pod port outside the NAT range: a port from the range is allocated.
+    let syn = packet(POD, 45000, DEST, 443, L4::Tcp { flags: SYN });
+    let first = seen(&from_pod_node(&node, &syn).1);
+    assert!((NAT_MIN..=NAT_MAX).contains(&first.sport));
+    let ack = packet(POD, 45000, DEST, 443, L4::Tcp { flags: ACK });
+    let (verdict, output) = from_pod_node(&node, &ack);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(seen(&output).sport, first.sport);
+    assert_checksums(&output);
+    assert_eq!(node.counter(reason::SNAT_EXISTING_FLOW), 1);
+    assert_eq!(node.nat_forward().len(), 1);
+}
+
+#[test]
+fn source_port_collision_picks_another_port() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    // Two pods use the same source port towards the same destination.
+    let other_pod = Ipv4Addr::new(10, 244, 1, 11);
+    let mut node = node;
+    node.policy(other_pod, "198.51.100.0/24", to_gateway(EGRESS_IP));
+    let a = seen(&from_pod_node(&node, &packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN })).1);
+    let (verdict, output) =
+        from_pod_node(&node, &packet(other_pod, 20000, DEST, 443, L4::Tcp { flags: SYN }));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let b = seen(&output);
+    assert_eq!(a.sport, 20000);
+    assert_ne!(b.sport, 20000, "the taken port is not reused");
+    assert!((NAT_MIN..=NAT_MAX).contains(&b.sport));
+    assert_checksums(&output);
+    assert_eq!(node.nat_reverse().len(), 2);
+}
+
+#[test]
+fn udp_and_icmp_echo_are_translated() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    for l4 in [L4::Udp, L4::IcmpEcho { reply: false }] {
+        let (verdict, output) = from_pod_node(&node, &packet(POD, 50000, DEST, 53, l4));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(seen(&output).src, EGRESS_IP);
+        assert_checksums(&output);
+    }
+}
+
+#[test]
+fn udp_without_checksum_keeps_it_zero() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    let mut input = packet(POD, 50000, DEST, 53, L4::Udp);
+    input[34 + 6] = 0;
+    input[34 + 7] = 0;
+    let (_, output) = from_pod_node(&node, &input);
+    assert_eq!(&output[40..42], &[0, 0]);
+}
+
+#[test]
+fn pod_on_the_gateway_is_translated_without_tunnel() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(GATEWAY);
+    let value = PolicyValue {
+        pod_node_ip: GATEWAY.octets(),
+        ..to_gateway(EGRESS_IP)
+    };
+    node.policy(POD, "198.51.100.0/24", value);
+    node.egress_ip(EGRESS_IP, EGRESS_IFINDEX);
+    let (verdict, output) =
+        node.run(program_names::FROM_POD, &packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN }));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(seen(&output).src, EGRESS_IP);
+    assert_eq!(node.counter(reason::SNAT_NEW_FLOW), 1);
+    assert_eq!(node.counter(reason::REDIRECT_TO_GATEWAY), 0);
+}
+
+#[test]
+fn no_egress_ip_drops() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(GATEWAY);
+    // This node is the gateway but could not determine the egress IP.
+    node.policy(POD, "198.51.100.0/24", to_gateway(Ipv4Addr::UNSPECIFIED));
+    let (verdict, _) = from_pod_node(&node, &packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN }));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(node.counter(reason::DROP_NO_EGRESS_IP), 1);
+    assert!(node.nat_forward().is_empty());
+}
+
+#[test]
+fn gateway_is_not_an_open_relay() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    let syn = |src, dst| packet(src, 20000, dst, 443, L4::Tcp { flags: SYN });
+    // From an address that is not a node.
+    let stranger = u32::from_ne_bytes([10, 0, 0, 99]);
+    let (verdict, _) =
+        node.run_with_cb(program_names::TEST_FROM_TUNNEL, &syn(POD, DEST), [stranger, VNI_TO_GATEWAY]);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(node.counter(reason::DROP_UNKNOWN_NODE), 1);
+    // To a destination no policy covers.
+    assert_eq!(from_pod_node(&node, &syn(POD, OTHER_DEST)).0, TC_ACT_SHOT);
+    // A spoofed inner source: a pod that lives on another node.
+    let gateway_as_sender = u32::from_ne_bytes(GATEWAY.octets());
+    let (verdict, _) = node.run_with_cb(
+        program_names::TEST_FROM_TUNNEL,
+        &syn(POD, DEST),
+        [gateway_as_sender, VNI_TO_GATEWAY],
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(node.counter(reason::DROP_NOT_ALLOWED), 2);
+    assert!(node.nat_forward().is_empty());
+}
+
+#[test]
+fn policy_naming_another_gateway_is_refused() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(GATEWAY);
+    node.policy(
+        POD,
+        "198.51.100.0/24",
+        PolicyValue {
+            gateway_ip: [10, 0, 0, 13],
+            ..to_gateway(EGRESS_IP)
+        },
+    );
+    node.egress_ip(EGRESS_IP, EGRESS_IFINDEX);
+    let (verdict, _) = from_pod_node(&node, &packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN }));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(node.counter(reason::DROP_NOT_ALLOWED), 1);
+}
+
+// ---- replies ----
+
+#[test]
+fn reply_is_reverse_translated_and_sent_back_to_the_pods_node() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    let request = seen(&from_pod_node(&node, &packet(POD, 45000, DEST, 443, L4::Tcp { flags: SYN })).1);
+    let reply = packet(DEST, 443, EGRESS_IP, request.sport, L4::Tcp { flags: SYN | ACK });
+    let (verdict, output) = node.run(program_names::FROM_EGRESS, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let out = seen(&output);
+    assert_eq!((out.src, out.sport), (DEST, 443));
+    assert_eq!((out.dst, out.dport), (POD, 45000));
+    assert_checksums(&output);
+    assert_eq!(node.counter(reason::REVERSE_SNAT), 1);
+}
+
+#[test]
+fn icmp_echo_reply_is_reverse_translated() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    let request = seen(&from_pod_node(&node, &packet(POD, 777, DEST, 0, L4::IcmpEcho { reply: false })).1);
+    let reply = packet(DEST, 0, EGRESS_IP, request.sport, L4::IcmpEcho { reply: true });
+    let (verdict, output) = node.run(program_names::FROM_EGRESS, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let out = seen(&output);
+    assert_eq!((out.dst, out.dport), (POD, 777));
+    assert_checksums(&output);
+}
+
+#[test]
+fn gateway_nodes_own_traffic_is_untouched() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    let input = packet(DEST, 443, EGRESS_IP, 40000, L4::Tcp { flags: ACK });
+    let (verdict, output) = node.run(program_names::FROM_EGRESS, &input);
+    assert_eq!(verdict, TC_ACT_OK_NEXT);
+    assert_eq!(output, input);
+}
+
+#[test]
+fn reply_through_the_tunnel_reaches_only_a_steered_local_pod() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
+    node.local_pod(POD, POD_IFINDEX);
+    let from_gateway = [u32::from_ne_bytes(GATEWAY.octets()), VNI_TO_POD_NODE];
+    let reply = packet(DEST, 443, POD, 40000, L4::Tcp { flags: SYN | ACK });
+    // Before the pod opened the connection, the reply is refused.
+    assert_eq!(
+        node.run_with_cb(program_names::TEST_FROM_TUNNEL, &reply, from_gateway).0,
+        TC_ACT_SHOT
+    );
+    assert_eq!(node.counter(reason::DROP_UNKNOWN_REPLY), 1);
+    node.run(program_names::FROM_POD, &packet(POD, 40000, DEST, 443, L4::Tcp { flags: SYN }));
+    let (verdict, output) = node.run_with_cb(program_names::TEST_FROM_TUNNEL, &reply, from_gateway);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(output, reply);
+    assert_eq!(node.counter(reason::REPLY_TO_POD), 1);
+}
+
+#[test]
+fn truncated_packets_never_crash_or_translate() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    let full = packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN });
+    // BPF_PROG_TEST_RUN refuses IPv4 frames shorter than an IPv4 header; every cut after
+    // that, into the header options, ports, flags or payload, is tried.
+    for len in 34..full.len() {
+        let (verdict, _) = from_pod_node(&node, &full[..len]);
+        assert_ne!(verdict, TC_ACT_REDIRECT, "truncated at {len} bytes was translated");
+    }
+    assert!(node.nat_forward().is_empty());
+}
