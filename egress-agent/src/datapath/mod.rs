@@ -113,15 +113,17 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// `<ifindex>-<hook>-<ifname>`: bpffs refuses names with a '.', which interface names
+    /// may hold (VLANs), so dots become ':', a character interface names cannot have.
     fn pin_name(&self) -> String {
-        format!("{}.{}.{}", self.ifname, self.ifindex, self.hook.program())
+        format!("{}-{}-{}", self.ifindex, self.hook.program(), self.ifname.replace('.', ":"))
     }
 
     fn from_pin_name(name: &str) -> Option<Self> {
-        let mut parts = name.rsplitn(3, '.');
-        let hook = Hook::from_program(parts.next()?)?;
+        let mut parts = name.splitn(3, '-');
         let ifindex = parts.next()?.parse().ok()?;
-        let ifname = parts.next()?.to_owned();
+        let hook = Hook::from_program(parts.next()?)?;
+        let ifname = parts.next()?.replace(':', ".");
         Some(Self { ifname, ifindex, hook })
     }
 }
@@ -382,10 +384,7 @@ impl Datapath {
             .map_err(attach_err)?;
         let link = program.take_link(link_id).map_err(attach_err)?;
         let link = FdLink::try_from(link).map_err(|error| link_error(&path, error))?;
-        link.pin(&path).map_err(|error| DatapathError::Link {
-            path: path.clone(),
-            message: error.to_string(),
-        })?;
+        link.pin(&path).map_err(|error| link_error(&path, error))?;
         info!(ifname = attachment.ifname, hook = %attachment.hook, "attached");
         Ok(())
     }
@@ -422,10 +421,17 @@ impl Datapath {
     }
 }
 
-fn link_error(path: &std::path::Path, error: impl std::fmt::Display) -> DatapathError {
+fn link_error(path: &std::path::Path, error: impl std::error::Error) -> DatapathError {
+    // Keep the OS error: aya's Display stops at the syscall name.
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
     DatapathError::Link {
         path: path.into(),
-        message: error.to_string(),
+        message,
     }
 }
 
@@ -509,5 +515,23 @@ pub mod pinned {
 pub fn check_capacity(name: &str, used: usize, capacity: u32) {
     if used > capacity as usize {
         warn!(map = name, used, capacity, "more entries wanted than the map holds");
+    }
+}
+
+#[cfg(test)]
+mod pin_name_tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_round_trip_without_dots() {
+        let attachment = Attachment {
+            ifname: "eth0.100".into(),
+            ifindex: 7,
+            hook: Hook::FromEgress,
+        };
+        let name = attachment.pin_name();
+        assert!(!name.contains('.'), "bpffs refuses {name}");
+        assert_eq!(Attachment::from_pin_name(&name), Some(attachment));
+        assert_eq!(Attachment::from_pin_name("junk"), None);
     }
 }

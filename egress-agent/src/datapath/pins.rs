@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! <bpffs>/v1/maps/<MAP>                    maps, reused across restarts
-//! <bpffs>/v1/links/<ifname>.<ifindex>.<hook>  TCX links, so programs stay attached
+//! <bpffs>/v1/links/<ifindex>-<hook>-<ifname> TCX links, so programs stay attached
 //! ```
 //! The `v1` folder is the map-layout version: a future layout change uses a new folder, so
 //! a new agent never misreads maps pinned by an old one.
