@@ -991,7 +991,10 @@ impl Cluster {
         });
         match found {
             Some(Ok(entry)) => Ok(entry),
-            Some(Err(error)) => Err(error.context(self.agent_log_tail(node))),
+            Some(Err(error)) => bail!(
+                "{error:#} (waiting for {what})\n{}",
+                self.agent_log_tail(node)
+            ),
             None => bail!(
                 "timed out after {timeout:?} waiting on {node} for {what}; last egress list: {last}\n{}",
                 self.agent_log_tail(node)
