@@ -1,0 +1,490 @@
+//! CiliumEgressGatewayPolicy (cilium.io/v2): raw serde types and validation.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use ipnet::Ipv4Net;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use serde::Deserialize;
+
+use super::selector::{Selector, SelectorError};
+
+pub const API_VERSION: &str = "cilium.io/v2";
+pub const KIND: &str = "CiliumEgressGatewayPolicy";
+/// Cilium's limit on `spec.egressGateways`.
+pub const MAX_GATEWAYS: usize = 64;
+
+// Raw types: as the API server stores them. Unknown fields (status, newer spec fields) are
+// tolerated so policies users already have load unchanged.
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawPolicy {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: Option<RawSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawSpec {
+    pub selectors: Option<Vec<RawSelector>>,
+    #[serde(rename = "destinationCIDRs")]
+    pub destination_cidrs: Option<Vec<String>>,
+    #[serde(rename = "excludedCIDRs")]
+    pub excluded_cidrs: Option<Vec<String>>,
+    pub egress_gateway: Option<RawGateway>,
+    pub egress_gateways: Option<Vec<RawGateway>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawSelector {
+    pub pod_selector: Option<LabelSelector>,
+    pub namespace_selector: Option<LabelSelector>,
+    pub node_selector: Option<LabelSelector>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawGateway {
+    pub node_selector: Option<LabelSelector>,
+    pub interface: Option<String>,
+    #[serde(rename = "egressIP")]
+    pub egress_ip: Option<String>,
+}
+
+/// A validated policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub selectors: Vec<PolicySelector>,
+    /// Normalised (host bits cleared), deduplicated, sorted.
+    pub destination_cidrs: Vec<Ipv4Net>,
+    pub excluded_cidrs: Vec<Ipv4Net>,
+    /// At least one entry.
+    pub gateways: Vec<GatewaySpec>,
+}
+
+/// One `spec.selectors[]` entry; the three parts are ANDed. `None` means "any".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicySelector {
+    pub pod_selector: Selector,
+    pub namespace_selector: Option<Selector>,
+    pub node_selector: Option<Selector>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewaySpec {
+    pub node_selector: Selector,
+    pub egress: EgressSource,
+}
+
+/// Where the gateway takes its egress IP from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EgressSource {
+    /// Neither `interface` nor `egressIP`: the interface of the default route.
+    DefaultRoute,
+    Interface(String),
+    Ip(Ipv4Addr),
+}
+
+/// What is wrong with one field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("is required")]
+    Required,
+    #[error("is required (or a non-empty spec.egressGateways)")]
+    GatewayRequired,
+    #[error("must not be empty")]
+    Empty,
+    #[error("invalid CIDR {cidr:?}: {reason}")]
+    InvalidCidr { cidr: String, reason: String },
+    #[error("invalid IP address {ip:?}: {reason}")]
+    InvalidIp { ip: String, reason: String },
+    #[error("interface and egressIP are mutually exclusive")]
+    InterfaceAndEgressIp,
+    #[error("at most {MAX_GATEWAYS} gateways are supported, got {0}")]
+    TooManyGateways(usize),
+    #[error(transparent)]
+    Selector(#[from] SelectorError),
+}
+
+/// A refused field of a named policy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("policy {policy:?}: {field}: {error}")]
+pub struct FieldError {
+    pub policy: String,
+    /// Path like `spec.destinationCIDRs[0]`.
+    pub field: String,
+    pub error: PolicyError,
+}
+
+/// Validates a raw policy, collecting every problem rather than stopping at the first.
+pub fn validate(raw: &RawPolicy) -> Result<Policy, Vec<FieldError>> {
+    let name = raw.metadata.name.clone().unwrap_or_default();
+    let mut errors = Errors {
+        policy: &name,
+        list: Vec::new(),
+    };
+    if name.is_empty() {
+        errors.push("metadata.name", PolicyError::Required);
+    }
+    let Some(spec) = &raw.spec else {
+        errors.push("spec", PolicyError::Required);
+        return Err(errors.list);
+    };
+
+    let mut selectors = Vec::new();
+    match spec.selectors.as_deref() {
+        None => errors.push("spec.selectors", PolicyError::Required),
+        Some([]) => errors.push("spec.selectors", PolicyError::Empty),
+        Some(list) => {
+            for (i, s) in list.iter().enumerate() {
+                let path = format!("spec.selectors[{i}]");
+                let pod = selector(
+                    s.pod_selector.as_ref(),
+                    &format!("{path}.podSelector"),
+                    &mut errors,
+                );
+                let ns = selector(
+                    s.namespace_selector.as_ref(),
+                    &format!("{path}.namespaceSelector"),
+                    &mut errors,
+                );
+                let node = selector(
+                    s.node_selector.as_ref(),
+                    &format!("{path}.nodeSelector"),
+                    &mut errors,
+                );
+                if let (Some(pod), Some(namespace_selector), Some(node_selector)) = (pod, ns, node)
+                {
+                    selectors.push(PolicySelector {
+                        pod_selector: pod.unwrap_or_default(),
+                        namespace_selector,
+                        node_selector,
+                    });
+                }
+            }
+        }
+    }
+
+    let destination_cidrs = match spec.destination_cidrs.as_deref() {
+        None => {
+            errors.push("spec.destinationCIDRs", PolicyError::Required);
+            Vec::new()
+        }
+        Some([]) => {
+            errors.push("spec.destinationCIDRs", PolicyError::Empty);
+            Vec::new()
+        }
+        Some(list) => cidrs(list, "spec.destinationCIDRs", &mut errors),
+    };
+    let excluded_cidrs = cidrs(
+        spec.excluded_cidrs.as_deref().unwrap_or_default(),
+        "spec.excludedCIDRs",
+        &mut errors,
+    );
+
+    // As in Cilium, a non-empty egressGateways replaces egressGateway.
+    let mut gateways = Vec::new();
+    match (&spec.egress_gateways, &spec.egress_gateway) {
+        (Some(list), _) if !list.is_empty() => {
+            if list.len() > MAX_GATEWAYS {
+                errors.push(
+                    "spec.egressGateways",
+                    PolicyError::TooManyGateways(list.len()),
+                );
+            }
+            for (i, g) in list.iter().enumerate() {
+                gateways.extend(gateway(
+                    g,
+                    &format!("spec.egressGateways[{i}]"),
+                    &mut errors,
+                ));
+            }
+        }
+        (_, Some(g)) => gateways.extend(gateway(g, "spec.egressGateway", &mut errors)),
+        (_, None) => errors.push("spec.egressGateway", PolicyError::GatewayRequired),
+    }
+
+    if !errors.list.is_empty() {
+        return Err(errors.list);
+    }
+    Ok(Policy {
+        name,
+        selectors,
+        destination_cidrs,
+        excluded_cidrs,
+        gateways,
+    })
+}
+
+struct Errors<'a> {
+    policy: &'a str,
+    list: Vec<FieldError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, field: impl Into<String>, error: PolicyError) {
+        self.list.push(FieldError {
+            policy: self.policy.to_owned(),
+            field: field.into(),
+            error,
+        });
+    }
+}
+
+/// `None` when invalid; `Some(None)` when absent.
+fn selector(
+    raw: Option<&LabelSelector>,
+    path: &str,
+    errors: &mut Errors,
+) -> Option<Option<Selector>> {
+    let Some(raw) = raw else { return Some(None) };
+    match Selector::parse(raw) {
+        Ok(s) => Some(Some(s)),
+        Err(list) => {
+            for (sub, e) in list {
+                errors.push(format!("{path}.{sub}"), e.into());
+            }
+            None
+        }
+    }
+}
+
+fn cidrs(list: &[String], path: &str, errors: &mut Errors) -> Vec<Ipv4Net> {
+    let mut out = BTreeSet::new();
+    for (i, s) in list.iter().enumerate() {
+        match parse_cidr(s) {
+            Ok(net) => {
+                out.insert(net);
+            }
+            Err(reason) => errors.push(
+                format!("{path}[{i}]"),
+                PolicyError::InvalidCidr {
+                    cidr: s.clone(),
+                    reason,
+                },
+            ),
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Parses an IPv4 CIDR. Host bits are cleared, as Go's `net.ParseCIDR` does for Cilium.
+fn parse_cidr(s: &str) -> Result<Ipv4Net, String> {
+    let Some((addr, len)) = s.trim().split_once('/') else {
+        return Err(match s.trim().parse::<IpAddr>() {
+            Ok(_) => "missing prefix length (expected e.g. 192.0.2.0/24)".into(),
+            Err(_) => "not a CIDR (expected e.g. 192.0.2.0/24)".into(),
+        });
+    };
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IP address"))?;
+    let IpAddr::V4(addr) = addr else {
+        return Err("IPv6 is not supported yet".into());
+    };
+    let len: u8 = len
+        .parse()
+        .map_err(|_| format!("prefix length {len:?} is not a number"))?;
+    let net =
+        Ipv4Net::new(addr, len).map_err(|_| format!("prefix length {len} is longer than 32"))?;
+    Ok(net.trunc())
+}
+
+fn gateway(raw: &RawGateway, path: &str, errors: &mut Errors) -> Option<GatewaySpec> {
+    let before = errors.list.len();
+    let node_selector = match &raw.node_selector {
+        None => {
+            errors.push(format!("{path}.nodeSelector"), PolicyError::Required);
+            None
+        }
+        Some(s) => selector(Some(s), &format!("{path}.nodeSelector"), errors).flatten(),
+    };
+    // Empty strings are Go's zero values: treat them as absent, as Cilium does.
+    let interface = raw.interface.as_deref().filter(|s| !s.is_empty());
+    let egress_ip = raw.egress_ip.as_deref().filter(|s| !s.is_empty());
+    let egress = match (interface, egress_ip) {
+        (Some(_), Some(_)) => {
+            errors.push(path, PolicyError::InterfaceAndEgressIp);
+            None
+        }
+        (Some(name), None) => Some(EgressSource::Interface(name.to_owned())),
+        (None, Some(ip)) => match ip.trim().parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => Some(EgressSource::Ip(ip)),
+            Ok(IpAddr::V6(_)) => {
+                errors.push(
+                    format!("{path}.egressIP"),
+                    PolicyError::InvalidIp {
+                        ip: ip.to_owned(),
+                        reason: "IPv6 is not supported yet".into(),
+                    },
+                );
+                None
+            }
+            Err(e) => {
+                errors.push(
+                    format!("{path}.egressIP"),
+                    PolicyError::InvalidIp {
+                        ip: ip.to_owned(),
+                        reason: e.to_string(),
+                    },
+                );
+                None
+            }
+        },
+        (None, None) => Some(EgressSource::DefaultRoute),
+    };
+    match (node_selector, egress) {
+        (Some(node_selector), Some(egress)) if errors.list.len() == before => Some(GatewaySpec {
+            node_selector,
+            egress,
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Policy, Vec<FieldError>> {
+        validate(&serde_yaml::from_str::<RawPolicy>(yaml).unwrap())
+    }
+
+    const BASE: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumEgressGatewayPolicy
+metadata: {name: p}
+spec:
+  selectors: [{podSelector: {matchLabels: {app: a}}}]
+  destinationCIDRs: ["10.1.2.3/16"]
+"#;
+
+    fn with(extra: &str) -> String {
+        format!("{BASE}{extra}")
+    }
+
+    fn fields(r: Result<Policy, Vec<FieldError>>) -> Vec<String> {
+        r.unwrap_err().into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn minimal_policy_with_default_route_and_normalised_cidr() {
+        let p = parse(&with(
+            "  egressGateway: {nodeSelector: {matchLabels: {gw: 'true'}}}\nstatus: {whatever: 1}\n",
+        ))
+        .unwrap();
+        assert_eq!(p.name, "p");
+        assert_eq!(p.destination_cidrs, vec!["10.1.0.0/16".parse().unwrap()]);
+        assert_eq!(p.gateways.len(), 1);
+        assert_eq!(p.gateways[0].egress, EgressSource::DefaultRoute);
+        assert!(p.selectors[0].namespace_selector.is_none());
+    }
+
+    #[test]
+    fn egress_sources() {
+        let p = parse(&with(
+            "  egressGateway: {nodeSelector: {}, interface: eth1, egressIP: ''}\n",
+        ))
+        .unwrap();
+        assert_eq!(p.gateways[0].egress, EgressSource::Interface("eth1".into()));
+        let p = parse(&with(
+            "  egressGateway: {nodeSelector: {}, egressIP: 192.0.2.1}\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            p.gateways[0].egress,
+            EgressSource::Ip(Ipv4Addr::new(192, 0, 2, 1))
+        );
+        assert_eq!(
+            fields(parse(&with(
+                "  egressGateway: {nodeSelector: {}, egressIP: '2001:db8::1'}\n"
+            ))),
+            ["spec.egressGateway.egressIP"]
+        );
+        assert_eq!(
+            fields(parse(&with(
+                "  egressGateway: {nodeSelector: {}, egressIP: 1.2.3.4, interface: eth0}\n"
+            ))),
+            ["spec.egressGateway"]
+        );
+        assert_eq!(
+            fields(parse(&with("  egressGateway: {interface: eth0}\n"))),
+            ["spec.egressGateway.nodeSelector"]
+        );
+    }
+
+    #[test]
+    fn cidr_errors() {
+        let yaml = BASE.replace(
+            r#"["10.1.2.3/16"]"#,
+            r#"["198.51.100.0/33", "x", "2001:db8::/32", "10.0.0.1", "10.0.0.0/8"]"#,
+        ) + "  egressGateway: {nodeSelector: {}}\n  excludedCIDRs: ['10.0.0.0/abc']\n";
+        let errs = parse(&yaml).unwrap_err();
+        let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown[0],
+            r#"policy "p": spec.destinationCIDRs[0]: invalid CIDR "198.51.100.0/33": prefix length 33 is longer than 32"#
+        );
+        assert!(shown[1].starts_with(r#"policy "p": spec.destinationCIDRs[1]: invalid CIDR "x""#));
+        assert!(
+            shown[2].ends_with("IPv6 is not supported yet"),
+            "{}",
+            shown[2]
+        );
+        assert!(shown[3].contains("missing prefix length"));
+        assert!(shown[4].starts_with(r#"policy "p": spec.excludedCIDRs[0]"#));
+        assert_eq!(errs.len(), 5);
+    }
+
+    #[test]
+    fn required_fields() {
+        assert_eq!(fields(parse(BASE)), ["spec.egressGateway"]);
+        let empty = "metadata: {name: p}\nspec: {selectors: [], destinationCIDRs: [], egressGateways: []}\n";
+        assert_eq!(
+            fields(parse(empty)),
+            [
+                "spec.selectors",
+                "spec.destinationCIDRs",
+                "spec.egressGateway"
+            ]
+        );
+        assert_eq!(fields(parse("metadata: {}\n")), ["metadata.name", "spec"]);
+    }
+
+    #[test]
+    fn gateways_list_replaces_single_gateway_and_is_bounded() {
+        let p = parse(&with(
+            "  egressGateway: {nodeSelector: {}, interface: ignored}\n  egressGateways:\n  - {nodeSelector: {matchLabels: {n: a}}}\n  - {nodeSelector: {matchLabels: {n: b}}, interface: eth1}\n",
+        ))
+        .unwrap();
+        assert_eq!(p.gateways.len(), 2);
+        assert_eq!(p.gateways[1].egress, EgressSource::Interface("eth1".into()));
+
+        let many = "  - {nodeSelector: {}}\n".repeat(65);
+        let errs = parse(&with(&format!("  egressGateways:\n{many}"))).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].error, PolicyError::TooManyGateways(65));
+    }
+
+    #[test]
+    fn selector_errors_carry_full_paths() {
+        let yaml = BASE.replace(
+            "podSelector: {matchLabels: {app: a}}",
+            "podSelector: {matchExpressions: [{key: app, operator: Equals, values: [x]}]}, nodeSelector: {matchLabels: {'bad key': x}}",
+        ) + "  egressGateway: {nodeSelector: {matchExpressions: [{key: k, operator: In}]}}\n";
+        assert_eq!(
+            fields(parse(&yaml)),
+            [
+                "spec.selectors[0].podSelector.matchExpressions[0].operator",
+                "spec.selectors[0].nodeSelector.matchLabels",
+                "spec.egressGateway.nodeSelector.matchExpressions[0].values",
+            ]
+        );
+    }
+}
