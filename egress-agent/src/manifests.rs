@@ -1,0 +1,835 @@
+//! Loads a folder of manifests, as `kubectl get -o yaml` prints them, into an [`Inventory`].
+//!
+//! Every `*.yaml` / `*.yml` file in the folder and its subfolders is read (symlinks are
+//! followed; entries whose name starts with `.` are skipped, which also skips the `..data`
+//! indirection of ConfigMap volumes while still reading the files they link). Errors are
+//! collected, never fatal: one bad object does not stop the others from loading.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt, fs,
+    io::Read,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use k8s_openapi::api::core::v1 as k8s;
+use serde_yaml::Value;
+
+use crate::inventory::{
+    Inventory, Namespace, Node, Pod,
+    policy::{self, PolicyError, RawPolicy},
+};
+
+/// Larger files are refused: manifests that big are a mistake, and reading them would stall
+/// the agent.
+pub const MAX_FILE_SIZE: u64 = 4 << 20;
+
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    pub inventory: Inventory,
+    pub errors: Vec<ManifestError>,
+}
+
+/// One problem in one file, with the object it concerns when known.
+#[derive(Debug)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// `Kind "name"` when known, else `document N`.
+    pub object: ObjectRef,
+    pub error: ManifestErrorKind,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub kind: Option<String>,
+    /// `name`, or `namespace/name` for pods.
+    pub name: Option<String>,
+    /// 1-based document number in the file.
+    pub document: usize,
+    /// Index in the `items` of a `kind: List`.
+    pub item: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestErrorKind {
+    #[error("cannot read: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("file is {0} bytes, larger than the {MAX_FILE_SIZE} bytes allowed")]
+    TooLarge(u64),
+    /// `message` names the (file-relative) line when the parser knows it.
+    #[error("invalid YAML: {message}")]
+    Yaml {
+        line: Option<usize>,
+        message: String,
+    },
+    #[error("cannot decode: {0}")]
+    Decode(String),
+    #[error("unsupported apiVersion {found:?} for {kind} (expected {expected:?})")]
+    ApiVersion {
+        kind: String,
+        found: String,
+        expected: &'static str,
+    },
+    #[error("metadata.name is required")]
+    MissingName,
+    #[error("duplicate name: already defined in {}; this one is ignored", .0.display())]
+    Duplicate(PathBuf),
+    #[error("{field}: {error}")]
+    Policy { field: String, error: PolicyError },
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.kind, &self.name) {
+            (Some(kind), Some(name)) => return write!(f, "{kind} {name:?}"),
+            (Some(kind), None) => write!(f, "{kind} in document {}", self.document)?,
+            (None, Some(name)) => write!(f, "{name:?} in document {}", self.document)?,
+            (None, None) => write!(f, "document {}", self.document)?,
+        }
+        match self.item {
+            Some(i) => write!(f, " items[{i}]"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}: {}",
+            self.file.display(),
+            self.object,
+            self.error
+        )
+    }
+}
+
+impl std::error::Error for ManifestError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// Loads every manifest under `dir`. Results are deterministic: files are read in path order.
+pub fn load_dir(dir: &Path) -> LoadResult {
+    let mut loader = Loader::default();
+    let (files, walk_errors) = walk(dir);
+    loader.errors.extend(walk_errors);
+    for file in files {
+        loader.load_file(&file.path);
+    }
+    LoadResult {
+        inventory: loader.inventory,
+        errors: loader.errors,
+    }
+}
+
+/// A cheap summary of the folder (paths, link targets, sizes, mtimes) to poll for changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fingerprint(Vec<FileStamp>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileStamp {
+    path: PathBuf,
+    target: PathBuf,
+    size: u64,
+    modified: Option<SystemTime>,
+}
+
+pub fn fingerprint(dir: &Path) -> Fingerprint {
+    let (files, errors) = walk(dir);
+    let mut stamps: Vec<FileStamp> = files
+        .into_iter()
+        .map(|f| FileStamp {
+            size: f.metadata.len(),
+            modified: f.metadata.modified().ok(),
+            path: f.path,
+            target: f.canonical,
+        })
+        .collect();
+    // A file that becomes (un)readable must count as a change too.
+    stamps.extend(errors.into_iter().map(|e| FileStamp {
+        path: e.file,
+        target: PathBuf::new(),
+        size: u64::MAX,
+        modified: None,
+    }));
+    Fingerprint(stamps)
+}
+
+struct FoundFile {
+    path: PathBuf,
+    canonical: PathBuf,
+    metadata: fs::Metadata,
+}
+
+fn is_manifest(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"))
+}
+
+/// Lists manifest files under `dir`, following symlinks; a directory (or file) reached
+/// twice through links is visited once, which also breaks symlink loops.
+fn walk(dir: &Path) -> (Vec<FoundFile>, Vec<ManifestError>) {
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen_dirs = BTreeSet::new();
+    let mut seen_files = BTreeSet::new();
+    let io_error = |path: &Path, e| ManifestError {
+        file: path.to_owned(),
+        object: ObjectRef::default(),
+        error: ManifestErrorKind::Io(e),
+    };
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        match fs::canonicalize(&dir) {
+            Ok(c) => {
+                if !seen_dirs.insert(c) {
+                    tracing::debug!(dir = %dir.display(), "directory already visited (symlink loop?)");
+                    continue;
+                }
+            }
+            Err(e) => {
+                errors.push(io_error(&dir, e));
+                continue;
+            }
+        }
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                errors.push(io_error(&dir, e));
+                continue;
+            }
+        };
+        let mut paths: Vec<PathBuf> = Vec::new();
+        for entry in entries {
+            match entry {
+                Ok(entry) if !entry.file_name().to_string_lossy().starts_with('.') => {
+                    paths.push(entry.path())
+                }
+                Ok(_) => {}
+                Err(e) => errors.push(io_error(&dir, e)),
+            }
+        }
+        // Sorted, so which of two links to one file is kept does not depend on the disk.
+        paths.sort();
+        for path in paths {
+            // fs::metadata follows symlinks; a dangling link is reported only if it looks
+            // like a manifest.
+            let metadata = match fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) => {
+                    if is_manifest(&path) {
+                        errors.push(io_error(&path, e));
+                    }
+                    continue;
+                }
+            };
+            if metadata.is_dir() {
+                stack.push(path);
+            } else if metadata.is_file() && is_manifest(&path) {
+                let canonical = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+                if seen_files.insert(canonical.clone()) {
+                    files.push(FoundFile {
+                        path,
+                        canonical,
+                        metadata,
+                    });
+                } else {
+                    tracing::debug!(file = %path.display(), "file already read through another path");
+                }
+            }
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    errors.sort_by(|a, b| a.file.cmp(&b.file));
+    (files, errors)
+}
+
+#[derive(Default)]
+struct Loader {
+    inventory: Inventory,
+    errors: Vec<ManifestError>,
+    /// (kind, name) -> file that defined it first.
+    seen: BTreeMap<(&'static str, String), PathBuf>,
+}
+
+/// Kinds we read, with the apiVersion each must have.
+const KNOWN_KINDS: [(&str, &str); 4] = [
+    ("Node", "v1"),
+    ("Namespace", "v1"),
+    ("Pod", "v1"),
+    (policy::KIND, policy::API_VERSION),
+];
+
+impl Loader {
+    fn load_file(&mut self, path: &Path) {
+        let text = match read_limited(path) {
+            Ok(text) => text,
+            Err(error) => {
+                return self.errors.push(ManifestError {
+                    file: path.to_owned(),
+                    object: ObjectRef::default(),
+                    error,
+                });
+            }
+        };
+        for (i, (first_line, doc)) in split_documents(&text).into_iter().enumerate() {
+            let document = i + 1;
+            match serde_yaml::from_str::<Value>(doc) {
+                Ok(Value::Null) => {}
+                Ok(value) => self.load_value(path, document, None, value),
+                Err(e) => {
+                    let line = e.location().map(|l| first_line + l.line() - 1);
+                    self.errors.push(ManifestError {
+                        file: path.to_owned(),
+                        object: ObjectRef {
+                            kind: scan_field(doc, "kind"),
+                            name: scan_field(doc, "name"),
+                            document,
+                            item: None,
+                        },
+                        error: ManifestErrorKind::Yaml {
+                            line,
+                            message: yaml_message(&e, first_line),
+                        },
+                    });
+                }
+            }
+        }
+    }
+
+    fn load_value(&mut self, path: &Path, document: usize, item: Option<usize>, mut value: Value) {
+        let kind = value.get("kind").and_then(Value::as_str).map(str::to_owned);
+        let api_version = value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let mut object = ObjectRef {
+            kind: kind.clone(),
+            name: name.clone(),
+            document,
+            item,
+        };
+        let Some(kind) = kind else {
+            tracing::debug!(file = %path.display(), document, "document without kind ignored");
+            return;
+        };
+
+        // `kubectl get -o yaml` of several objects prints a `List`; API lists are `<Kind>List`
+        // and their items carry no kind.
+        if item.is_none()
+            && let Some(items) = value.get_mut("items").and_then(Value::as_sequence_mut)
+        {
+            let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
+            if kind == "List" || item_kind.is_some_and(|k| KNOWN_KINDS.iter().any(|(n, _)| *n == k))
+            {
+                for (i, mut v) in std::mem::take(items).into_iter().enumerate() {
+                    if let (Some(k), Some(map)) = (item_kind, v.as_mapping_mut()) {
+                        map.entry("kind".into()).or_insert_with(|| k.into());
+                        map.entry("apiVersion".into())
+                            .or_insert_with(|| api_version.clone().into());
+                    }
+                    self.load_value(path, document, Some(i), v);
+                }
+                return;
+            }
+        }
+
+        let Some(&(kind, expected)) = KNOWN_KINDS.iter().find(|(k, _)| *k == kind) else {
+            tracing::debug!(file = %path.display(), kind, api_version, "unknown kind ignored");
+            return;
+        };
+        let fail = |object: ObjectRef, error| ManifestError {
+            file: path.to_owned(),
+            object,
+            error,
+        };
+        if api_version != expected {
+            return self.errors.push(fail(
+                object,
+                ManifestErrorKind::ApiVersion {
+                    kind: kind.to_owned(),
+                    found: api_version,
+                    expected,
+                },
+            ));
+        }
+        if name.as_deref().is_none_or(str::is_empty) {
+            return self
+                .errors
+                .push(fail(object, ManifestErrorKind::MissingName));
+        }
+        let decode = |e: serde_yaml::Error| ManifestErrorKind::Decode(e.to_string());
+        // Decode first so the duplicate key of a pod includes its namespace.
+        let decoded = match kind {
+            "Node" => {
+                serde_yaml::from_value::<k8s::Node>(value).map(|n| Decoded::Node(Node::from(&n)))
+            }
+            "Namespace" => serde_yaml::from_value::<k8s::Namespace>(value)
+                .map(|n| Decoded::Namespace(Namespace::from(&n))),
+            "Pod" => serde_yaml::from_value::<k8s::Pod>(value).map(|p| Decoded::Pod(Pod::from(&p))),
+            _ => serde_yaml::from_value::<RawPolicy>(value).map(|p| Decoded::Policy(Box::new(p))),
+        };
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err(e) => return self.errors.push(fail(object, decode(e))),
+        };
+        let key = match &decoded {
+            Decoded::Pod(p) => format!("{}/{}", p.namespace, p.name),
+            _ => name.clone().unwrap_or_default(),
+        };
+        object.name = Some(key.clone());
+        // The first definition wins, even if it turns out invalid: which one the user meant
+        // is unknown, so neither silently replaces the other.
+        if let Some(first) = self.seen.get(&(kind, key.clone())) {
+            let error = ManifestErrorKind::Duplicate(first.clone());
+            return self.errors.push(fail(object, error));
+        }
+        self.seen.insert((kind, key), path.to_owned());
+
+        match decoded {
+            Decoded::Node(n) => {
+                self.inventory.upsert_node(n);
+            }
+            Decoded::Namespace(n) => {
+                self.inventory.upsert_namespace(n);
+            }
+            Decoded::Pod(p) => {
+                self.inventory.upsert_pod(p);
+            }
+            Decoded::Policy(raw) => match policy::validate(&raw) {
+                Ok(p) => {
+                    self.inventory.upsert_policy(p);
+                }
+                Err(errors) => {
+                    self.errors.extend(errors.into_iter().map(|e| {
+                        let error = ManifestErrorKind::Policy {
+                            field: e.field,
+                            error: e.error,
+                        };
+                        fail(object.clone(), error)
+                    }));
+                }
+            },
+        }
+    }
+}
+
+enum Decoded {
+    Node(Node),
+    Namespace(Namespace),
+    Pod(Pod),
+    Policy(Box<RawPolicy>),
+}
+
+fn read_limited(path: &Path) -> Result<String, ManifestErrorKind> {
+    let file = fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    if size > MAX_FILE_SIZE {
+        return Err(ManifestErrorKind::TooLarge(size));
+    }
+    // The file may grow between the check and the read.
+    let mut text = String::new();
+    file.take(MAX_FILE_SIZE + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE_SIZE {
+        return Err(ManifestErrorKind::TooLarge(text.len() as u64));
+    }
+    Ok(text)
+}
+
+/// Splits a multi-document stream at `---` lines, returning each document with the 1-based
+/// line it starts on, so a broken document does not hide the others and errors keep
+/// file-relative line numbers.
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let is_marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
+        if is_marker && offset > start {
+            docs.push((start_line, &text[start..offset]));
+            start = offset;
+            start_line = i + 1;
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &text[start..]));
+    docs
+}
+
+/// serde_yaml's message with its line numbers, which count from the start of the document,
+/// shifted to count from the start of the file.
+fn yaml_message(e: &serde_yaml::Error, first_line: usize) -> String {
+    let text = e.to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(pos) = rest.find("line ") {
+        let (head, tail) = rest.split_at(pos + "line ".len());
+        out.push_str(head);
+        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+        match tail[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + first_line - 1).to_string()),
+            Err(_) => out.push_str(&tail[..digits]),
+        }
+        rest = &tail[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Best-effort recovery of `kind:` or `name:` from a document that does not parse.
+fn scan_field(doc: &str, field: &str) -> Option<String> {
+    let pattern = format!("{field}:");
+    doc.lines().find_map(|line| {
+        let pos = line.find(&pattern)?;
+        // Only a whole key: at line start (after indentation) or after `{` / `,`.
+        let before = line[..pos].trim_end();
+        if !(before.is_empty() || before.ends_with('{') || before.ends_with(',')) {
+            return None;
+        }
+        let rest = line[pos + pattern.len()..].trim_start();
+        let value: String = rest
+            .chars()
+            .take_while(|c| !matches!(c, ',' | '}' | '#') && !c.is_whitespace())
+            .collect();
+        let value = value.trim_matches(['"', '\'']);
+        let plausible = !value.is_empty()
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        plausible.then(|| value.to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::Ipv4Addr,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    use super::*;
+
+    const POLICIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/policies");
+
+    /// A scratch directory removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "egress-manifests-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.0.join(name);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, text).unwrap();
+            path
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn messages(r: &LoadResult) -> Vec<String> {
+        r.errors.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn every_valid_fixture_loads() {
+        let r = load_dir(&Path::new(POLICIES).join("valid"));
+        assert!(r.errors.is_empty(), "{:#?}", messages(&r));
+        let names: Vec<&str> = r.inventory.policies.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "all-pods-in-ns-build",
+                "crawler-fleet",
+                "egress-sample",
+                "monitoring-scrapers",
+                "payments-to-bank"
+            ]
+        );
+        // egressGateways wins over egressGateway.
+        assert_eq!(r.inventory.policies["crawler-fleet"].gateways.len(), 2);
+    }
+
+    #[test]
+    fn every_invalid_fixture_is_refused_with_file_policy_and_field() {
+        let dir = Path::new(POLICIES).join("invalid");
+        let r = load_dir(&dir);
+        assert!(
+            r.inventory.policies.is_empty(),
+            "{:?}",
+            r.inventory.policies.keys()
+        );
+        let msgs = messages(&r);
+        let expect = [
+            (
+                "bad-cidr.yaml",
+                r#"CiliumEgressGatewayPolicy "bad-cidr": spec.destinationCIDRs[0]: invalid CIDR "198.51.100.0/33": "#,
+            ),
+            (
+                "bad-cidr.yaml",
+                r#"CiliumEgressGatewayPolicy "bad-cidr": spec.destinationCIDRs[1]: invalid CIDR "not-a-cidr""#,
+            ),
+            (
+                "bad-operator.yaml",
+                r#"CiliumEgressGatewayPolicy "bad-operator": spec.selectors[0].podSelector.matchExpressions[0].operator: unknown operator "Equals""#,
+            ),
+            (
+                "interface-and-egress-ip.yaml",
+                r#"CiliumEgressGatewayPolicy "both-interface-and-ip": spec.egressGateway: interface and egressIP are mutually exclusive"#,
+            ),
+            (
+                "missing-gateway.yaml",
+                r#"CiliumEgressGatewayPolicy "no-gateway-block": spec.egressGateway: is required"#,
+            ),
+            (
+                "not-yaml.yaml",
+                r#"CiliumEgressGatewayPolicy "broken": invalid YAML: did not find expected ',' or '}' at line 4 "#,
+            ),
+        ];
+        assert_eq!(msgs.len(), expect.len(), "{msgs:#?}");
+        for (msg, (file, text)) in msgs.iter().zip(expect) {
+            let prefix = format!("{}: {text}", dir.join(file).display());
+            assert!(
+                msg.starts_with(&prefix),
+                "{msg}\ndoes not start with\n{prefix}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_policies_do_not_stop_valid_ones() {
+        let t = TempDir::new();
+        for dir in ["valid", "invalid"] {
+            for entry in fs::read_dir(Path::new(POLICIES).join(dir)).unwrap() {
+                let entry = entry.unwrap();
+                let text = fs::read_to_string(entry.path()).unwrap();
+                t.write(
+                    &format!("{dir}-{}", entry.file_name().to_string_lossy()),
+                    &text,
+                );
+            }
+        }
+        // A valid policy after a broken document in the same file still loads.
+        t.write(
+            "mixed.yml",
+            "kind: CiliumEgressGatewayPolicy\nmetadata: {name: [\n---\napiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata: {name: after-broken}\nspec: {selectors: [{}], destinationCIDRs: [10.0.0.0/8], egressGateway: {nodeSelector: {}}}\n",
+        );
+        let r = load_dir(&t.0);
+        assert_eq!(r.inventory.policies.len(), 6, "{:#?}", messages(&r));
+        assert!(r.inventory.policies.contains_key("after-broken"));
+        assert_eq!(r.errors.len(), 7, "{:#?}", messages(&r));
+        let mixed = r
+            .errors
+            .iter()
+            .find(|e| e.file.ends_with("mixed.yml"))
+            .unwrap();
+        assert!(
+            mixed
+                .to_string()
+                .contains(": CiliumEgressGatewayPolicy in document 1: invalid YAML: "),
+            "{mixed}"
+        );
+    }
+
+    #[test]
+    fn yaml_error_lines_are_file_relative() {
+        let t = TempDir::new();
+        let f = t.write(
+            "a.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: ok}\n---\n# comment\nkind: Pod\nmetadata:\n  name: p\n  labels: {a: [}\n",
+        );
+        let r = load_dir(&t.0);
+        assert!(r.inventory.namespaces.contains_key("ok"));
+        let msgs = messages(&r);
+        assert_eq!(msgs.len(), 1);
+        assert!(
+            msgs[0].starts_with(&format!("{}: Pod \"p\": invalid YAML: ", f.display())),
+            "{}",
+            msgs[0]
+        );
+        assert!(msgs[0].contains("at line 9 column"), "{}", msgs[0]);
+        assert!(matches!(
+            r.errors[0].error,
+            ManifestErrorKind::Yaml { line: Some(9), .. }
+        ));
+    }
+
+    #[test]
+    fn lists_kinds_and_api_versions() {
+        let t = TempDir::new();
+        t.write(
+            "sub/dir/list.yaml",
+            r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Node
+  metadata: {name: n1, labels: {egress: "true"}}
+  status: {addresses: [{type: InternalIP, address: 10.0.0.1}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: p1, namespace: ns1, labels: {app: a}}
+  spec: {nodeName: n1, containers: [{name: c, image: i}]}
+  status: {phase: Running, podIP: 10.1.0.1}
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata: {name: ignored}
+- apiVersion: cilium.io/v1
+  kind: CiliumEgressGatewayPolicy
+  metadata: {name: old}
+metadata: {resourceVersion: ""}
+"#,
+        );
+        t.write(
+            "typed.yml",
+            "apiVersion: v1\nkind: NamespaceList\nitems:\n- metadata: {name: ns1, labels: {team: t}}\n",
+        );
+        t.write("ignored.txt", "kind: Node\nmetadata: {name: nope}\n");
+        t.write(
+            ".hidden/x.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: hidden}\n",
+        );
+        let r = load_dir(&t.0);
+        let inv = &r.inventory;
+        assert_eq!(inv.nodes.keys().collect::<Vec<_>>(), ["n1"]);
+        assert_eq!(
+            inv.nodes["n1"].internal_ip,
+            Some(Ipv4Addr::new(10, 0, 0, 1))
+        );
+        assert_eq!(
+            inv.pods[&("ns1".into(), "p1".into())].ips,
+            [Ipv4Addr::new(10, 1, 0, 1)]
+        );
+        assert_eq!(inv.namespaces["ns1"].labels["team"], "t");
+        let msgs = messages(&r);
+        assert_eq!(msgs.len(), 1, "{msgs:#?}");
+        assert!(
+            msgs[0].ends_with(
+                r#"list.yaml: CiliumEgressGatewayPolicy "old": unsupported apiVersion "cilium.io/v1" for CiliumEgressGatewayPolicy (expected "cilium.io/v2")"#
+            ),
+            "{}",
+            msgs[0]
+        );
+    }
+
+    #[test]
+    fn duplicates_keep_the_first_and_name_both_files() {
+        let t = TempDir::new();
+        let node = |ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+            )
+        };
+        let a = t.write("a.yaml", &node("10.0.0.1"));
+        let b = t.write("b.yaml", &node("10.0.0.2"));
+        // Same name, other kind or other namespace: no conflict.
+        t.write(
+            "c.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: n1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: x}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: y}\n",
+        );
+        let r = load_dir(&t.0);
+        assert_eq!(
+            r.inventory.nodes["n1"].internal_ip,
+            Some(Ipv4Addr::new(10, 0, 0, 1))
+        );
+        assert_eq!(r.inventory.pods.len(), 2);
+        assert_eq!(
+            messages(&r),
+            [format!(
+                "{}: Node \"n1\": duplicate name: already defined in {}; this one is ignored",
+                b.display(),
+                a.display()
+            )]
+        );
+    }
+
+    #[test]
+    fn size_limit_symlink_loops_and_unreadable_paths() {
+        let t = TempDir::new();
+        t.write(
+            "ok.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n",
+        );
+        let big = t.write("big.yaml", "");
+        fs::File::options()
+            .write(true)
+            .open(&big)
+            .unwrap()
+            .set_len(MAX_FILE_SIZE + 1)
+            .unwrap();
+        std::os::unix::fs::symlink(&t.0, t.0.join("loop")).unwrap();
+        std::os::unix::fs::symlink(t.0.join("ok.yaml"), t.0.join("alias.yaml")).unwrap();
+        std::os::unix::fs::symlink(t.0.join("missing"), t.0.join("dangling.yaml")).unwrap();
+        let r = load_dir(&t.0);
+        assert_eq!(r.inventory.nodes.len(), 1);
+        let msgs = messages(&r);
+        assert_eq!(msgs.len(), 2, "{msgs:#?}");
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("big.yaml") && m.contains("larger than"))
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("dangling.yaml") && m.contains("cannot read"))
+        );
+
+        let missing = load_dir(&t.0.join("nope"));
+        assert_eq!(missing.errors.len(), 1);
+    }
+
+    #[test]
+    fn fingerprint_changes_with_files() {
+        let t = TempDir::new();
+        let f = t.write("a.yaml", "a: 1\n");
+        let fp = fingerprint(&t.0);
+        assert_eq!(fp, fingerprint(&t.0));
+        fs::write(&f, "a: 12\n").unwrap();
+        let fp2 = fingerprint(&t.0);
+        assert_ne!(fp, fp2);
+        t.write("sub/b.yml", "");
+        assert_ne!(fp2, fingerprint(&t.0));
+        let fp3 = fingerprint(&t.0);
+        t.write("notes.txt", "ignored");
+        assert_eq!(fp3, fingerprint(&t.0));
+    }
+
+    #[test]
+    fn scan_field_recovers_names() {
+        assert_eq!(
+            scan_field("metadata: {name: broken\n", "name").as_deref(),
+            Some("broken")
+        );
+        assert_eq!(
+            scan_field("metadata:\n  name: \"x\"\n", "name").as_deref(),
+            Some("x")
+        );
+        assert_eq!(scan_field("metadata:\n  nodename: x\n", "name"), None);
+    }
+}
