@@ -4,10 +4,10 @@
 use std::{
     collections::BTreeSet,
     fs,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::ExitCode,
     str::FromStr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -22,13 +22,12 @@ use tracing::{error, info, warn};
 use crate::{
     datapath::{Attachment, Datapath, Hook, MapContents, MapSizes, PinLayout, check_capacity},
     desired::{self, DesiredState, LocalInterface, LocalNetwork},
-    inventory::Inventory,
-    manifests,
-    netlink::{self, Netlink, Snapshot},
+    netlink::{self, Netlink},
+    source::{self, Refusal, Snapshot},
 };
 
 pub const DEFAULT_TUNNEL_DEVICE: &str = "egw0";
-/// How often the manifests folder and the node's interfaces are looked at.
+/// How often the node's interfaces are looked at.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Even with no visible change, re-sync this often (mark and sweep of the maps).
 const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
@@ -156,39 +155,43 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         "agent started"
     );
 
+    let mut snapshots = source::manifests(args.manifests.clone());
     let mut reconciler = Reconciler {
         args: &args,
         datapath: &mut datapath,
         tunnel_ifindex,
-        inventory: Inventory::default(),
-        last_errors: Vec::new(),
+        snapshot: Arc::clone(&snapshots.borrow_and_update()),
+        last_refusals: Vec::new(),
         last_config: None,
-        last_snapshot: None,
+        last_network: None,
         last_summary: String::new(),
     };
-    let mut fingerprint = None;
-    let mut last_sync = Instant::now() - RESYNC_INTERVAL;
+    reconciler.log_refusals();
+    let mut inventory_changed = true;
+    let mut last_sync = Instant::now();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let current = manifests::fingerprint(&args.manifests);
-        let manifests_changed = fingerprint.as_ref() != Some(&current);
-        if manifests_changed {
-            reconciler.reload_manifests();
-            fingerprint = Some(current);
-        }
         match netlink.snapshot().await {
-            Ok(snapshot) => {
-                let network_changed = reconciler.last_snapshot.as_ref() != Some(&snapshot);
-                if manifests_changed || network_changed || last_sync.elapsed() >= RESYNC_INTERVAL
-                {
-                    reconciler.reconcile(&snapshot);
-                    reconciler.last_snapshot = Some(snapshot);
+            Ok(network) => {
+                let network_changed = reconciler.last_network.as_ref() != Some(&network);
+                if inventory_changed || network_changed || last_sync.elapsed() >= RESYNC_INTERVAL {
+                    reconciler.reconcile(&network);
+                    reconciler.last_network = Some(network);
+                    inventory_changed = false;
                     last_sync = Instant::now();
                 }
             }
             Err(error) => error!(%error, "cannot read the node's interfaces"),
         }
         tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    bail!("the inventory source stopped");
+                }
+                reconciler.snapshot = Arc::clone(&snapshots.borrow_and_update());
+                reconciler.log_refusals();
+                inventory_changed = true;
+            }
             _ = tokio::time::sleep(POLL_INTERVAL) => {}
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
@@ -202,32 +205,29 @@ struct Reconciler<'a> {
     args: &'a RunArgs,
     datapath: &'a mut Datapath,
     tunnel_ifindex: u32,
-    inventory: Inventory,
-    last_errors: Vec<String>,
+    snapshot: Arc<Snapshot>,
+    last_refusals: Vec<Refusal>,
     last_config: Option<Config>,
-    last_snapshot: Option<Snapshot>,
+    last_network: Option<netlink::Snapshot>,
     last_summary: String,
 }
 
 impl Reconciler<'_> {
-    fn reload_manifests(&mut self) {
-        let loaded = manifests::load_dir(&self.args.manifests);
-        let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
-        // Log refusals once per change, not on every reload.
-        if errors != self.last_errors {
-            for error in &errors {
-                error!("{error}");
+    /// Logs refused objects once per change, not on every reload.
+    fn log_refusals(&mut self) {
+        if self.snapshot.refused != self.last_refusals {
+            for refusal in &self.snapshot.refused {
+                error!("{}", refusal.message);
             }
-            self.last_errors = errors;
+            self.last_refusals = self.snapshot.refused.clone();
         }
-        self.inventory = loaded.inventory;
     }
 
-    fn reconcile(&mut self, snapshot: &Snapshot) {
+    fn reconcile(&mut self, network: &netlink::Snapshot) {
         let started = Instant::now();
         let args = self.args;
-        let node_ip = self
-            .inventory
+        let inventory = &self.snapshot.inventory;
+        let node_ip = inventory
             .nodes
             .get(&args.node_name)
             .and_then(|node| node.internal_ip);
@@ -252,9 +252,9 @@ impl Reconciler<'_> {
             }
             self.last_config = Some(config);
         }
-        let local = local_network(snapshot);
-        let desired = desired::desired_state(&self.inventory, &args.node_name, &local);
-        let (contents, attachments) = self.plan(&desired, snapshot);
+        let local = local_network(network);
+        let desired = desired::desired_state(inventory, &args.node_name, &local);
+        let (contents, attachments) = self.plan(&desired, network);
         check_capacity("policies", contents.policies.len(), args.policy_map_size);
         let stats = match self.datapath.sync_maps(&contents) {
             Ok(stats) => stats,
@@ -268,7 +268,7 @@ impl Reconciler<'_> {
         }
         let summary = format!(
             "{} policies, {} policy entries, {} local pods, {} egress IPs",
-            self.inventory.policies.len(),
+            self.snapshot.inventory.policies.len(),
             contents.policies.len(),
             contents.local_pods.len(),
             contents.egress_ips.len()
@@ -285,7 +285,11 @@ impl Reconciler<'_> {
     }
 
     /// Turns the desired state into map contents and attachments for this node.
-    fn plan(&self, desired: &DesiredState, snapshot: &Snapshot) -> (MapContents, BTreeSet<Attachment>) {
+    fn plan(
+        &self,
+        desired: &DesiredState,
+        snapshot: &netlink::Snapshot,
+    ) -> (MapContents, BTreeSet<Attachment>) {
         let mut contents = MapContents {
             policies: desired
                 .policy_entries
@@ -326,11 +330,11 @@ impl Reconciler<'_> {
 
 /// A route to a pod through the default-route interface means the pod is not really here
 /// (a stale manifest): never attach pod programs to the node's uplink.
-fn is_underlay(snapshot: &Snapshot, ifindex: u32) -> bool {
+fn is_underlay(snapshot: &netlink::Snapshot, ifindex: u32) -> bool {
     snapshot.default_route_ifindex() == Some(ifindex)
 }
 
-fn local_network(snapshot: &Snapshot) -> LocalNetwork {
+fn local_network(snapshot: &netlink::Snapshot) -> LocalNetwork {
     LocalNetwork {
         interfaces: snapshot
             .links

@@ -7,6 +7,7 @@ mod inspect;
 mod inventory;
 mod manifests;
 mod netlink;
+mod source;
 
 use std::{path::PathBuf, process::ExitCode};
 
