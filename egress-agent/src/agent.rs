@@ -8,18 +8,24 @@ use std::{
     process::ExitCode,
     str::FromStr,
     sync::Arc,
+    collections::BTreeMap,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use clap::Args;
 use egress_common::{
+    map_names,
     config::{Config, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN, DEFAULT_TUNNEL_PORT},
     policy::DEFAULT_POLICY_MAP_SIZE,
 };
 use tracing::{error, info, warn};
 
+use tokio::sync::watch;
+
 use crate::{
+    desired::PolicySummary,
+    kubernetes, metrics,
     datapath::{Attachment, Datapath, Hook, MapContents, MapSizes, PinLayout, check_capacity},
     desired::{self, DesiredState, LocalInterface, LocalNetwork},
     netlink::{self, Netlink},
@@ -39,8 +45,18 @@ pub struct RunArgs {
     node_name: String,
     /// Folder of manifests (`kubectl get -o yaml` output: Nodes, Namespaces, Pods,
     /// CiliumEgressGatewayPolicies), read recursively and watched for changes.
+    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API instead of a manifests folder (in-cluster config, or
+    /// --kubeconfig).
     #[arg(long)]
-    manifests: PathBuf,
+    kubernetes: bool,
+    /// Kubeconfig file for --kubernetes outside a cluster.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// Address of the Prometheus metrics, /healthz and /readyz endpoint.
+    #[arg(long, default_value = "127.0.0.1:9964")]
+    metrics_address: std::net::SocketAddr,
     #[command(flatten)]
     pins: crate::PinArgs,
     /// Name of the VXLAN device the agent creates (external mode).
@@ -110,8 +126,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
-    if !args.manifests.is_dir() {
-        bail!("--manifests {}: not a folder", args.manifests.display());
+    if let Some(dir) = &args.manifests
+        && !dir.is_dir()
+    {
+        bail!("--manifests {}: not a folder", dir.display());
     }
     if let Some(ephemeral) = ephemeral_port_range()
         && args.nat_port_range.overlaps(&ephemeral)
@@ -155,11 +173,26 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         "agent started"
     );
 
-    let mut snapshots = source::manifests(args.manifests.clone());
+    let (report_sender, reports) = watch::channel(Arc::new(Report {
+        node_name: args.node_name.clone(),
+        ..Report::default()
+    }));
+    let mut snapshots = match &args.manifests {
+        Some(dir) => source::manifests(dir.clone()),
+        None => {
+            let client = kubernetes::client(args.kubeconfig.as_deref()).await?;
+            kubernetes::spawn_status_writer(client.clone(), reports.clone());
+            kubernetes::source(client).await?
+        }
+    };
+    metrics::serve(args.metrics_address, reports.clone(), datapath.pins().clone())
+        .await
+        .with_context(|| format!("serving metrics on {}", args.metrics_address))?;
     let mut reconciler = Reconciler {
         args: &args,
         datapath: &mut datapath,
         tunnel_ifindex,
+        report: report_sender,
         snapshot: Arc::clone(&snapshots.borrow_and_update()),
         last_refusals: Vec::new(),
         last_config: None,
@@ -201,10 +234,27 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What the agent last did: read by metrics, readiness and the policy status writer.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub node_name: String,
+    /// A reconcile has programmed the datapath at least once.
+    pub synced: bool,
+    pub policies: BTreeMap<String, PolicySummary>,
+    pub refused: Vec<Refusal>,
+    /// Entries wanted per map, by map name.
+    pub map_entries: BTreeMap<&'static str, usize>,
+    pub reconciles: u64,
+    pub last_reconcile: Duration,
+    /// Time from the source publishing the programmed snapshot to the maps being written.
+    pub last_event_to_programmed: Option<Duration>,
+}
+
 struct Reconciler<'a> {
     args: &'a RunArgs,
     datapath: &'a mut Datapath,
     tunnel_ifindex: u32,
+    report: watch::Sender<Arc<Report>>,
     snapshot: Arc<Snapshot>,
     last_refusals: Vec<Refusal>,
     last_config: Option<Config>,
@@ -266,6 +316,22 @@ impl Reconciler<'_> {
         for error in self.datapath.sync_attachments(&attachments) {
             warn!(%error, "attachment failed");
         }
+        let map_entries = BTreeMap::from([
+            (map_names::POLICIES, contents.policies.len()),
+            (map_names::NODES, contents.nodes.len()),
+            (map_names::LOCAL_PODS, contents.local_pods.len()),
+            (map_names::EGRESS_IPS, contents.egress_ips.len()),
+        ]);
+        self.report.send_modify(|report| {
+            let report = Arc::make_mut(report);
+            report.synced = true;
+            report.policies = desired.policies.clone();
+            report.refused = self.snapshot.refused.clone();
+            report.map_entries = map_entries;
+            report.reconciles += 1;
+            report.last_reconcile = started.elapsed();
+            report.last_event_to_programmed = self.snapshot.published.map(|at| at.elapsed());
+        });
         let summary = format!(
             "{} policies, {} policy entries, {} local pods, {} egress IPs",
             self.snapshot.inventory.policies.len(),

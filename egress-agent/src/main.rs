@@ -1,11 +1,14 @@
 //! egress-agent: the node agent of the eBPF egress gateway.
 
 mod agent;
+mod bench;
 mod datapath;
 mod desired;
 mod inspect;
 mod inventory;
+mod kubernetes;
 mod manifests;
+mod metrics;
 mod netlink;
 mod source;
 
@@ -46,6 +49,9 @@ enum Command {
         #[arg(long, default_value = agent::DEFAULT_TUNNEL_DEVICE)]
         tunnel_device: String,
     },
+    /// Measurements for `cargo xtask bench` (datapath cost, control-plane scale).
+    #[command(hide = true)]
+    Bench(bench::BenchArgs),
     /// Inspect the datapath's maps.
     Bpf {
         #[command(subcommand)]
@@ -102,6 +108,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => agent::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Check { manifests } => inspect::check(&manifests),
         Command::Cleanup {
             pins,

@@ -2,7 +2,11 @@
 //! Kubernetes API next) publishes complete snapshots on a watch channel; the reconcile loop
 //! only ever sees the latest one, so bursts of changes collapse into one reconcile.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::watch;
 
@@ -21,6 +25,8 @@ pub struct Refusal {
 pub struct Snapshot {
     pub inventory: Inventory,
     pub refused: Vec<Refusal>,
+    /// When the source published it, to measure event-to-datapath latency.
+    pub published: Option<Instant>,
 }
 
 /// How often the manifests folder is checked for changes.
@@ -62,5 +68,6 @@ fn load(dir: &std::path::Path) -> Snapshot {
     Snapshot {
         inventory: loaded.inventory,
         refused,
+        published: Some(Instant::now()),
     }
 }
