@@ -518,6 +518,26 @@ impl Cluster {
             &self.underlay,
             &["link", "set", &router_port, "master", "br1", "up"],
         )?;
+        // Source routing, as operators set up for a second NIC: traffic from eth1's subnet
+        // (including egress IPs added there) leaves through eth1's own router.
+        ip_in(
+            &node.netns,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &SECONDARY_ROUTER_IP.to_string(),
+                "dev",
+                "eth1",
+                "table",
+                "100",
+            ],
+        )?;
+        ip_in(
+            &node.netns,
+            &["rule", "add", "from", "192.0.2.0/24", "table", "100"],
+        )?;
         self.nodes[index].secondary_ip = Some(address);
         Ok(address)
     }
@@ -873,6 +893,8 @@ impl Cluster {
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
+        // The log goes to a file: no colour codes.
+        command.env("NO_COLOR", "1");
         let mut resources = lock(&self.resources);
         if resources.agents.contains_key(&node.name) {
             bail!("an agent is already running on {}", node.name);
@@ -1077,6 +1099,21 @@ impl Cluster {
         for node in &self.nodes {
             if self.agent_log_path(node).exists() {
                 eprintln!("{}", self.agent_log_tail(&node.name));
+            }
+            if self.agent_running(&node.name).unwrap_or(false) {
+                let counters: Vec<String> = match self.counters(&node.name) {
+                    Ok(counters) => counters
+                        .iter()
+                        .filter(|(_, counter)| counter.packets > 0)
+                        .map(|(reason, counter)| format!("{reason}={}", counter.packets))
+                        .collect(),
+                    Err(error) => vec![format!("{error:#}")],
+                };
+                eprintln!(
+                    "--- counters of {} (packets): {}",
+                    node.name,
+                    counters.join(" ")
+                );
             }
         }
         let records = self.peer_log();

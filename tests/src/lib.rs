@@ -25,9 +25,10 @@ pub use process::{Background, Finished, Signal};
 
 /// `<repo>/../shared/policies/valid/<name>`: the shared example policies (read, never copied).
 pub fn shared_policy(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/policies/valid")
-        .join(name)
+        .join(name);
+    path.canonicalize().unwrap_or(path)
 }
 
 /// Returns early from a test (passing it) with a message when not running as root.
