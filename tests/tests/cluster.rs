@@ -308,6 +308,28 @@ fn policy_without_gateway_node_drops_traffic_and_counts_it() {
 }
 
 #[test]
+fn deleting_a_pod_removes_its_entries() {
+    skip_unless_root!();
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-1");
+    apply_howto_policy(&mut cluster);
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+
+    cluster.delete_pod(&pod).unwrap();
+    cluster.wait_for_pod_unprogrammed(&pod, PROGRAMMED).unwrap();
+    let on_gateway = cluster.egress_list("k8s-worker-2").unwrap();
+    assert!(
+        on_gateway
+            .iter()
+            .all(|entry| entry.source() != Some(pod.ip)),
+        "the gateway forgot the pod too: {on_gateway:?}"
+    );
+}
+
+#[test]
 fn relabelling_the_gateway_moves_new_connections() {
     skip_unless_root!();
     let mut cluster = new_cluster();
