@@ -157,12 +157,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         .default_route_ifindex()
         .and_then(|index| snapshot.link(index))
         .map_or(1500, |link| link.mtu);
+    let tunnel_mtu = underlay_mtu.saturating_sub(netlink::TUNNEL_OVERHEAD);
     let tunnel_ifindex = netlink
-        .ensure_tunnel(
-            &args.tunnel_device,
-            args.tunnel_port,
-            underlay_mtu.saturating_sub(netlink::TUNNEL_OVERHEAD),
-        )
+        .ensure_tunnel(&args.tunnel_device, args.tunnel_port, tunnel_mtu)
         .await
         .context("creating the tunnel device")?;
     info!(
@@ -192,6 +189,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         args: &args,
         datapath: &mut datapath,
         tunnel_ifindex,
+        // IPv4 and TCP headers without options: 40 bytes.
+        tunnel_mss: tunnel_mtu.saturating_sub(40).min(u16::MAX as u32) as u16,
         report: report_sender,
         snapshot: Arc::clone(&snapshots.borrow_and_update()),
         last_refusals: Vec::new(),
@@ -254,6 +253,7 @@ struct Reconciler<'a> {
     args: &'a RunArgs,
     datapath: &'a mut Datapath,
     tunnel_ifindex: u32,
+    tunnel_mss: u16,
     report: watch::Sender<Arc<Report>>,
     snapshot: Arc<Snapshot>,
     last_refusals: Vec<Refusal>,
@@ -293,6 +293,7 @@ impl Reconciler<'_> {
             tunnel_ifindex: self.tunnel_ifindex,
             nat_port_min: args.nat_port_range.min,
             nat_port_max: args.nat_port_range.max,
+            tunnel_mss: self.tunnel_mss,
             reserved: 0,
         };
         if self.last_config != Some(config) {

@@ -33,6 +33,9 @@ pub struct Config {
     /// NAT source port range, inclusive, host byte order.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
+    /// TCP MSS that fits the tunnel (tunnel MTU - 40): SYNs entering the tunnel and SYN-ACKs
+    /// leaving it are clamped to it, so large transfers need no fragmentation. 0 = no clamp.
+    pub tunnel_mss: u16,
     /// Reserved for IPv6 and gateway-failover settings; zero today.
-    pub reserved: u32,
+    pub reserved: u16,
 }

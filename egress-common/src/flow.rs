@@ -6,6 +6,9 @@ pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// Flag of flow and NAT entries: the TCP connection saw a FIN or RST.
+pub const FLOW_CLOSING: u32 = 1;
+
 /// A flow as seen in one packet: for ICMP echo, the identifier stands in for the port on
 /// the requester's side and the other port is zero.
 #[repr(C)]
@@ -43,7 +46,8 @@ impl FlowKey {
 pub struct SteeredFlow {
     /// The gateway the flow was first sent to; kept for gateway-change handling.
     pub gateway_ip: Ipv4,
-    pub _pad: u32,
+    /// `FLOW_CLOSING` once a FIN or RST was seen, so the agent expires it quickly.
+    pub flags: u32,
     pub last_seen_ns: u64,
 }
 

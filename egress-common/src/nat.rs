@@ -13,7 +13,8 @@ pub struct NatForward {
     pub _pad: [u8; 2],
     /// Underlay address of the node that holds the pod.
     pub pod_node_ip: Ipv4,
-    pub _pad2: u32,
+    /// `flow::FLOW_CLOSING` once a FIN or RST was seen.
+    pub flags: u32,
     pub last_seen_ns: u64,
 }
 

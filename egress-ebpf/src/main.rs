@@ -32,7 +32,8 @@ use egress_common::{
     Ipv4,
     config::{Config, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
     counters::reason,
-    flow::{InboundFlow, PROTO_UDP, SteeredFlow},
+    flow::{FLOW_CLOSING, InboundFlow, PROTO_UDP, SteeredFlow},
+    nat::NatReverse,
     policy::{GATEWAY_EXCLUDED, GATEWAY_NONE, POLICY_LOOKUP_PREFIX, PolicyKey, PolicyValue},
 };
 
@@ -42,7 +43,7 @@ use crate::{
         config, count,
     },
     nat::Translation,
-    packet::{End, Packet, parse, rewrite},
+    packet::{End, Packet, clamp_mss, parse, quoted_packet, rewrite, rewrite_icmp_error},
 };
 
 const PASS: i32 = TC_ACT_UNSPEC;
@@ -89,13 +90,23 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     }
     // Matched: from here on the packet either takes the gateway path or is dropped, unless
     // it belongs to a connection that predates the policy or came in to the pod.
+    if packet.is_icmp_error() {
+        // The pod reports a problem with traffic that reached it: an inbound flow's path.
+        count(reason::PASS_EXISTING_FLOW, packet.len);
+        return PASS;
+    }
     if !packet.translatable {
         return drop(reason::DROP_UNSUPPORTED, &packet);
     }
     let now = now();
     if let Some(steered) = STEERED_FLOWS.get_ptr_mut(&packet.flow) {
-        // SAFETY: valid for this run; last_seen is advisory.
-        unsafe { (*steered).last_seen_ns = now };
+        // SAFETY: valid for this run; last_seen and flags are advisory.
+        unsafe {
+            (*steered).last_seen_ns = now;
+            if packet.is_tcp_closing() {
+                (*steered).flags |= FLOW_CLOSING;
+            }
+        }
     } else {
         // SAFETY: plain lookup.
         let inbound = unsafe { INBOUND_FLOWS.get(&packet.flow) }.is_some();
@@ -109,7 +120,7 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
         }
         let steered = SteeredFlow {
             gateway_ip: policy.gateway_ip,
-            _pad: 0,
+            flags: 0,
             last_seen_ns: now,
         };
         if STEERED_FLOWS.insert(&packet.flow, &steered, 0).is_err() {
@@ -122,6 +133,10 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     if policy.gateway_ip == config.node_ip {
         // The pod runs on its gateway: translate here, no tunnel.
         return snat_and_send(&mut ctx, &packet, &policy, config.node_ip, config, now);
+    }
+    // The tunnel costs 50 bytes: make the connection's segments fit it.
+    if clamp_mss(&mut ctx, &packet, config.tunnel_mss).is_err() {
+        return drop(reason::DROP_ERROR, &packet);
     }
     tunnel_to(&ctx, &packet, policy.gateway_ip, VNI_TO_GATEWAY, config, reason::REDIRECT_TO_GATEWAY)
 }
@@ -191,7 +206,7 @@ fn from_tunnel_peer(ctx: &mut TcContext, remote: Ipv4, vni: u32) -> i32 {
     }
     match vni {
         VNI_TO_GATEWAY => gateway_request(ctx, &packet, remote, config),
-        VNI_TO_POD_NODE => deliver_reply(&packet),
+        VNI_TO_POD_NODE => deliver_reply(ctx, &packet, config),
         _ => drop(reason::DROP_NOT_ALLOWED, &packet),
     }
 }
@@ -214,17 +229,26 @@ fn gateway_request(ctx: &mut TcContext, packet: &Packet, remote: Ipv4, config: &
 }
 
 /// A reply coming back from a gateway: only to a local pod, only for a flow this node
-/// steered.
+/// steered (for an ICMP error, the flow of the packet it quotes).
 #[inline(always)]
-fn deliver_reply(packet: &Packet) -> i32 {
+fn deliver_reply(ctx: &mut TcContext, packet: &Packet, config: &Config) -> i32 {
     // SAFETY: plain lookups.
     let Some(pod) = (unsafe { LOCAL_PODS.get(&packet.flow.dst_ip) }) else {
         return drop(reason::DROP_UNKNOWN_REPLY, packet);
     };
-    if unsafe { STEERED_FLOWS.get(&packet.flow.reversed()) }.is_none() {
+    let ifindex = pod.ifindex;
+    let steered_flow = match quoted_packet(ctx, packet) {
+        Some(quoted) if quoted.flow.src_ip == packet.flow.dst_ip => quoted.flow,
+        Some(_) => return drop(reason::DROP_UNKNOWN_REPLY, packet),
+        None => packet.flow.reversed(),
+    };
+    if unsafe { STEERED_FLOWS.get(&steered_flow) }.is_none() {
         return drop(reason::DROP_UNKNOWN_REPLY, packet);
     }
-    send_to_pod(packet, pod.ifindex, reason::REPLY_TO_POD)
+    if clamp_mss(ctx, packet, config.tunnel_mss).is_err() {
+        return drop(reason::DROP_ERROR, packet);
+    }
+    send_to_pod(packet, ifindex, reason::REPLY_TO_POD)
 }
 
 #[inline(always)]
@@ -244,8 +268,9 @@ fn snat_and_send(
         return drop(reason::DROP_NO_EGRESS_IP, packet);
     };
     let ifindex = egress.ifindex;
+    let closing = packet.is_tcp_closing();
     let (translation, verdict) =
-        match nat::translate(&packet.flow, policy.egress_ip, pod_node_ip, config, now) {
+        match nat::translate(&packet.flow, policy.egress_ip, pod_node_ip, config, now, closing) {
             Translation::Existing(t) => (t, reason::SNAT_EXISTING_FLOW),
             Translation::New(t) => (t, reason::SNAT_NEW_FLOW),
             Translation::Exhausted => return drop(reason::DROP_NAT_EXHAUSTED, packet),
@@ -266,29 +291,53 @@ pub fn from_egress(mut ctx: TcContext) -> i32 {
     if unsafe { EGRESS_IPS.get(&packet.flow.dst_ip) }.is_none() {
         return PASS;
     }
-    let Some(reverse) = NAT_REVERSE.get_ptr_mut(&packet.flow) else {
-        // The node's own traffic to its egress IP.
-        return PASS;
-    };
     let Some(config) = config() else {
         return PASS;
     };
-    // SAFETY: valid for this run; last_seen is advisory.
-    let reverse = unsafe {
-        (*reverse).last_seen_ns = now();
-        *reverse
-    };
-    if rewrite(&mut ctx, &packet, End::Destination, reverse.pod_ip, reverse.pod_port).is_err() {
-        return drop(reason::DROP_ERROR, &packet);
+    if let Some(reverse) = NAT_REVERSE.get_ptr_mut(&packet.flow) {
+        // SAFETY: valid for this run; last_seen is advisory.
+        let reverse = unsafe {
+            (*reverse).last_seen_ns = now();
+            *reverse
+        };
+        if rewrite(&mut ctx, &packet, End::Destination, reverse.pod_ip, reverse.pod_port).is_err() {
+            return drop(reason::DROP_ERROR, &packet);
+        }
+        return send_back(&ctx, &packet, &reverse, config);
     }
+    // An ICMP error about a translated flow (port unreachable, fragmentation needed) goes to
+    // the pod too, so it learns of the problem.
+    if let Some(quoted) = quoted_packet(&ctx, &packet)
+        && quoted.flow.src_ip == packet.flow.dst_ip
+    {
+        // The quoted packet left as (egress IP -> remote); its reply key is its reverse.
+        // SAFETY: plain lookup.
+        if let Some(reverse) = unsafe { NAT_REVERSE.get(&quoted.flow.reversed()) } {
+            let reverse = *reverse;
+            if rewrite_icmp_error(&mut ctx, &packet, &quoted, reverse.pod_ip, reverse.pod_port)
+                .is_err()
+            {
+                return drop(reason::DROP_ERROR, &packet);
+            }
+            return send_back(&ctx, &packet, &reverse, config);
+        }
+    }
+    // The node's own traffic to its egress IP.
+    PASS
+}
+
+/// Sends a reverse-translated packet to the pod: directly when it runs here, else through
+/// the tunnel to its node.
+#[inline(always)]
+fn send_back(ctx: &TcContext, packet: &Packet, reverse: &NatReverse, config: &Config) -> i32 {
     if reverse.pod_node_ip == config.node_ip {
         // SAFETY: plain lookup.
         let Some(pod) = (unsafe { LOCAL_PODS.get(&reverse.pod_ip) }) else {
-            return drop(reason::DROP_UNKNOWN_REPLY, &packet);
+            return drop(reason::DROP_UNKNOWN_REPLY, packet);
         };
-        return send_to_pod(&packet, pod.ifindex, reason::REVERSE_SNAT);
+        return send_to_pod(packet, pod.ifindex, reason::REVERSE_SNAT);
     }
-    tunnel_to(&ctx, &packet, reverse.pod_node_ip, VNI_TO_POD_NODE, config, reason::REVERSE_SNAT)
+    tunnel_to(ctx, packet, reverse.pod_node_ip, VNI_TO_POD_NODE, config, reason::REVERSE_SNAT)
 }
 
 /// Encapsulates through the agent's VXLAN device (external mode) towards `remote`.

@@ -5,7 +5,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use egress_common::{
     Ipv4, Port,
     config::{Config, NAT_PORT_RETRIES},
-    flow::FlowKey,
+    flow::{FLOW_CLOSING, FlowKey},
     nat::{NatForward, NatReverse},
 };
 
@@ -24,11 +24,21 @@ pub enum Translation {
 /// at most `NAT_PORT_RETRIES` tries. The reverse entry is claimed first with BPF_NOEXIST, so
 /// a port is never handed to two flows.
 #[inline(always)]
-pub fn translate(flow: &FlowKey, egress_ip: Ipv4, pod_node_ip: Ipv4, config: &Config, now: u64) -> Translation {
+pub fn translate(
+    flow: &FlowKey,
+    egress_ip: Ipv4,
+    pod_node_ip: Ipv4,
+    config: &Config,
+    now: u64,
+    closing: bool,
+) -> Translation {
+    let flags = if closing { FLOW_CLOSING } else { 0 };
     if let Some(existing) = NAT_FORWARD.get_ptr_mut(flow) {
-        // SAFETY: the entry stays valid for this program run; last_seen is advisory.
+        // SAFETY: the entry stays valid for this program run; last_seen and flags are
+        // advisory (the agent's garbage collector reads them).
         let existing = unsafe {
             (*existing).last_seen_ns = now;
+            (*existing).flags |= flags;
             *existing
         };
         if existing.nat_ip == egress_ip {
@@ -78,7 +88,7 @@ pub fn translate(flow: &FlowKey, egress_ip: Ipv4, pod_node_ip: Ipv4, config: &Co
         nat_port,
         _pad: [0; 2],
         pod_node_ip,
-        _pad2: 0,
+        flags,
         last_seen_ns: now,
     };
     if NAT_FORWARD.insert(flow, &forward, BPF_NOEXIST as u64).is_ok() {

@@ -17,8 +17,18 @@ const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
+const TCP_OPTION_END: u8 = 0;
+const TCP_OPTION_NOP: u8 = 1;
+const TCP_OPTION_MSS: u8 = 2;
+/// TCP options span at most 40 bytes; MSS is nearly always first, so a few steps suffice.
+const TCP_OPTION_STEPS: usize = 8;
 
 /// An IPv4 packet's flow and where its layer-4 fields are.
 pub struct Packet {
@@ -27,6 +37,7 @@ pub struct Packet {
     pub l4_off: usize,
     /// The flow can be translated: TCP, UDP or ICMP echo, not a fragment, headers complete.
     pub translatable: bool,
+    pub fragment: bool,
     pub tcp_flags: u8,
     pub icmp_type: u8,
     pub len: u32,
@@ -42,6 +53,29 @@ impl Packet {
     #[inline(always)]
     pub fn is_tcp(&self) -> bool {
         self.flow.protocol == PROTO_TCP
+    }
+
+    #[inline(always)]
+    pub fn is_tcp_syn(&self) -> bool {
+        self.is_tcp() && self.tcp_flags & TCP_FLAG_SYN != 0
+    }
+
+    /// A TCP FIN or RST: the connection is ending.
+    #[inline(always)]
+    pub fn is_tcp_closing(&self) -> bool {
+        self.is_tcp() && self.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0
+    }
+
+    /// An ICMP error (destination unreachable, time exceeded, parameter problem), which
+    /// quotes the packet it is about.
+    #[inline(always)]
+    pub fn is_icmp_error(&self) -> bool {
+        self.flow.protocol == PROTO_ICMP
+            && !self.fragment
+            && matches!(
+                self.icmp_type,
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+            )
     }
 }
 
@@ -78,6 +112,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         },
         l4_off,
         translatable: false,
+        fragment,
         tcp_flags: 0,
         icmp_type: 0,
         len: ctx.len(),
@@ -183,6 +218,122 @@ pub fn rewrite(
         let new_port_word = u16::from_ne_bytes(new_port) as u64;
         ctx.l4_csum_replace(check_off, old_port_word, new_port_word, (flags & !(BPF_F_PSEUDO_HDR as u64)) | 2)?;
         ctx.store(port_off, &new_port, 0)?;
+    }
+    Ok(())
+}
+
+/// Lowers the MSS option of a TCP SYN to `mss` when it is larger.
+#[inline(always)]
+pub fn clamp_mss(ctx: &mut TcContext, packet: &Packet, mss: u16) -> Result<(), i64> {
+    if mss == 0 || !packet.is_tcp_syn() {
+        return Ok(());
+    }
+    let l4 = packet.l4_off;
+    let data_offset: u8 = ctx.load(l4 + 12)?;
+    let options_end = l4 + (data_offset >> 4) as usize * 4;
+    let mut off = l4 + 20;
+    for _ in 0..TCP_OPTION_STEPS {
+        if off + 4 > options_end {
+            return Ok(());
+        }
+        let kind: u8 = ctx.load(off)?;
+        match kind {
+            TCP_OPTION_END => return Ok(()),
+            TCP_OPTION_NOP => off += 1,
+            _ => {
+                let len: u8 = ctx.load(off + 1)?;
+                if kind == TCP_OPTION_MSS && len == 4 {
+                    let current: [u8; 2] = ctx.load(off + 2)?;
+                    if u16::from_be_bytes(current) <= mss {
+                        return Ok(());
+                    }
+                    let clamped = mss.to_be_bytes();
+                    ctx.l4_csum_replace(
+                        l4 + 16,
+                        u16::from_ne_bytes(current) as u64,
+                        u16::from_ne_bytes(clamped) as u64,
+                        2,
+                    )?;
+                    return ctx.store(off + 2, &clamped, 0);
+                }
+                if len < 2 {
+                    return Ok(());
+                }
+                off += len as usize;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The packet an ICMP error quotes: its flow (as the quoted packet was sent) and offsets.
+pub struct QuotedPacket {
+    pub flow: FlowKey,
+    pub ip_off: usize,
+    pub l4_off: usize,
+}
+
+/// Parses the IPv4 + TCP/UDP packet quoted by an ICMP error.
+#[inline(always)]
+pub fn quoted_packet(ctx: &TcContext, packet: &Packet) -> Option<QuotedPacket> {
+    if !packet.is_icmp_error() {
+        return None;
+    }
+    let ip_off = packet.l4_off + 8;
+    let vihl: u8 = ctx.load(ip_off).ok()?;
+    let ihl = (vihl & 0x0f) as usize * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    let protocol: u8 = ctx.load(ip_off + 9).ok()?;
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+        return None;
+    }
+    let src_ip: Ipv4 = ctx.load(ip_off + 12).ok()?;
+    let dst_ip: Ipv4 = ctx.load(ip_off + 16).ok()?;
+    let l4_off = ip_off + ihl;
+    let ports: [u8; 4] = ctx.load(l4_off).ok()?;
+    Some(QuotedPacket {
+        flow: FlowKey {
+            src_ip,
+            dst_ip,
+            src_port: [ports[0], ports[1]],
+            dst_port: [ports[2], ports[3]],
+            protocol,
+            _pad: [0; 3],
+        },
+        ip_off,
+        l4_off,
+    })
+}
+
+/// Reverse-translates an ICMP error about a SNATed flow: the outer destination and the
+/// quoted packet's source become the pod's. The quoted IPv4 header keeps summing to zero, so
+/// only the port change touches the ICMP checksum. The quoted layer-4 checksum is left as
+/// is: receivers of ICMP errors do not verify it.
+#[inline(always)]
+pub fn rewrite_icmp_error(
+    ctx: &mut TcContext,
+    packet: &Packet,
+    quoted: &QuotedPacket,
+    pod_ip: Ipv4,
+    pod_port: Port,
+) -> Result<(), i64> {
+    let old_outer = u32::from_ne_bytes(packet.flow.dst_ip) as u64;
+    let old_quoted = u32::from_ne_bytes(quoted.flow.src_ip) as u64;
+    let new_ip = u32::from_ne_bytes(pod_ip) as u64;
+    ctx.l3_csum_replace(IP_CHECK_OFF, old_outer, new_ip, 4)?;
+    ctx.store(IP_DST_OFF, &pod_ip, 0)?;
+    ctx.l3_csum_replace(quoted.ip_off + 10, old_quoted, new_ip, 4)?;
+    ctx.store(quoted.ip_off + 12, &pod_ip, 0)?;
+    if quoted.flow.src_port != pod_port {
+        ctx.l4_csum_replace(
+            packet.l4_off + 2,
+            u16::from_ne_bytes(quoted.flow.src_port) as u64,
+            u16::from_ne_bytes(pod_port) as u64,
+            2,
+        )?;
+        ctx.store(quoted.l4_off, &pod_port, 0)?;
     }
     Ok(())
 }
