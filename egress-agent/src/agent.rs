@@ -19,14 +19,18 @@ use egress_common::{
     config::{Config, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN, DEFAULT_TUNNEL_PORT},
     policy::DEFAULT_POLICY_MAP_SIZE,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use tokio::sync::watch;
 
 use crate::{
     desired::PolicySummary,
     kubernetes, metrics,
-    datapath::{Attachment, Datapath, Hook, MapContents, MapSizes, PinLayout, check_capacity},
+    datapath::{
+        Attachment, Datapath, Hook, MapContents, MapSizes, PinLayout, Timeouts, check_capacity,
+        monotonic_now_ns,
+    },
+    privileges,
     desired::{self, DesiredState, LocalInterface, LocalNetwork},
     netlink::{self, Netlink},
     source::{self, Refusal, Snapshot},
@@ -72,6 +76,15 @@ pub struct RunArgs {
     /// Capacity of the policy map (entries = pods x CIDRs).
     #[arg(long, default_value_t = DEFAULT_POLICY_MAP_SIZE)]
     policy_map_size: u32,
+    /// Seconds a UDP or ICMP flow may stay idle before its NAT entry and port are freed.
+    #[arg(long, default_value_t = 60)]
+    udp_idle_timeout: u64,
+    /// Seconds an established TCP connection may stay idle before its NAT entry is freed.
+    #[arg(long, default_value_t = 6 * 3600)]
+    tcp_idle_timeout: u64,
+    /// Seconds a TCP connection that saw a FIN or RST keeps its NAT entry.
+    #[arg(long, default_value_t = 10)]
+    tcp_closing_timeout: u64,
     /// Capacity of each NAT map (one entry per translated flow).
     #[arg(long, default_value_t = 65536)]
     nat_map_size: u32,
@@ -126,10 +139,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
-    if let Some(dir) = &args.manifests
-        && !dir.is_dir()
-    {
-        bail!("--manifests {}: not a folder", dir.display());
+    if let Some(dir) = &args.manifests {
+        if !dir.is_dir() {
+            bail!("--manifests {}: not a folder", dir.display());
+        }
+        privileges::check_private_dir(dir)?;
     }
     if let Some(ephemeral) = ephemeral_port_range()
         && args.nat_port_range.overlaps(&ephemeral)
@@ -197,8 +211,23 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         last_config: None,
         last_network: None,
         last_summary: String::new(),
+        last_problems: BTreeMap::new(),
     };
     reconciler.log_refusals();
+    match privileges::drop_capabilities() {
+        Ok(kept) => info!(?kept, "dropped every other capability"),
+        Err(error) => warn!(%error, "running with all capabilities"),
+    }
+    let timeouts = Timeouts {
+        tcp_closing: Duration::from_secs(args.tcp_closing_timeout),
+        tcp_idle: Duration::from_secs(args.tcp_idle_timeout),
+        other_idle: Duration::from_secs(args.udp_idle_timeout),
+    };
+    // Often enough that a freed port is reusable soon after its timeout.
+    let gc_interval = Duration::from_secs(
+        (args.udp_idle_timeout.min(args.tcp_closing_timeout) / 2).clamp(1, 10),
+    );
+    let mut last_gc = Instant::now();
     let mut inventory_changed = true;
     let mut last_sync = Instant::now();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -214,6 +243,16 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             Err(error) => error!(%error, "cannot read the node's interfaces"),
+        }
+        if last_gc.elapsed() >= gc_interval {
+            last_gc = Instant::now();
+            match reconciler.datapath.collect_garbage(&timeouts, monotonic_now_ns()) {
+                Ok(stats) if stats.nat_expired + stats.flows_expired > 0 => {
+                    debug!(nat = stats.nat_expired, flows = stats.flows_expired, "expired entries");
+                }
+                Ok(_) => {}
+                Err(error) => error!(%error, "expiring NAT entries failed"),
+            }
         }
         tokio::select! {
             changed = snapshots.changed() => {
@@ -260,6 +299,8 @@ struct Reconciler<'a> {
     last_config: Option<Config>,
     last_network: Option<netlink::Snapshot>,
     last_summary: String,
+    /// Each policy's problem as last logged, so changes are logged once, not per reconcile.
+    last_problems: BTreeMap<String, Option<String>>,
 }
 
 impl Reconciler<'_> {
@@ -305,6 +346,7 @@ impl Reconciler<'_> {
         }
         let local = local_network(network);
         let desired = desired::desired_state(inventory, &args.node_name, &local);
+        self.log_problem_changes(&desired);
         let (contents, attachments) = self.plan(&desired, network);
         check_capacity("policies", contents.policies.len(), args.policy_map_size);
         let stats = match self.datapath.sync_maps(&contents) {
@@ -349,6 +391,28 @@ impl Reconciler<'_> {
             );
             self.last_summary = summary;
         }
+    }
+
+    /// Logs when a policy starts or stops failing (matched traffic is dropped meanwhile).
+    fn log_problem_changes(&mut self, desired: &DesiredState) {
+        let problems: BTreeMap<String, Option<String>> = desired
+            .policies
+            .iter()
+            .map(|(name, summary)| (name.clone(), summary.problem.as_ref().map(ToString::to_string)))
+            .collect();
+        for (name, problem) in &problems {
+            if self.last_problems.get(name) == Some(problem) {
+                continue;
+            }
+            match problem {
+                Some(problem) => warn!(policy = name, "{problem}; its matched traffic is dropped"),
+                None if self.last_problems.get(name).is_some_and(Option::is_some) => {
+                    info!(policy = name, "served again")
+                }
+                None => {}
+            }
+        }
+        self.last_problems = problems;
     }
 
     /// Turns the desired state into map contents and attachments for this node.

@@ -10,6 +10,7 @@ mod kubernetes;
 mod manifests;
 mod metrics;
 mod netlink;
+mod privileges;
 mod source;
 
 use std::{path::PathBuf, process::ExitCode};

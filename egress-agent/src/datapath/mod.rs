@@ -1,6 +1,7 @@
 //! The kernel side: loads the eBPF object, pins and adopts its maps and TCX links, and
 //! writes map contents by diff.
 
+mod gc;
 mod pins;
 #[cfg(test)]
 mod tests;
@@ -29,6 +30,7 @@ use egress_common::{
     nodes::{EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
 };
+pub use gc::{GcStats, Timeouts, monotonic_now_ns};
 pub use pins::{DEFAULT_BPFFS, PinError, PinLayout};
 use thiserror::Error;
 use tracing::{debug, info, warn};

@@ -1,0 +1,165 @@
+//! Expiry of NAT and flow-tracking entries. The maps are LRU, so a full map never blocks a
+//! new flow, but ports are only freed quickly if entries of finished flows go away: closed
+//! TCP connections after a short grace period, idle UDP/ICMP flows after a timeout.
+
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData, MapError};
+use egress_common::{
+    flow::{FLOW_CLOSING, FlowKey, InboundFlow, PROTO_TCP, SteeredFlow},
+    map_names,
+    nat::{NatForward, NatReverse},
+};
+
+use super::{Datapath, DatapathError};
+
+/// How long entries may stay idle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connections that saw a FIN or RST (late retransmissions still find their entry).
+    pub tcp_closing: Duration,
+    /// Established TCP connections without traffic.
+    pub tcp_idle: Duration,
+    /// UDP and ICMP flows without traffic.
+    pub other_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_closing: Duration::from_secs(10),
+            tcp_idle: Duration::from_secs(6 * 3600),
+            other_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Timeouts {
+    fn expired(&self, protocol: u8, flags: u32, last_seen_ns: u64, now_ns: u64) -> bool {
+        let limit = if protocol != PROTO_TCP {
+            self.other_idle
+        } else if flags & FLOW_CLOSING != 0 {
+            self.tcp_closing
+        } else {
+            self.tcp_idle
+        };
+        now_ns.saturating_sub(last_seen_ns) > limit.as_nanos() as u64
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcStats {
+    pub nat_expired: usize,
+    pub flows_expired: usize,
+}
+
+/// Nanoseconds on the clock `bpf_ktime_get_ns` uses.
+pub fn monotonic_now_ns() -> u64 {
+    // SAFETY: timespec is plain data, filled by the call.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+impl Datapath {
+    /// Removes expired entries: NAT pairs together (an orphaned reverse entry whose forward
+    /// twin the LRU evicted goes too), then steered and inbound flows.
+    pub fn collect_garbage(&mut self, timeouts: &Timeouts, now_ns: u64) -> Result<GcStats, DatapathError> {
+        let mut stats = GcStats::default();
+        let map_err = |name: &'static str| move |source: MapError| DatapathError::Map { name, source };
+
+        let forward: HashMap<&mut MapData, FlowKey, NatForward> = self.map_mut(map_names::NAT_FORWARD)?;
+        let entries: Vec<(FlowKey, NatForward)> =
+            forward.iter().filter_map(Result::ok).collect();
+        let mut expired_forward = Vec::new();
+        let mut live_replies = std::collections::BTreeSet::new();
+        for (flow, nat) in &entries {
+            let reply = FlowKey {
+                src_ip: flow.dst_ip,
+                dst_ip: nat.nat_ip,
+                src_port: flow.dst_port,
+                dst_port: nat.nat_port,
+                protocol: flow.protocol,
+                _pad: [0; 3],
+            };
+            if timeouts.expired(flow.protocol, nat.flags, nat.last_seen_ns, now_ns) {
+                expired_forward.push((*flow, reply));
+            } else {
+                live_replies.insert(reply);
+            }
+        }
+        let mut forward: HashMap<&mut MapData, FlowKey, NatForward> = self.map_mut(map_names::NAT_FORWARD)?;
+        for (flow, _) in &expired_forward {
+            ignore_missing(forward.remove(flow)).map_err(map_err(map_names::NAT_FORWARD))?;
+        }
+        let mut reverse: HashMap<&mut MapData, FlowKey, NatReverse> = self.map_mut(map_names::NAT_REVERSE)?;
+        let orphans: Vec<FlowKey> = reverse
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(reply, entry)| {
+                !live_replies.contains(reply)
+                    && now_ns.saturating_sub(entry.last_seen_ns) > timeouts.tcp_closing.as_nanos() as u64
+            })
+            .map(|(reply, _)| reply)
+            .collect();
+        for reply in expired_forward.iter().map(|(_, reply)| reply).chain(&orphans) {
+            ignore_missing(reverse.remove(reply)).map_err(map_err(map_names::NAT_REVERSE))?;
+        }
+        stats.nat_expired = expired_forward.len();
+
+        let mut steered: HashMap<&mut MapData, FlowKey, SteeredFlow> = self.map_mut(map_names::STEERED_FLOWS)?;
+        let expired: Vec<FlowKey> = steered
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(flow, entry)| timeouts.expired(flow.protocol, entry.flags, entry.last_seen_ns, now_ns))
+            .map(|(flow, _)| flow)
+            .collect();
+        for flow in &expired {
+            ignore_missing(steered.remove(flow)).map_err(map_err(map_names::STEERED_FLOWS))?;
+        }
+        stats.flows_expired = expired.len();
+
+        let mut inbound: HashMap<&mut MapData, FlowKey, InboundFlow> = self.map_mut(map_names::INBOUND_FLOWS)?;
+        let expired: Vec<FlowKey> = inbound
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(flow, entry)| timeouts.expired(flow.protocol, 0, entry.last_seen_ns, now_ns))
+            .map(|(flow, _)| flow)
+            .collect();
+        for flow in &expired {
+            ignore_missing(inbound.remove(flow)).map_err(map_err(map_names::INBOUND_FLOWS))?;
+        }
+        stats.flows_expired += expired.len();
+        Ok(stats)
+    }
+}
+
+/// Another CPU's LRU eviction may have removed the entry first.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn expiry_depends_on_protocol_and_closing() {
+        let t = Timeouts::default();
+        let now = 100_000 * S;
+        assert!(!t.expired(PROTO_TCP, 0, now - 3600 * S, now));
+        assert!(t.expired(PROTO_TCP, 0, now - 7 * 3600 * S, now));
+        assert!(t.expired(PROTO_TCP, FLOW_CLOSING, now - 11 * S, now));
+        assert!(!t.expired(PROTO_TCP, FLOW_CLOSING, now - 5 * S, now));
+        assert!(t.expired(17, 0, now - 61 * S, now));
+        assert!(!t.expired(17, 0, now - 30 * S, now));
+        // Entries stamped after `now` (clock read earlier) are not expired.
+        assert!(!t.expired(17, 0, now + S, now));
+    }
+}
