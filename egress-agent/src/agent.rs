@@ -356,8 +356,12 @@ impl Reconciler<'_> {
                 return;
             }
         };
-        for error in self.datapath.sync_attachments(&attachments) {
+        let attach_errors = self.datapath.sync_attachments(&attachments);
+        for error in &attach_errors {
             warn!(%error, "attachment failed");
+        }
+        if !self.report.borrow().synced && attach_errors.is_empty() {
+            self.datapath.retire_other_versions();
         }
         let map_entries = BTreeMap::from([
             (map_names::POLICIES, contents.policies.len()),

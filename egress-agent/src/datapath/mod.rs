@@ -202,6 +202,17 @@ impl Datapath {
         &self.pins
     }
 
+    /// Detaches and unpins what agents of other map-layout versions left.
+    pub fn retire_other_versions(&self) {
+        match self.pins.remove_other_versions() {
+            Ok(removed) if !removed.is_empty() => {
+                info!(?removed, "removed the pins of other map-layout versions")
+            }
+            Ok(_) => {}
+            Err(error) => warn!(%error, "cannot remove the pins of other map-layout versions"),
+        }
+    }
+
     pub fn write_config(&mut self, config: Config) -> Result<()> {
         let mut array: Array<&mut MapData, Config> = self.map_mut(map_names::CONFIG)?;
         array

@@ -78,6 +78,33 @@ impl PinLayout {
         Ok(())
     }
 
+    /// Removes pins of other layout versions. Called once this agent's own attachments are
+    /// in place: until then the old programs keep traffic flowing; afterwards their links
+    /// would only run stale code next to ours. Old maps are never read (their layout may
+    /// differ); their state is rebuilt, so connections translated by an older version may
+    /// need to reconnect once. Returns the folders removed.
+    pub fn remove_other_versions(&self) -> Result<Vec<PathBuf>, PinError> {
+        let entries = fs::read_dir(&self.root).map_err(|source| PinError::ReadDir {
+            path: self.root.clone(),
+            source,
+        })?;
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let is_version = name.strip_prefix('v').is_some_and(|n| n.parse::<u32>().is_ok());
+            if is_version && name != LAYOUT_VERSION && entry.path().is_dir() {
+                remove_tree(&entry.path())?;
+                fs::remove_dir(entry.path()).map_err(|source| PinError::Remove {
+                    path: entry.path(),
+                    source,
+                })?;
+                removed.push(entry.path());
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes every pin: maps go when no program uses them, links detach.
     pub fn remove_all(&self) -> Result<(), PinError> {
         if !self.root.exists() {
@@ -166,4 +193,24 @@ fn remove_tree(path: &Path) -> Result<(), PinError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_layout_versions_are_removed_and_ours_kept() {
+        let root = std::env::temp_dir().join(format!("egress-pins-{}", std::process::id()));
+        let layout = PinLayout::new(&root);
+        for dir in ["v0/maps", "v1/maps", "v7/links", "notes"] {
+            fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        fs::write(root.join("v0/maps/EGRESS_POLICIES"), b"old layout").unwrap();
+        let removed = layout.remove_other_versions().unwrap();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(!root.join("v0").exists() && !root.join("v7").exists());
+        assert!(root.join("v1/maps").exists() && root.join("notes").exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
 }
