@@ -319,13 +319,9 @@ fn resolve_egress(
     }
 }
 
-/// Generic map and set diffs, so a writer touches only the entries that change.
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the datapath diffs its maps itself for now")
-)]
+/// Diffs of desired against current contents, so only changes reach the kernel.
 pub mod diff {
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::BTreeMap;
 
     /// Changes that turn `current` into `desired`.
     #[derive(Clone, Debug, PartialEq, Eq)]
@@ -356,25 +352,6 @@ pub mod diff {
                 .filter(|k| !desired.contains_key(k))
                 .cloned()
                 .collect(),
-        }
-    }
-
-    #[derive(Clone, Debug, PartialEq, Eq)]
-    pub struct SetDiff<K> {
-        pub inserts: Vec<K>,
-        pub deletes: Vec<K>,
-    }
-
-    impl<K> SetDiff<K> {
-        pub fn is_empty(&self) -> bool {
-            self.inserts.is_empty() && self.deletes.is_empty()
-        }
-    }
-
-    pub fn diff_sets<K: Ord + Clone>(current: &BTreeSet<K>, desired: &BTreeSet<K>) -> SetDiff<K> {
-        SetDiff {
-            inserts: desired.difference(current).cloned().collect(),
-            deletes: current.difference(desired).cloned().collect(),
         }
     }
 }
@@ -743,9 +720,5 @@ mod tests {
         assert_eq!(d.upserts, [(3, "x"), (4, "d")]);
         assert_eq!(d.deletes, [1]);
         assert!(diff_maps(&desired, &desired).is_empty());
-
-        let d = diff_sets(&BTreeSet::from([1, 2]), &BTreeSet::from([2, 3]));
-        assert_eq!((d.inserts, d.deletes), (vec![3], vec![1]));
-        assert!(diff_sets(&BTreeSet::from([1]), &BTreeSet::from([1])).is_empty());
     }
 }

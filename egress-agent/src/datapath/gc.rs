@@ -11,7 +11,7 @@ use egress_common::{
     nat::{NatForward, NatReverse},
 };
 
-use super::{Datapath, DatapathError};
+use super::{Datapath, DatapathError, ignore_missing};
 
 /// How long entries may stay idle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,14 +132,6 @@ impl Datapath {
         }
         stats.flows_expired += expired.len();
         Ok(stats)
-    }
-}
-
-/// Another CPU's LRU eviction may have removed the entry first.
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        other => other,
     }
 }
 

@@ -30,7 +30,8 @@ use egress_common::{
     nodes::{EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
 };
-pub use gc::{GcStats, Timeouts, monotonic_now_ns};
+use crate::desired::diff::{Diff, diff_maps};
+pub use gc::{Timeouts, monotonic_now_ns};
 pub use pins::{DEFAULT_BPFFS, PinError, PinLayout};
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -145,6 +146,13 @@ pub struct SyncStats {
 }
 
 impl SyncStats {
+    fn of<K, V>(diff: &Diff<K, V>) -> Self {
+        Self {
+            written: diff.upserts.len(),
+            deleted: diff.deletes.len(),
+        }
+    }
+
     fn add(&mut self, other: SyncStats) {
         self.written += other.written;
         self.deleted += other.deleted;
@@ -278,20 +286,14 @@ impl Datapath {
         let map_err = |source| DatapathError::Map { name, source };
         let mut map: HashMap<&mut MapData, K, V> = self.map_mut(name)?;
         let current: BTreeMap<K, V> = map.iter().collect::<Result<_, _>>().map_err(map_err)?;
-        let mut stats = SyncStats::default();
-        for key in current.keys().filter(|key| !desired.contains_key(key)) {
-            match map.remove(key) {
-                Ok(()) | Err(MapError::KeyNotFound) => stats.deleted += 1,
-                Err(source) => return Err(map_err(source)),
-            }
+        let diff = diff_maps(&current, desired);
+        for key in &diff.deletes {
+            ignore_missing(map.remove(key)).map_err(map_err)?;
         }
-        for (key, value) in desired {
-            if current.get(key) != Some(value) {
-                map.insert(key, value, 0).map_err(map_err)?;
-                stats.written += 1;
-            }
+        for (key, value) in &diff.upserts {
+            map.insert(key, value, 0).map_err(map_err)?;
         }
-        Ok(stats)
+        Ok(SyncStats::of(&diff))
     }
 
     fn sync_lpm(
@@ -306,22 +308,14 @@ impl Datapath {
             .map(|entry| entry.map(|(key, value)| (LpmKey::from(key), value)))
             .collect::<Result<_, _>>()
             .map_err(map_err)?;
-        let mut stats = SyncStats::default();
-        for key in current.keys().filter(|key| !desired.contains_key(key)) {
-            match map.remove(&key.to_aya()) {
-                Ok(()) | Err(MapError::KeyNotFound) => stats.deleted += 1,
-                Err(source) => return Err(map_err(source)),
-            }
+        let diff = diff_maps(&current, desired);
+        for key in &diff.deletes {
+            ignore_missing(map.remove(&key.to_aya())).map_err(map_err)?;
         }
-        for (key, value) in desired {
-            if current.get(key) != Some(value) {
-                map.insert(&key.to_aya(), value, 0).map_err(|source| {
-                    DatapathError::Map { name, source }
-                })?;
-                stats.written += 1;
-            }
+        for (key, value) in &diff.upserts {
+            map.insert(&key.to_aya(), value, 0).map_err(map_err)?;
         }
-        Ok(stats)
+        Ok(SyncStats::of(&diff))
     }
 
     /// Attaches exactly the wanted programs: new attachments are made and pinned, pinned
@@ -453,6 +447,14 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sch
         .program_mut(name)
         .ok_or(DatapathError::MissingProgram(name))?;
     program.try_into().map_err(|source| DatapathError::Program { name, source })
+}
+
+/// Another CPU's LRU eviction, or a concurrent delete, may have removed the entry first.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
 }
 
 /// An LPM key with an order, so trie contents can be diffed.
