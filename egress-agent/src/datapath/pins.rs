@@ -45,10 +45,6 @@ impl PinLayout {
         Self { root: root.into() }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn versioned(&self) -> PathBuf {
         self.root.join(LAYOUT_VERSION)
     }
