@@ -2,37 +2,34 @@
 //! contents and TCX attachments out, by diff, whenever something changes.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
     process::ExitCode,
     str::FromStr,
     sync::Arc,
-    collections::BTreeMap,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use clap::Args;
 use egress_common::{
-    map_names,
     config::{Config, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN, DEFAULT_TUNNEL_PORT},
+    map_names,
     policy::DEFAULT_POLICY_MAP_SIZE,
 };
+use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use tokio::sync::watch;
-
 use crate::{
-    desired::PolicySummary,
-    kubernetes, metrics,
     datapath::{
         Attachment, Datapath, Hook, MapContents, MapSizes, PinLayout, Timeouts, check_capacity,
         monotonic_now_ns,
     },
-    privileges,
-    desired::{self, DesiredState, LocalInterface, LocalNetwork},
+    desired::{self, DesiredState, LocalInterface, LocalNetwork, PolicySummary},
+    kubernetes, metrics,
     netlink::{self, Netlink},
+    privileges,
     source::{self, Refusal, Snapshot},
 };
 
@@ -49,7 +46,11 @@ pub struct RunArgs {
     node_name: String,
     /// Folder of manifests (`kubectl get -o yaml` output: Nodes, Namespaces, Pods,
     /// CiliumEgressGatewayPolicies), read recursively and watched for changes.
-    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
     manifests: Option<PathBuf>,
     /// Watch the Kubernetes API instead of a manifests folder (in-cluster config, or
     /// --kubeconfig).
@@ -113,7 +114,9 @@ impl FromStr for PortRange {
             max: parse(max)?,
         };
         if range.min == 0 || range.min > range.max {
-            return Err(format!("{s:?} is not a range of ports 1-65535 with MIN <= MAX"));
+            return Err(format!(
+                "{s:?} is not a range of ports 1-65535 with MIN <= MAX"
+            ));
         }
         Ok(range)
     }
@@ -196,9 +199,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
             kubernetes::source(client).await?
         }
     };
-    metrics::serve(args.metrics_address, reports.clone(), datapath.pins().clone())
-        .await
-        .with_context(|| format!("serving metrics on {}", args.metrics_address))?;
+    metrics::serve(
+        args.metrics_address,
+        reports.clone(),
+        datapath.pins().clone(),
+    )
+    .await
+    .with_context(|| format!("serving metrics on {}", args.metrics_address))?;
     let mut reconciler = Reconciler {
         args: &args,
         datapath: &mut datapath,
@@ -224,9 +231,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         other_idle: Duration::from_secs(args.udp_idle_timeout),
     };
     // Often enough that a freed port is reusable soon after its timeout.
-    let gc_interval = Duration::from_secs(
-        (args.udp_idle_timeout.min(args.tcp_closing_timeout) / 2).clamp(1, 10),
-    );
+    let gc_interval =
+        Duration::from_secs((args.udp_idle_timeout.min(args.tcp_closing_timeout) / 2).clamp(1, 10));
     let mut last_gc = Instant::now();
     let mut inventory_changed = true;
     let mut last_sync = Instant::now();
@@ -246,9 +252,16 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         if last_gc.elapsed() >= gc_interval {
             last_gc = Instant::now();
-            match reconciler.datapath.collect_garbage(&timeouts, monotonic_now_ns()) {
+            match reconciler
+                .datapath
+                .collect_garbage(&timeouts, monotonic_now_ns())
+            {
                 Ok(stats) if stats.nat_expired + stats.flows_expired > 0 => {
-                    debug!(nat = stats.nat_expired, flows = stats.flows_expired, "expired entries");
+                    debug!(
+                        nat = stats.nat_expired,
+                        flows = stats.flows_expired,
+                        "expired entries"
+                    );
                 }
                 Ok(_) => {}
                 Err(error) => error!(%error, "expiring NAT entries failed"),
@@ -402,7 +415,12 @@ impl Reconciler<'_> {
         let problems: BTreeMap<String, Option<String>> = desired
             .policies
             .iter()
-            .map(|(name, summary)| (name.clone(), summary.problem.as_ref().map(ToString::to_string)))
+            .map(|(name, summary)| {
+                (
+                    name.clone(),
+                    summary.problem.as_ref().map(ToString::to_string),
+                )
+            })
             .collect();
         for (name, problem) in &problems {
             if self.last_problems.get(name) == Some(problem) {
@@ -503,14 +521,21 @@ pub fn cleanup(bpffs: &Path, tunnel_device: &str) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let netlink = Netlink::connect()?;
         let snapshot = netlink.snapshot().await?;
-        if let Some(link) = snapshot.links.iter().find(|link| link.name == tunnel_device) {
+        if let Some(link) = snapshot
+            .links
+            .iter()
+            .find(|link| link.name == tunnel_device)
+        {
             if link.kind.as_deref() == Some("vxlan") {
                 netlink.delete_link(link.index).await?;
             }
         }
         anyhow::Ok(())
     })?;
-    println!("removed pins under {} and tunnel device {tunnel_device}", bpffs.display());
+    println!(
+        "removed pins under {} and tunnel device {tunnel_device}",
+        bpffs.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -520,17 +545,37 @@ mod tests {
 
     #[test]
     fn port_range_parses_and_rejects() {
-        assert_eq!("1024-32767".parse(), Ok(PortRange { min: 1024, max: 32767 }));
+        assert_eq!(
+            "1024-32767".parse(),
+            Ok(PortRange {
+                min: 1024,
+                max: 32767
+            })
+        );
         assert!("0-10".parse::<PortRange>().is_err());
         assert!("20-10".parse::<PortRange>().is_err());
         assert!("abc".parse::<PortRange>().is_err());
-        assert!("1024-70000".parse::<PortRange>().unwrap_err().contains("70000"));
+        assert!(
+            "1024-70000"
+                .parse::<PortRange>()
+                .unwrap_err()
+                .contains("70000")
+        );
     }
 
     #[test]
     fn overlap() {
-        let nat = PortRange { min: 1024, max: 32767 };
-        assert!(!nat.overlaps(&PortRange { min: 32768, max: 60999 }));
-        assert!(nat.overlaps(&PortRange { min: 30000, max: 60999 }));
+        let nat = PortRange {
+            min: 1024,
+            max: 32767,
+        };
+        assert!(!nat.overlaps(&PortRange {
+            min: 32768,
+            max: 60999
+        }));
+        assert!(nat.overlaps(&PortRange {
+            min: 30000,
+            max: 60999
+        }));
     }
 }

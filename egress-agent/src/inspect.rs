@@ -65,7 +65,11 @@ pub fn egress_list(bpffs: &Path, output: Output) -> anyhow::Result<ExitCode> {
         .into_iter()
         .map(|(prefix, key, value)| EgressEntry {
             source_ip: Ipv4Addr::from(key.source_ip).to_string(),
-            dest_cidr: format!("{}/{}", Ipv4Addr::from(key.dest_ip), prefix.saturating_sub(32)),
+            dest_cidr: format!(
+                "{}/{}",
+                Ipv4Addr::from(key.dest_ip),
+                prefix.saturating_sub(32)
+            ),
             egress_ip: Ipv4Addr::from(value.egress_ip).to_string(),
             gateway_ip: Ipv4Addr::from(value.gateway_ip).to_string(),
         })
@@ -86,7 +90,10 @@ pub fn egress_list(bpffs: &Path, output: Output) -> anyhow::Result<ExitCode> {
                     gateway,
                 ]
             });
-            print_table(&["Source IP", "Destination CIDR", "Egress IP", "Gateway IP"], rows);
+            print_table(
+                &["Source IP", "Destination CIDR", "Egress IP", "Gateway IP"],
+                rows,
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

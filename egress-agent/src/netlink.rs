@@ -196,9 +196,7 @@ impl Netlink {
     }
 
     async fn set_up(&self, index: u32) -> Result<()> {
-        let message = rtnetlink::LinkUnspec::new_with_index(index)
-            .up()
-            .build();
+        let message = rtnetlink::LinkUnspec::new_with_index(index).up().build();
         self.handle
             .link()
             .set(message)
@@ -253,8 +251,14 @@ mod tests {
                 route("10.244.1.10/32", 7),
             ],
         };
-        assert_eq!(snapshot.route_lookup("10.244.1.10".parse().unwrap()), Some(7));
-        assert_eq!(snapshot.route_lookup("10.244.1.11".parse().unwrap()), Some(3));
+        assert_eq!(
+            snapshot.route_lookup("10.244.1.10".parse().unwrap()),
+            Some(7)
+        );
+        assert_eq!(
+            snapshot.route_lookup("10.244.1.11".parse().unwrap()),
+            Some(3)
+        );
         assert_eq!(snapshot.route_lookup("8.8.8.8".parse().unwrap()), Some(2));
         assert_eq!(snapshot.default_route_ifindex(), Some(2));
     }

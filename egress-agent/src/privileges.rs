@@ -14,7 +14,10 @@ pub const KEPT: [Capability; 2] = [Capability::CAP_BPF, Capability::CAP_NET_ADMI
 #[derive(Debug, Error)]
 pub enum PrivilegeError {
     #[error("cannot inspect {path}: {source}")]
-    Stat { path: String, source: std::io::Error },
+    Stat {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(
         "{path} is open to other users (owner uid {uid}, mode {mode:04o}): whoever can write \
          it controls which traffic leaves with which IP; make it root's alone \

@@ -110,7 +110,11 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     } else {
         // SAFETY: plain lookup.
         let inbound = unsafe { INBOUND_FLOWS.get(&packet.flow) }.is_some();
-        let opens_connection = if packet.is_tcp() { packet.is_tcp_open() } else { !inbound };
+        let opens_connection = if packet.is_tcp() {
+            packet.is_tcp_open()
+        } else {
+            !inbound
+        };
         if !opens_connection {
             count(reason::PASS_EXISTING_FLOW, packet.len);
             return PASS;
@@ -138,7 +142,14 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     if clamp_mss(&mut ctx, &packet, config.tunnel_mss).is_err() {
         return drop(reason::DROP_ERROR, &packet);
     }
-    tunnel_to(&ctx, &packet, policy.gateway_ip, VNI_TO_GATEWAY, config, reason::REDIRECT_TO_GATEWAY)
+    tunnel_to(
+        &ctx,
+        &packet,
+        policy.gateway_ip,
+        VNI_TO_GATEWAY,
+        config,
+        reason::REDIRECT_TO_GATEWAY,
+    )
 }
 
 #[classifier]
@@ -158,7 +169,13 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     }
     match policy_for(reply.src_ip, reply.dst_ip) {
         Some(policy) if policy.gateway_ip != GATEWAY_EXCLUDED => {
-            let _ = INBOUND_FLOWS.insert(&reply, &InboundFlow { last_seen_ns: now() }, 0);
+            let _ = INBOUND_FLOWS.insert(
+                &reply,
+                &InboundFlow {
+                    last_seen_ns: now(),
+                },
+                0,
+            );
         }
         _ => {}
     }
@@ -269,14 +286,28 @@ fn snat_and_send(
     };
     let ifindex = egress.ifindex;
     let closing = packet.is_tcp_closing();
-    let (translation, verdict) =
-        match nat::translate(&packet.flow, policy.egress_ip, pod_node_ip, config, now, closing) {
-            Translation::Existing(t) => (t, reason::SNAT_EXISTING_FLOW),
-            Translation::New(t) => (t, reason::SNAT_NEW_FLOW),
-            Translation::Exhausted => return drop(reason::DROP_NAT_EXHAUSTED, packet),
-            Translation::Error => return drop(reason::DROP_ERROR, packet),
-        };
-    if rewrite(ctx, packet, End::Source, translation.nat_ip, translation.nat_port).is_err() {
+    let (translation, verdict) = match nat::translate(
+        &packet.flow,
+        policy.egress_ip,
+        pod_node_ip,
+        config,
+        now,
+        closing,
+    ) {
+        Translation::Existing(t) => (t, reason::SNAT_EXISTING_FLOW),
+        Translation::New(t) => (t, reason::SNAT_NEW_FLOW),
+        Translation::Exhausted => return drop(reason::DROP_NAT_EXHAUSTED, packet),
+        Translation::Error => return drop(reason::DROP_ERROR, packet),
+    };
+    if rewrite(
+        ctx,
+        packet,
+        End::Source,
+        translation.nat_ip,
+        translation.nat_port,
+    )
+    .is_err()
+    {
         return drop(reason::DROP_ERROR, packet);
     }
     redirect_neigh(packet, ifindex, verdict)
@@ -300,7 +331,15 @@ pub fn from_egress(mut ctx: TcContext) -> i32 {
             (*reverse).last_seen_ns = now();
             *reverse
         };
-        if rewrite(&mut ctx, &packet, End::Destination, reverse.pod_ip, reverse.pod_port).is_err() {
+        if rewrite(
+            &mut ctx,
+            &packet,
+            End::Destination,
+            reverse.pod_ip,
+            reverse.pod_port,
+        )
+        .is_err()
+        {
             return drop(reason::DROP_ERROR, &packet);
         }
         return send_back(&ctx, &packet, &reverse, config);
@@ -337,7 +376,14 @@ fn send_back(ctx: &TcContext, packet: &Packet, reverse: &NatReverse, config: &Co
         };
         return send_to_pod(packet, pod.ifindex, reason::REVERSE_SNAT);
     }
-    tunnel_to(ctx, packet, reverse.pod_node_ip, VNI_TO_POD_NODE, config, reason::REVERSE_SNAT)
+    tunnel_to(
+        ctx,
+        packet,
+        reverse.pod_node_ip,
+        VNI_TO_POD_NODE,
+        config,
+        reason::REVERSE_SNAT,
+    )
 }
 
 /// Encapsulates through the agent's VXLAN device (external mode) towards `remote`.

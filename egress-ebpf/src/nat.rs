@@ -75,7 +75,14 @@ pub fn translate(
             min + offset
         };
         let port = (port as u16).to_be_bytes();
-        if NAT_REVERSE.insert(&reply_key(flow, egress_ip, port), &reverse, BPF_NOEXIST as u64).is_ok() {
+        if NAT_REVERSE
+            .insert(
+                &reply_key(flow, egress_ip, port),
+                &reverse,
+                BPF_NOEXIST as u64,
+            )
+            .is_ok()
+        {
             claimed = Some(port);
             break;
         }
@@ -91,7 +98,10 @@ pub fn translate(
         flags,
         last_seen_ns: now,
     };
-    if NAT_FORWARD.insert(flow, &forward, BPF_NOEXIST as u64).is_ok() {
+    if NAT_FORWARD
+        .insert(flow, &forward, BPF_NOEXIST as u64)
+        .is_ok()
+    {
         return Translation::New(forward);
     }
     // Another CPU created the flow first: give our port back and use its translation.

@@ -47,7 +47,8 @@ impl Packet {
     /// A TCP SYN without ACK: the first packet of a connection this side opens.
     #[inline(always)]
     pub fn is_tcp_open(&self) -> bool {
-        self.flow.protocol == PROTO_TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+        self.flow.protocol == PROTO_TCP
+            && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
     }
 
     #[inline(always)]
@@ -216,7 +217,12 @@ pub fn rewrite(
     if old_port != new_port {
         let old_port_word = u16::from_ne_bytes(old_port) as u64;
         let new_port_word = u16::from_ne_bytes(new_port) as u64;
-        ctx.l4_csum_replace(check_off, old_port_word, new_port_word, (flags & !(BPF_F_PSEUDO_HDR as u64)) | 2)?;
+        ctx.l4_csum_replace(
+            check_off,
+            old_port_word,
+            new_port_word,
+            (flags & !(BPF_F_PSEUDO_HDR as u64)) | 2,
+        )?;
         ctx.store(port_off, &new_port, 0)?;
     }
     Ok(())

@@ -65,13 +65,18 @@ pub fn monotonic_now_ns() -> u64 {
 impl Datapath {
     /// Removes expired entries: NAT pairs together (an orphaned reverse entry whose forward
     /// twin the LRU evicted goes too), then steered and inbound flows.
-    pub fn collect_garbage(&mut self, timeouts: &Timeouts, now_ns: u64) -> Result<GcStats, DatapathError> {
+    pub fn collect_garbage(
+        &mut self,
+        timeouts: &Timeouts,
+        now_ns: u64,
+    ) -> Result<GcStats, DatapathError> {
         let mut stats = GcStats::default();
-        let map_err = |name: &'static str| move |source: MapError| DatapathError::Map { name, source };
+        let map_err =
+            |name: &'static str| move |source: MapError| DatapathError::Map { name, source };
 
-        let forward: HashMap<&mut MapData, FlowKey, NatForward> = self.map_mut(map_names::NAT_FORWARD)?;
-        let entries: Vec<(FlowKey, NatForward)> =
-            forward.iter().filter_map(Result::ok).collect();
+        let forward: HashMap<&mut MapData, FlowKey, NatForward> =
+            self.map_mut(map_names::NAT_FORWARD)?;
+        let entries: Vec<(FlowKey, NatForward)> = forward.iter().filter_map(Result::ok).collect();
         let mut expired_forward = Vec::new();
         let mut live_replies = std::collections::BTreeSet::new();
         for (flow, nat) in &entries {
@@ -89,30 +94,40 @@ impl Datapath {
                 live_replies.insert(reply);
             }
         }
-        let mut forward: HashMap<&mut MapData, FlowKey, NatForward> = self.map_mut(map_names::NAT_FORWARD)?;
+        let mut forward: HashMap<&mut MapData, FlowKey, NatForward> =
+            self.map_mut(map_names::NAT_FORWARD)?;
         for (flow, _) in &expired_forward {
             ignore_missing(forward.remove(flow)).map_err(map_err(map_names::NAT_FORWARD))?;
         }
-        let mut reverse: HashMap<&mut MapData, FlowKey, NatReverse> = self.map_mut(map_names::NAT_REVERSE)?;
+        let mut reverse: HashMap<&mut MapData, FlowKey, NatReverse> =
+            self.map_mut(map_names::NAT_REVERSE)?;
         let orphans: Vec<FlowKey> = reverse
             .iter()
             .filter_map(Result::ok)
             .filter(|(reply, entry)| {
                 !live_replies.contains(reply)
-                    && now_ns.saturating_sub(entry.last_seen_ns) > timeouts.tcp_closing.as_nanos() as u64
+                    && now_ns.saturating_sub(entry.last_seen_ns)
+                        > timeouts.tcp_closing.as_nanos() as u64
             })
             .map(|(reply, _)| reply)
             .collect();
-        for reply in expired_forward.iter().map(|(_, reply)| reply).chain(&orphans) {
+        for reply in expired_forward
+            .iter()
+            .map(|(_, reply)| reply)
+            .chain(&orphans)
+        {
             ignore_missing(reverse.remove(reply)).map_err(map_err(map_names::NAT_REVERSE))?;
         }
         stats.nat_expired = expired_forward.len();
 
-        let mut steered: HashMap<&mut MapData, FlowKey, SteeredFlow> = self.map_mut(map_names::STEERED_FLOWS)?;
+        let mut steered: HashMap<&mut MapData, FlowKey, SteeredFlow> =
+            self.map_mut(map_names::STEERED_FLOWS)?;
         let expired: Vec<FlowKey> = steered
             .iter()
             .filter_map(Result::ok)
-            .filter(|(flow, entry)| timeouts.expired(flow.protocol, entry.flags, entry.last_seen_ns, now_ns))
+            .filter(|(flow, entry)| {
+                timeouts.expired(flow.protocol, entry.flags, entry.last_seen_ns, now_ns)
+            })
             .map(|(flow, _)| flow)
             .collect();
         for flow in &expired {
@@ -120,7 +135,8 @@ impl Datapath {
         }
         stats.flows_expired = expired.len();
 
-        let mut inbound: HashMap<&mut MapData, FlowKey, InboundFlow> = self.map_mut(map_names::INBOUND_FLOWS)?;
+        let mut inbound: HashMap<&mut MapData, FlowKey, InboundFlow> =
+            self.map_mut(map_names::INBOUND_FLOWS)?;
         let expired: Vec<FlowKey> = inbound
             .iter()
             .filter_map(Result::ok)

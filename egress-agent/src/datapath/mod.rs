@@ -26,15 +26,17 @@ use aya::{
 use egress_common::{
     config::Config,
     counters::{Counter, reason},
-    map_names, program_names,
+    map_names,
     nodes::{EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
+    program_names,
 };
-use crate::desired::diff::{Diff, diff_maps};
 pub use gc::{Timeouts, monotonic_now_ns};
 pub use pins::{DEFAULT_BPFFS, PinError, PinLayout};
 use thiserror::Error;
 use tracing::{debug, info, warn};
+
+use crate::desired::diff::{Diff, diff_maps};
 
 /// The compiled datapath, built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-ebpf"));
@@ -46,11 +48,17 @@ pub enum DatapathError {
     #[error("cannot load the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("eBPF program {0} missing from the object")]
     MissingProgram(&'static str),
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("cannot attach {hook} to {ifname} (ifindex {ifindex}): {source}")]
     Attach {
         hook: Hook,
@@ -78,7 +86,12 @@ pub enum Hook {
 }
 
 impl Hook {
-    const ALL: [Hook; 4] = [Hook::FromPod, Hook::ToPod, Hook::FromTunnel, Hook::FromEgress];
+    const ALL: [Hook; 4] = [
+        Hook::FromPod,
+        Hook::ToPod,
+        Hook::FromTunnel,
+        Hook::FromEgress,
+    ];
 
     pub fn program(self) -> &'static str {
         match self {
@@ -119,7 +132,12 @@ impl Attachment {
     /// `<ifindex>-<hook>-<ifname>`: bpffs refuses names with a '.', which interface names
     /// may hold (VLANs), so dots become ':', a character interface names cannot have.
     fn pin_name(&self) -> String {
-        format!("{}-{}-{}", self.ifindex, self.hook.program(), self.ifname.replace('.', ":"))
+        format!(
+            "{}-{}-{}",
+            self.ifindex,
+            self.hook.program(),
+            self.ifname.replace('.', ":")
+        )
     }
 
     fn from_pin_name(name: &str) -> Option<Self> {
@@ -127,7 +145,11 @@ impl Attachment {
         let ifindex = parts.next()?.parse().ok()?;
         let hook = Hook::from_program(parts.next()?)?;
         let ifname = parts.next()?.replace(':', ".");
-        Some(Self { ifname, ifindex, hook })
+        Some(Self {
+            ifname,
+            ifindex,
+            hook,
+        })
     }
 }
 
@@ -180,8 +202,10 @@ impl Datapath {
     /// survive a restart), and loads the programs into the kernel.
     pub fn load(pins: PinLayout, sizes: MapSizes) -> Result<Self> {
         pins.prepare()?;
-        let paths: Vec<(&'static str, PathBuf)> =
-            map_names::ALL.iter().map(|name| (*name, pins.map(name))).collect();
+        let paths: Vec<(&'static str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|name| (*name, pins.map(name)))
+            .collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -401,12 +425,14 @@ impl Datapath {
         let link = SchedClassifierLink::try_from(FdLink::from(link))
             .map_err(|error| link_error(path, error))?;
         let program = program_mut(&mut self.ebpf, attachment.hook.program())?;
-        let link_id = program.attach_to_link(link).map_err(|source| DatapathError::Attach {
-            hook: attachment.hook,
-            ifname: attachment.ifname.clone(),
-            ifindex: attachment.ifindex,
-            source,
-        })?;
+        let link_id = program
+            .attach_to_link(link)
+            .map_err(|source| DatapathError::Attach {
+                hook: attachment.hook,
+                ifname: attachment.ifname.clone(),
+                ifindex: attachment.ifindex,
+                source,
+            })?;
         // The pin keeps the link alive; our descriptor can go.
         drop(program.take_link(link_id));
         debug!(ifname = attachment.ifname, hook = %attachment.hook, "adopted pinned link");
@@ -417,13 +443,10 @@ impl Datapath {
     where
         T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
     {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DatapathError::Map {
-                name,
-                source: MapError::InvalidName { name: name.into() },
-            })?;
+        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        })?;
         T::try_from(map).map_err(|source| DatapathError::Map { name, source })
     }
 }
@@ -446,7 +469,9 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sch
     let program = ebpf
         .program_mut(name)
         .ok_or(DatapathError::MissingProgram(name))?;
-    program.try_into().map_err(|source| DatapathError::Program { name, source })
+    program
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 /// Another CPU's LRU eviction, or a concurrent delete, may have removed the entry first.
@@ -529,7 +554,10 @@ pub mod pinned {
 /// Warns once about a map nearing its capacity. Cheap enough to call after every sync.
 pub fn check_capacity(name: &str, used: usize, capacity: u32) {
     if used > capacity as usize {
-        warn!(map = name, used, capacity, "more entries wanted than the map holds");
+        warn!(
+            map = name,
+            used, capacity, "more entries wanted than the map holds"
+        );
     }
 }
 

@@ -9,8 +9,7 @@
 
 use std::{
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::unix::{ffi::OsStrExt as _, fs::PermissionsExt as _},
     path::{Path, PathBuf},
 };
@@ -88,7 +87,9 @@ impl PinLayout {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            let is_version = name.strip_prefix('v').is_some_and(|n| n.parse::<u32>().is_ok());
+            let is_version = name
+                .strip_prefix('v')
+                .is_some_and(|n| n.parse::<u32>().is_ok());
             if is_version && name != LAYOUT_VERSION && entry.path().is_dir() {
                 remove_tree(&entry.path())?;
                 fs::remove_dir(entry.path()).map_err(|source| PinError::Remove {

@@ -13,10 +13,11 @@ use egress_common::{
     config::{Config, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
     counters::{Counter, reason},
     flow::{FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SteeredFlow},
-    map_names, program_names,
+    map_names,
     nat::{NatForward, NatReverse},
     nodes::{EgressIp, LocalPod, NodeInfo},
     policy::{GATEWAY_EXCLUDED, GATEWAY_NONE, PolicyKey, PolicyValue},
+    program_names,
 };
 
 use super::OBJECT;
@@ -62,9 +63,10 @@ impl Node {
             program_names::FROM_EGRESS,
             program_names::TEST_FROM_TUNNEL,
         ] {
-            let program: &mut SchedClassifier =
-                ebpf.program_mut(name).unwrap().try_into().unwrap();
-            program.load().unwrap_or_else(|e| panic!("load {name}: {e:?}"));
+            let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            program
+                .load()
+                .unwrap_or_else(|e| panic!("load {name}: {e:?}"));
         }
         let mut node = Self { ebpf };
         let mut config: Array<&mut MapData, Config> =
@@ -195,11 +197,18 @@ fn with_gateway(gateway: [u8; 4]) -> PolicyValue {
 
 #[derive(Clone, Copy)]
 enum L4 {
-    Tcp { flags: u8 },
+    Tcp {
+        flags: u8,
+    },
     /// TCP with an MSS option.
-    TcpMss { flags: u8, mss: u16 },
+    TcpMss {
+        flags: u8,
+        mss: u16,
+    },
     Udp,
-    IcmpEcho { reply: bool },
+    IcmpEcho {
+        reply: bool,
+    },
 }
 
 const FIN: u8 = 0x01;
@@ -433,7 +442,10 @@ fn replies_of_inbound_udp_keep_their_path() {
     assert_eq!(node.counter(reason::PASS_EXISTING_FLOW), 1);
     // A new UDP flow from the pod is steered.
     let outbound = packet(POD, 53000, DEST, 53, L4::Udp);
-    assert_eq!(node.run(program_names::FROM_POD, &outbound).0, TC_ACT_REDIRECT);
+    assert_eq!(
+        node.run(program_names::FROM_POD, &outbound).0,
+        TC_ACT_REDIRECT
+    );
 }
 
 #[test]
@@ -443,7 +455,11 @@ fn no_gateway_drops() {
     }
     let mut node = Node::new(POD_NODE);
     node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY_NONE));
-    for l4 in [L4::Tcp { flags: SYN }, L4::Udp, L4::IcmpEcho { reply: false }] {
+    for l4 in [
+        L4::Tcp { flags: SYN },
+        L4::Udp,
+        L4::IcmpEcho { reply: false },
+    ] {
         let input = packet(POD, 40000, DEST, 443, l4);
         assert_eq!(node.run(program_names::FROM_POD, &input).0, TC_ACT_SHOT);
     }
@@ -528,9 +544,17 @@ fn source_port_collision_picks_another_port() {
     let other_pod = Ipv4Addr::new(10, 244, 1, 11);
     let mut node = node;
     node.policy(other_pod, "198.51.100.0/24", to_gateway(EGRESS_IP));
-    let a = seen(&from_pod_node(&node, &packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN })).1);
-    let (verdict, output) =
-        from_pod_node(&node, &packet(other_pod, 20000, DEST, 443, L4::Tcp { flags: SYN }));
+    let a = seen(
+        &from_pod_node(
+            &node,
+            &packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN }),
+        )
+        .1,
+    );
+    let (verdict, output) = from_pod_node(
+        &node,
+        &packet(other_pod, 20000, DEST, 443, L4::Tcp { flags: SYN }),
+    );
     assert_eq!(verdict, TC_ACT_REDIRECT);
     let b = seen(&output);
     assert_eq!(a.sport, 20000);
@@ -579,8 +603,10 @@ fn pod_on_the_gateway_is_translated_without_tunnel() {
     };
     node.policy(POD, "198.51.100.0/24", value);
     node.egress_ip(EGRESS_IP, EGRESS_IFINDEX);
-    let (verdict, output) =
-        node.run(program_names::FROM_POD, &packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN }));
+    let (verdict, output) = node.run(
+        program_names::FROM_POD,
+        &packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN }),
+    );
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(seen(&output).src, EGRESS_IP);
     assert_eq!(node.counter(reason::SNAT_NEW_FLOW), 1);
@@ -595,7 +621,10 @@ fn no_egress_ip_drops() {
     let mut node = Node::new(GATEWAY);
     // This node is the gateway but could not determine the egress IP.
     node.policy(POD, "198.51.100.0/24", to_gateway(Ipv4Addr::UNSPECIFIED));
-    let (verdict, _) = from_pod_node(&node, &packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN }));
+    let (verdict, _) = from_pod_node(
+        &node,
+        &packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN }),
+    );
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(node.counter(reason::DROP_NO_EGRESS_IP), 1);
     assert!(node.nat_forward().is_empty());
@@ -610,8 +639,11 @@ fn gateway_is_not_an_open_relay() {
     let syn = |src, dst| packet(src, 20000, dst, 443, L4::Tcp { flags: SYN });
     // From an address that is not a node.
     let stranger = u32::from_ne_bytes([10, 0, 0, 99]);
-    let (verdict, _) =
-        node.run_with_cb(program_names::TEST_FROM_TUNNEL, &syn(POD, DEST), [stranger, VNI_TO_GATEWAY]);
+    let (verdict, _) = node.run_with_cb(
+        program_names::TEST_FROM_TUNNEL,
+        &syn(POD, DEST),
+        [stranger, VNI_TO_GATEWAY],
+    );
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(node.counter(reason::DROP_UNKNOWN_NODE), 1);
     // To a destination no policy covers.
@@ -643,7 +675,10 @@ fn policy_naming_another_gateway_is_refused() {
         },
     );
     node.egress_ip(EGRESS_IP, EGRESS_IFINDEX);
-    let (verdict, _) = from_pod_node(&node, &packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN }));
+    let (verdict, _) = from_pod_node(
+        &node,
+        &packet(POD, 20000, DEST, 443, L4::Tcp { flags: SYN }),
+    );
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(node.counter(reason::DROP_NOT_ALLOWED), 1);
 }
@@ -656,8 +691,20 @@ fn reply_is_reverse_translated_and_sent_back_to_the_pods_node() {
         return;
     }
     let node = gateway_node();
-    let request = seen(&from_pod_node(&node, &packet(POD, 45000, DEST, 443, L4::Tcp { flags: SYN })).1);
-    let reply = packet(DEST, 443, EGRESS_IP, request.sport, L4::Tcp { flags: SYN | ACK });
+    let request = seen(
+        &from_pod_node(
+            &node,
+            &packet(POD, 45000, DEST, 443, L4::Tcp { flags: SYN }),
+        )
+        .1,
+    );
+    let reply = packet(
+        DEST,
+        443,
+        EGRESS_IP,
+        request.sport,
+        L4::Tcp { flags: SYN | ACK },
+    );
     let (verdict, output) = node.run(program_names::FROM_EGRESS, &reply);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     let out = seen(&output);
@@ -673,8 +720,20 @@ fn icmp_echo_reply_is_reverse_translated() {
         return;
     }
     let node = gateway_node();
-    let request = seen(&from_pod_node(&node, &packet(POD, 777, DEST, 0, L4::IcmpEcho { reply: false })).1);
-    let reply = packet(DEST, 0, EGRESS_IP, request.sport, L4::IcmpEcho { reply: true });
+    let request = seen(
+        &from_pod_node(
+            &node,
+            &packet(POD, 777, DEST, 0, L4::IcmpEcho { reply: false }),
+        )
+        .1,
+    );
+    let reply = packet(
+        DEST,
+        0,
+        EGRESS_IP,
+        request.sport,
+        L4::IcmpEcho { reply: true },
+    );
     let (verdict, output) = node.run(program_names::FROM_EGRESS, &reply);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     let out = seen(&output);
@@ -706,11 +765,15 @@ fn reply_through_the_tunnel_reaches_only_a_steered_local_pod() {
     let reply = packet(DEST, 443, POD, 40000, L4::Tcp { flags: SYN | ACK });
     // Before the pod opened the connection, the reply is refused.
     assert_eq!(
-        node.run_with_cb(program_names::TEST_FROM_TUNNEL, &reply, from_gateway).0,
+        node.run_with_cb(program_names::TEST_FROM_TUNNEL, &reply, from_gateway)
+            .0,
         TC_ACT_SHOT
     );
     assert_eq!(node.counter(reason::DROP_UNKNOWN_REPLY), 1);
-    node.run(program_names::FROM_POD, &packet(POD, 40000, DEST, 443, L4::Tcp { flags: SYN }));
+    node.run(
+        program_names::FROM_POD,
+        &packet(POD, 40000, DEST, 443, L4::Tcp { flags: SYN }),
+    );
     let (verdict, output) = node.run_with_cb(program_names::TEST_FROM_TUNNEL, &reply, from_gateway);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(output, reply);
@@ -728,7 +791,10 @@ fn truncated_packets_never_crash_or_translate() {
     // that, into the header options, ports, flags or payload, is tried.
     for len in 34..full.len() {
         let (verdict, _) = from_pod_node(&node, &full[..len]);
-        assert_ne!(verdict, TC_ACT_REDIRECT, "truncated at {len} bytes was translated");
+        assert_ne!(
+            verdict, TC_ACT_REDIRECT,
+            "truncated at {len} bytes was translated"
+        );
     }
     assert!(node.nat_forward().is_empty());
 }
@@ -747,13 +813,31 @@ fn mss_of_syns_entering_the_tunnel_is_clamped() {
     }
     let mut node = Node::new(POD_NODE);
     node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
-    let syn = packet(POD, 40000, DEST, 443, L4::TcpMss { flags: SYN, mss: 1460 });
+    let syn = packet(
+        POD,
+        40000,
+        DEST,
+        443,
+        L4::TcpMss {
+            flags: SYN,
+            mss: 1460,
+        },
+    );
     let (verdict, output) = node.run(program_names::FROM_POD, &syn);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(mss_of(&output), TUNNEL_MSS);
     assert_checksums(&output);
     // A smaller MSS is left alone.
-    let small = packet(POD, 40001, DEST, 443, L4::TcpMss { flags: SYN, mss: 1200 });
+    let small = packet(
+        POD,
+        40001,
+        DEST,
+        443,
+        L4::TcpMss {
+            flags: SYN,
+            mss: 1200,
+        },
+    );
     assert_eq!(mss_of(&node.run(program_names::FROM_POD, &small).1), 1200);
 }
 
@@ -765,8 +849,20 @@ fn mss_of_syn_acks_leaving_the_tunnel_is_clamped() {
     let mut node = Node::new(POD_NODE);
     node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
     node.local_pod(POD, POD_IFINDEX);
-    node.run(program_names::FROM_POD, &packet(POD, 40000, DEST, 443, L4::Tcp { flags: SYN }));
-    let syn_ack = packet(DEST, 443, POD, 40000, L4::TcpMss { flags: SYN | ACK, mss: 1460 });
+    node.run(
+        program_names::FROM_POD,
+        &packet(POD, 40000, DEST, 443, L4::Tcp { flags: SYN }),
+    );
+    let syn_ack = packet(
+        DEST,
+        443,
+        POD,
+        40000,
+        L4::TcpMss {
+            flags: SYN | ACK,
+            mss: 1460,
+        },
+    );
     let (verdict, output) = node.run_with_cb(
         program_names::TEST_FROM_TUNNEL,
         &syn_ack,
@@ -814,13 +910,25 @@ fn icmp_error_about_a_translated_flow_reaches_the_pod_translated() {
     assert_checksums(&output);
     let quoted = &output[14 + 20 + 8..];
     assert_eq!(checksum(&quoted[..20], 0), 0, "quoted IPv4 header checksum");
-    assert_eq!(Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]), POD);
+    assert_eq!(
+        Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]),
+        POD
+    );
     assert_eq!(u16::from_be_bytes([quoted[20], quoted[21]]), 45000);
     assert_ne!(nat_port, 0);
     assert_eq!(node.counter(reason::REVERSE_SNAT), 1);
     // An error quoting a flow the gateway never translated is not the datapath's.
-    let stray = icmp_error(DEST, EGRESS_IP, 3, 3, &packet(EGRESS_IP, 999, DEST, 53, L4::Udp));
-    assert_eq!(node.run(program_names::FROM_EGRESS, &stray).0, TC_ACT_OK_NEXT);
+    let stray = icmp_error(
+        DEST,
+        EGRESS_IP,
+        3,
+        3,
+        &packet(EGRESS_IP, 999, DEST, 53, L4::Udp),
+    );
+    assert_eq!(
+        node.run(program_names::FROM_EGRESS, &stray).0,
+        TC_ACT_OK_NEXT
+    );
 }
 
 #[test]
@@ -842,10 +950,22 @@ fn closing_connections_are_marked_for_quick_expiry() {
         return;
     }
     let node = gateway_node();
-    from_pod_node(&node, &packet(POD, 45000, DEST, 443, L4::Tcp { flags: SYN }));
-    assert_eq!(node.nat_forward()[0].1.flags & egress_common::flow::FLOW_CLOSING, 0);
-    from_pod_node(&node, &packet(POD, 45000, DEST, 443, L4::Tcp { flags: FIN | ACK }));
-    assert_ne!(node.nat_forward()[0].1.flags & egress_common::flow::FLOW_CLOSING, 0);
+    from_pod_node(
+        &node,
+        &packet(POD, 45000, DEST, 443, L4::Tcp { flags: SYN }),
+    );
+    assert_eq!(
+        node.nat_forward()[0].1.flags & egress_common::flow::FLOW_CLOSING,
+        0
+    );
+    from_pod_node(
+        &node,
+        &packet(POD, 45000, DEST, 443, L4::Tcp { flags: FIN | ACK }),
+    );
+    assert_ne!(
+        node.nat_forward()[0].1.flags & egress_common::flow::FLOW_CLOSING,
+        0
+    );
 }
 
 // ---- property: random packets ----
@@ -877,18 +997,38 @@ fn random_packets_never_break_the_gateway_invariants() {
     }
     let node = gateway_node();
     let mut random = Random(0x5eed_cafe_f00d_0001);
-    let addresses = [POD, DEST, OTHER_DEST, EGRESS_IP, GATEWAY, Ipv4Addr::new(10, 244, 1, 99)];
+    let addresses = [
+        POD,
+        DEST,
+        OTHER_DEST,
+        EGRESS_IP,
+        GATEWAY,
+        Ipv4Addr::new(10, 244, 1, 99),
+    ];
     let senders = [POD_NODE, GATEWAY, Ipv4Addr::new(10, 0, 0, 99)];
     for round in 0..3000 {
         let src = addresses[random.below(addresses.len() as u64) as usize];
         let dst = addresses[random.below(addresses.len() as u64) as usize];
         let l4 = match random.below(4) {
-            0 => L4::Tcp { flags: random.below(64) as u8 },
+            0 => L4::Tcp {
+                flags: random.below(64) as u8,
+            },
             1 => L4::Udp,
-            2 => L4::IcmpEcho { reply: random.below(2) == 0 },
-            _ => L4::TcpMss { flags: SYN, mss: random.below(9000) as u16 },
+            2 => L4::IcmpEcho {
+                reply: random.below(2) == 0,
+            },
+            _ => L4::TcpMss {
+                flags: SYN,
+                mss: random.below(9000) as u16,
+            },
         };
-        let mut frame = packet(src, random.below(65536) as u16, dst, random.below(65536) as u16, l4);
+        let mut frame = packet(
+            src,
+            random.below(65536) as u16,
+            dst,
+            random.below(65536) as u16,
+            l4,
+        );
         // Corrupt a few bytes anywhere past the Ethernet header, now and then.
         if random.below(2) == 0 {
             for _ in 0..1 + random.below(4) {
@@ -900,9 +1040,17 @@ fn random_packets_never_break_the_gateway_invariants() {
             frame.truncate(34 + random.below((frame.len() - 33) as u64) as usize);
         }
         let sender = senders[random.below(senders.len() as u64) as usize];
-        let vni = if random.below(8) == 0 { 7 } else { VNI_TO_GATEWAY };
-        let program: &SchedClassifier =
-            node.ebpf.program(program_names::TEST_FROM_TUNNEL).unwrap().try_into().unwrap();
+        let vni = if random.below(8) == 0 {
+            7
+        } else {
+            VNI_TO_GATEWAY
+        };
+        let program: &SchedClassifier = node
+            .ebpf
+            .program(program_names::TEST_FROM_TUNNEL)
+            .unwrap()
+            .try_into()
+            .unwrap();
         let mut ctx = [0u8; 68];
         ctx[48..52].copy_from_slice(&u32::from_ne_bytes(sender.octets()).to_ne_bytes());
         ctx[52..56].copy_from_slice(&vni.to_ne_bytes());
@@ -921,14 +1069,34 @@ fn random_packets_never_break_the_gateway_invariants() {
         out.truncate(result.data_size_out as usize);
         let input = seen(&frame);
         let output = seen(&out);
-        assert_eq!(sender, POD_NODE, "round {round}: relayed for a non-pod node");
+        assert_eq!(
+            sender, POD_NODE,
+            "round {round}: relayed for a non-pod node"
+        );
         assert_eq!(vni, VNI_TO_GATEWAY, "round {round}: relayed on another VNI");
-        assert_eq!(input.src, POD, "round {round}: relayed a source no policy selects");
-        assert_eq!(input.dst, DEST, "round {round}: relayed to a destination no policy covers");
-        assert_eq!(output.src, EGRESS_IP, "round {round}: left with the wrong source");
+        assert_eq!(
+            input.src, POD,
+            "round {round}: relayed a source no policy selects"
+        );
+        assert_eq!(
+            input.dst, DEST,
+            "round {round}: relayed to a destination no policy covers"
+        );
+        assert_eq!(
+            output.src, EGRESS_IP,
+            "round {round}: left with the wrong source"
+        );
         let (ip_in, l4_in) = checksum_sums(&frame);
         let (ip_out, l4_out) = checksum_sums(&out);
-        assert_eq!(ip_in == 0, ip_out == 0, "round {round}: IPv4 checksum validity changed");
-        assert_eq!(l4_in == 0, l4_out == 0, "round {round}: layer-4 checksum validity changed");
+        assert_eq!(
+            ip_in == 0,
+            ip_out == 0,
+            "round {round}: IPv4 checksum validity changed"
+        );
+        assert_eq!(
+            l4_in == 0,
+            l4_out == 0,
+            "round {round}: layer-4 checksum validity changed"
+        );
     }
 }
