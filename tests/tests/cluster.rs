@@ -391,8 +391,12 @@ fn udp_through_the_policy_leaves_with_the_egress_ip() {
         .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
         .unwrap();
 
+    // 4 s per reply: longer than an ARP retry, so a late first reply is not mistaken for a lost one.
     let output = cluster
-        .peer_client(&pod, &["udp", UDP_PEER, "--count", "5"])
+        .peer_client(
+            &pod,
+            &["udp", UDP_PEER, "--count", "5", "--timeout-ms", "4000"],
+        )
         .unwrap();
     let replies = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
