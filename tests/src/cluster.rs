@@ -1061,20 +1061,26 @@ impl Cluster {
         Ok(())
     }
 
-    /// Waits until no entry for the pod is left on its node (e.g. after deleting the policy).
+    /// Waits until no node with a running agent has an entry for the pod (e.g. after deleting
+    /// the policy or the pod); agents reconcile independently, so every node is checked.
     pub fn wait_for_pod_unprogrammed(&self, pod: &Pod, timeout: Duration) -> Result<()> {
-        let gone = wait_until(timeout, || {
-            self.egress_list(&pod.node)
-                .map(|entries| entries.iter().all(|entry| entry.source() != Some(pod.ip)))
-                .unwrap_or(false)
-        });
-        if !gone {
-            bail!(
-                "entries for {} still on {} after {timeout:?}\n{}",
-                pod.ip,
-                pod.node,
-                self.agent_log_tail(&pod.node)
-            );
+        for node in &self.nodes {
+            if !self.agent_running(&node.name)? {
+                continue;
+            }
+            let gone = wait_until(timeout, || {
+                self.egress_list(&node.name)
+                    .map(|entries| entries.iter().all(|entry| entry.source() != Some(pod.ip)))
+                    .unwrap_or(false)
+            });
+            if !gone {
+                bail!(
+                    "entries for {} still on {} after {timeout:?}\n{}",
+                    pod.ip,
+                    node.name,
+                    self.agent_log_tail(&node.name)
+                );
+            }
         }
         Ok(())
     }
