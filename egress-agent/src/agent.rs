@@ -362,6 +362,12 @@ impl Reconciler<'_> {
         self.log_problem_changes(&desired);
         let (contents, attachments) = self.plan(&desired, network);
         check_capacity("policies", contents.policies.len(), args.policy_map_size);
+        // Programs first, entries second: once `bpf egress list` shows a pod's entry, its
+        // traffic is already steered (a pod may start sending the moment it sees that).
+        let attach_errors = self.datapath.sync_attachments(&attachments);
+        for error in &attach_errors {
+            warn!(%error, "attachment failed");
+        }
         let stats = match self.datapath.sync_maps(&contents) {
             Ok(stats) => stats,
             Err(error) => {
@@ -369,10 +375,6 @@ impl Reconciler<'_> {
                 return;
             }
         };
-        let attach_errors = self.datapath.sync_attachments(&attachments);
-        for error in &attach_errors {
-            warn!(%error, "attachment failed");
-        }
         if !self.report.borrow().synced && attach_errors.is_empty() {
             self.datapath.retire_other_versions();
         }
