@@ -219,6 +219,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         last_network: None,
         last_summary: String::new(),
         last_problems: BTreeMap::new(),
+        last_programmed: None,
     };
     reconciler.log_refusals();
     match privileges::drop_capabilities() {
@@ -297,7 +298,8 @@ pub struct Report {
     pub map_entries: BTreeMap<&'static str, usize>,
     pub reconciles: u64,
     pub last_reconcile: Duration,
-    /// Time from the source publishing the programmed snapshot to the maps being written.
+    /// Time from the source publishing a snapshot to the maps being written; set only by the
+    /// reconcile that first programmed that snapshot (periodic re-syncs leave it `None`).
     pub last_event_to_programmed: Option<Duration>,
 }
 
@@ -314,6 +316,8 @@ struct Reconciler<'a> {
     last_summary: String,
     /// Each policy's problem as last logged, so changes are logged once, not per reconcile.
     last_problems: BTreeMap<String, Option<String>>,
+    /// `published` of the last snapshot programmed, to time each snapshot only once.
+    last_programmed: Option<Instant>,
 }
 
 impl Reconciler<'_> {
@@ -384,6 +388,9 @@ impl Reconciler<'_> {
             (map_names::LOCAL_PODS, contents.local_pods.len()),
             (map_names::EGRESS_IPS, contents.egress_ips.len()),
         ]);
+        let published = self.snapshot.published;
+        let newly_programmed = published.filter(|_| published != self.last_programmed);
+        self.last_programmed = published;
         self.report.send_modify(|report| {
             let report = Arc::make_mut(report);
             report.synced = true;
@@ -392,7 +399,7 @@ impl Reconciler<'_> {
             report.map_entries = map_entries;
             report.reconciles += 1;
             report.last_reconcile = started.elapsed();
-            report.last_event_to_programmed = self.snapshot.published.map(|at| at.elapsed());
+            report.last_event_to_programmed = newly_programmed.map(|at| at.elapsed());
         });
         let summary = format!(
             "{} policies, {} policy entries, {} local pods, {} egress IPs",

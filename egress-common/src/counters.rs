@@ -37,9 +37,12 @@ pub mod reason {
     pub const DROP_UNKNOWN_REPLY: u32 = 14;
     /// A helper failed (tunnel metadata, checksum, redirect).
     pub const DROP_ERROR: u32 = 15;
+    /// Not a packet verdict: a NAT port the gateway tried was taken and it tried another one.
+    /// `packets` counts retries, `bytes` stays 0.
+    pub const NAT_PORT_RETRY: u32 = 16;
 
     /// Number of slots in use; the map is sized `MAX` to leave room.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     /// Capacity of the `COUNTERS` map.
     pub const MAX: u32 = 32;
 
@@ -61,7 +64,13 @@ pub mod reason {
         "drop_unsupported",
         "drop_unknown_reply",
         "drop_error",
+        "nat_port_retry",
     ];
+
+    /// True for slots that count packets by verdict (every slot but retry events).
+    pub const fn is_packet_verdict(reason: u32) -> bool {
+        reason < COUNT && reason != NAT_PORT_RETRY
+    }
 }
 
 #[repr(C)]

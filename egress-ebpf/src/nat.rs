@@ -5,11 +5,12 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use egress_common::{
     Ipv4, Port,
     config::{Config, NAT_PORT_RETRIES},
+    counters::reason,
     flow::{FLOW_CLOSING, FlowKey},
     nat::{NatForward, NatReverse},
 };
 
-use crate::maps::{NAT_FORWARD, NAT_REVERSE};
+use crate::maps::{NAT_FORWARD, NAT_REVERSE, count};
 
 pub enum Translation {
     Existing(NatForward),
@@ -85,6 +86,9 @@ pub fn translate(
         {
             claimed = Some(port);
             break;
+        }
+        if attempt + 1 < NAT_PORT_RETRIES {
+            count(reason::NAT_PORT_RETRY, 0);
         }
     }
     let Some(nat_port) = claimed else {

@@ -531,6 +531,26 @@ pub mod pinned {
         Ok(entries)
     }
 
+    /// Number of entries of a pinned hash map, walking its keys only (no value copies).
+    pub fn hash_len<K: Pod, V: Pod>(pins: &PinLayout, name: &'static str) -> Result<usize> {
+        let map = open(pins, name)?;
+        let hash: HashMap<MapData, K, V> =
+            HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        let mut count = 0;
+        for key in hash.keys() {
+            key.map_err(|source| DatapathError::Map { name, source })?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// A pinned map's capacity (max_entries), as the kernel holds it.
+    pub fn capacity(pins: &PinLayout, name: &'static str) -> Result<u32> {
+        aya::maps::MapInfo::from_pin(pins.map(name))
+            .map(|info| info.max_entries())
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
     /// Counters summed over CPUs, indexed by reason.
     pub fn counters(pins: &PinLayout) -> Result<Vec<Counter>> {
         let name = map_names::COUNTERS;
