@@ -1,0 +1,176 @@
+//! The agent's metrics endpoint, scraped as Prometheus would from inside a node's namespace
+//! (the default address, 127.0.0.1:9964, is each node namespace's own loopback).
+//!
+//! Needs root (as another user it passes with a SKIPPED message) and a built agent.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use egress_tests::{Cluster, ClusterConfig, shared_policy, skip_unless_root, wait_for_value};
+
+const WORKER_2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
+const PROGRAMMED: Duration = Duration::from_secs(30);
+const ENDPOINT: &str = "http://127.0.0.1:9964";
+
+/// `curl` in the node's namespace: (HTTP status, body).
+fn get(cluster: &Cluster, node: &str, path: &str) -> Option<(u16, String)> {
+    let netns = cluster.node(node).ok()?.netns.clone();
+    let output = cluster
+        .exec(
+            &netns,
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                &format!("{ENDPOINT}{path}"),
+            ],
+        )
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n')?;
+    Some((status.trim().parse().ok()?, body.to_owned()))
+}
+
+/// The value of the series `name` (with its labels as rendered, e.g. `a_total{reason="x"}`).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+}
+
+/// Waits until the node's /metrics has `series` above zero; returns the whole scrape.
+fn wait_for_positive(cluster: &Cluster, node: &str, series: &str) -> String {
+    let mut last = String::new();
+    wait_for_value(Duration::from_secs(10), || {
+        let (status, body) = get(cluster, node, "/metrics")?;
+        last = body.clone();
+        (status == 200 && sample(&body, series).is_some_and(|value| value > 0.0)).then_some(body)
+    })
+    .unwrap_or_else(|| {
+        cluster.dump_logs();
+        panic!("{series} on {node} never went above 0; last scrape:\n{last}")
+    })
+}
+
+#[test]
+fn metrics_count_redirected_and_translated_traffic() {
+    skip_unless_root!();
+    let mut cluster = Cluster::new(ClusterConfig::with_peer_bin(env!(
+        "CARGO_BIN_EXE_egress-peer"
+    )))
+    .expect("building the test cluster");
+    let pod = cluster
+        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
+        .unwrap();
+    cluster
+        .label_node("k8s-worker-2", "egress-node", "true")
+        .unwrap();
+    cluster
+        .apply_policy_file(shared_policy("seed-example.yaml"))
+        .unwrap();
+    cluster.start_agent("k8s-worker-1").unwrap();
+    cluster.start_agent("k8s-worker-2").unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+
+    // Programmed means synced: both agents are ready and alive.
+    for node in ["k8s-worker-1", "k8s-worker-2"] {
+        let readyz = get(&cluster, node, "/readyz");
+        assert_eq!(
+            readyz.map(|(status, _)| status),
+            Some(200),
+            "readyz on {node}"
+        );
+        let healthz = get(&cluster, node, "/healthz");
+        assert_eq!(
+            healthz.map(|(status, _)| status),
+            Some(200),
+            "healthz on {node}"
+        );
+    }
+
+    assert_eq!(
+        cluster.source_ip_seen_by_destination(&pod).unwrap(),
+        WORKER_2,
+        "the pod leaves through the gateway"
+    );
+
+    let worker_1 = wait_for_positive(
+        &cluster,
+        "k8s-worker-1",
+        "egress_gateway_packets_total{reason=\"redirect_to_gateway\"}",
+    );
+    assert_eq!(
+        sample(&worker_1, "egress_gateway_policies_loaded"),
+        Some(1.0),
+        "{worker_1}"
+    );
+    assert_eq!(
+        sample(&worker_1, "egress_gateway_policies_rejected"),
+        Some(0.0),
+        "{worker_1}"
+    );
+    assert!(
+        sample(
+            &worker_1,
+            "egress_gateway_bytes_total{reason=\"redirect_to_gateway\"}"
+        )
+        .is_some_and(|bytes| bytes > 0.0),
+        "{worker_1}"
+    );
+    // The pod's two CIDRs.
+    assert_eq!(
+        sample(
+            &worker_1,
+            "egress_gateway_map_entries{map=\"EGRESS_POLICIES\"}"
+        ),
+        Some(2.0),
+        "{worker_1}"
+    );
+    assert!(
+        sample(
+            &worker_1,
+            "egress_gateway_map_capacity{map=\"EGRESS_POLICIES\"}"
+        )
+        .is_some_and(|capacity| capacity >= 2.0),
+        "{worker_1}"
+    );
+    assert!(
+        sample(&worker_1, "egress_gateway_reconciles_total").is_some_and(|count| count >= 1.0),
+        "{worker_1}"
+    );
+    assert!(
+        sample(&worker_1, "egress_gateway_reconcile_duration_seconds_count")
+            .is_some_and(|count| count >= 1.0),
+        "{worker_1}"
+    );
+
+    // The gateway translated the flow and still holds its NAT entry.
+    let worker_2 = wait_for_positive(
+        &cluster,
+        "k8s-worker-2",
+        "egress_gateway_packets_total{reason=\"snat_new_flow\"}",
+    );
+    assert!(
+        sample(&worker_2, "egress_gateway_nat_entries").is_some_and(|entries| entries >= 1.0),
+        "{worker_2}"
+    );
+    assert_eq!(
+        sample(
+            &worker_2,
+            "egress_gateway_nat_port_allocation_failures_total"
+        ),
+        Some(0.0),
+        "{worker_2}"
+    );
+}
