@@ -588,3 +588,63 @@ fn transfer_survives_agent_restarts_on_pod_node_and_gateway() {
         "the transfer was seen with the egress IP"
     );
 }
+
+#[test]
+fn connection_opened_before_the_policy_keeps_its_path() {
+    skip_unless_root!();
+    // ~6 s at 1 MB/s: the policy is applied while it runs.
+    const BODY_BYTES: u64 = 6_000_000;
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-1");
+    cluster.start_all_agents().unwrap();
+    let url = peer_url(&format!("/bytes/{BODY_BYTES}"));
+    let mut transfer = cluster
+        .spawn_in_pod(
+            &pod,
+            "transfer",
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_download} %{http_code}",
+                "--max-time",
+                "60",
+                "--limit-rate",
+                "1M",
+                &url,
+            ],
+        )
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || !cluster.peer_log().is_empty()),
+        "the transfer did not reach the destination"
+    );
+
+    apply_howto_policy(&mut cluster);
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+    assert!(
+        transfer.is_running(),
+        "the transfer must outlive the policy change"
+    );
+    // New connections take the gateway...
+    assert_eq!(source_ip(&cluster, &pod), WORKER_2);
+    // ...while the one opened before the policy finishes on its old path, unbroken.
+    let finished = transfer.wait(Duration::from_secs(60)).unwrap();
+    assert!(
+        finished.status.success(),
+        "curl failed: {}",
+        finished.stderr
+    );
+    assert_eq!(finished.stdout.trim(), format!("{BODY_BYTES} 200"));
+    assert_eq!(*cluster.peer_log()[0].source.ip(), WORKER_1);
+    assert!(
+        cluster
+            .counter_packets("k8s-worker-1", "pass_existing_flow")
+            .unwrap()
+            > 0
+    );
+}
