@@ -45,30 +45,26 @@ pub fn check_private_dir(path: &Path) -> Result<(), PrivilegeError> {
     Ok(())
 }
 
-/// Drops every capability but `KEPT` from the effective, permitted, inheritable and
-/// bounding sets, so neither this process nor anything it could run regains them.
+/// Drops every capability but `KEPT` from the effective, permitted and inheritable sets,
+/// and from the bounding set when the agent may change it (CAP_SETPCAP, which a DaemonSet
+/// usually does not grant), so nothing it runs regains them.
 pub fn drop_capabilities() -> Result<Vec<Capability>, PrivilegeError> {
     let keep: CapsHashSet = KEPT.into_iter().collect();
-    let permitted = caps::read(None, CapSet::Permitted)?;
-    let kept: CapsHashSet = permitted.intersection(&keep).copied().collect();
-    for capability in caps::read(None, CapSet::Bounding)? {
-        if !keep.contains(&capability) {
-            caps::drop(None, CapSet::Bounding, capability)?;
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP)? {
+        for capability in caps::read(None, CapSet::Bounding)? {
+            if !keep.contains(&capability) {
+                caps::drop(None, CapSet::Bounding, capability)?;
+            }
         }
     }
+    let permitted = caps::read(None, CapSet::Permitted)?;
+    let kept: CapsHashSet = permitted.intersection(&keep).copied().collect();
     caps::set(None, CapSet::Inheritable, &CapsHashSet::new())?;
     caps::set(None, CapSet::Effective, &kept)?;
     caps::set(None, CapSet::Permitted, &kept)?;
     let mut kept: Vec<Capability> = kept.into_iter().collect();
     kept.sort_by_key(|capability| capability.index());
     Ok(kept)
-}
-
-/// The capabilities this process still has (for tests and the log).
-pub fn effective() -> Result<Vec<Capability>, PrivilegeError> {
-    let mut current: Vec<Capability> = caps::read(None, CapSet::Effective)?.into_iter().collect();
-    current.sort_by_key(|capability| capability.index());
-    Ok(current)
 }
 
 #[cfg(test)]
