@@ -120,34 +120,35 @@ impl Datapath {
         }
         stats.nat_expired = expired_forward.len();
 
-        let mut steered: HashMap<&mut MapData, FlowKey, SteeredFlow> =
-            self.map_mut(map_names::STEERED_FLOWS)?;
-        let expired: Vec<FlowKey> = steered
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(flow, entry)| {
+        stats.flows_expired = self
+            .expire_flows::<SteeredFlow>(map_names::STEERED_FLOWS, |flow, entry| {
                 timeouts.expired(flow.protocol, entry.flags, entry.last_seen_ns, now_ns)
-            })
-            .map(|(flow, _)| flow)
-            .collect();
-        for flow in &expired {
-            ignore_missing(steered.remove(flow)).map_err(map_err(map_names::STEERED_FLOWS))?;
-        }
-        stats.flows_expired = expired.len();
+            })?;
+        stats.flows_expired += self
+            .expire_flows::<InboundFlow>(map_names::INBOUND_FLOWS, |flow, entry| {
+                timeouts.expired(flow.protocol, 0, entry.last_seen_ns, now_ns)
+            })?;
+        Ok(stats)
+    }
 
-        let mut inbound: HashMap<&mut MapData, FlowKey, InboundFlow> =
-            self.map_mut(map_names::INBOUND_FLOWS)?;
-        let expired: Vec<FlowKey> = inbound
+    /// Removes the entries of a flow-tracking map that `expired` selects.
+    fn expire_flows<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        expired: impl Fn(&FlowKey, &V) -> bool,
+    ) -> Result<usize, DatapathError> {
+        let mut map: HashMap<&mut MapData, FlowKey, V> = self.map_mut(name)?;
+        let keys: Vec<FlowKey> = map
             .iter()
             .filter_map(Result::ok)
-            .filter(|(flow, entry)| timeouts.expired(flow.protocol, 0, entry.last_seen_ns, now_ns))
+            .filter(|(flow, entry)| expired(flow, entry))
             .map(|(flow, _)| flow)
             .collect();
-        for flow in &expired {
-            ignore_missing(inbound.remove(flow)).map_err(map_err(map_names::INBOUND_FLOWS))?;
+        for flow in &keys {
+            ignore_missing(map.remove(flow))
+                .map_err(|source| DatapathError::Map { name, source })?;
         }
-        stats.flows_expired += expired.len();
-        Ok(stats)
+        Ok(keys.len())
     }
 }
 
