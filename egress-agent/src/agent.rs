@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// ephemeral range (net.ipv4.ip_local_port_range).
     #[arg(long, default_value_t = PortRange { min: DEFAULT_NAT_PORT_MIN, max: DEFAULT_NAT_PORT_MAX })]
     nat_port_range: PortRange,
+    /// Pod CIDR of the cluster, never steered to a gateway (repeatable). Nodes'
+    /// `spec.podCIDRs` are used too; add this when the CNI does not fill them in.
+    #[arg(long = "cluster-cidr", value_name = "CIDR")]
+    cluster_cidrs: Vec<ipnet::Ipv4Net>,
     /// Capacity of the policy map (entries = pods x CIDRs).
     #[arg(long, default_value_t = DEFAULT_POLICY_MAP_SIZE)]
     policy_map_size: u32,
@@ -459,6 +463,12 @@ impl Reconciler<'_> {
                 .map(|((pod, dest), value)| (desired::policy_map_key(*pod, *dest), *value))
                 .collect(),
             nodes: desired.nodes.clone(),
+            cluster_cidrs: desired
+                .cluster_cidrs
+                .iter()
+                .chain(&self.args.cluster_cidrs)
+                .copied()
+                .collect(),
             egress_ips: desired.egress_ips.clone(),
             ..MapContents::default()
         };

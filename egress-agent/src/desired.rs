@@ -37,6 +37,8 @@ pub struct DesiredState {
     pub policy_entries: BTreeMap<(Ipv4Addr, Ipv4Net), PolicyValue>,
     /// InternalIPs of all nodes.
     pub nodes: BTreeSet<Ipv4Addr>,
+    /// Pod CIDRs of all nodes: in-cluster destinations, never steered.
+    pub cluster_cidrs: BTreeSet<Ipv4Net>,
     /// Egress IPs this node serves as a gateway -> ifindex of the interface holding them.
     pub egress_ips: BTreeMap<Ipv4Addr, u32>,
     /// IPs of the pods scheduled on this node.
@@ -98,6 +100,11 @@ struct Gateway {
 pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> DesiredState {
     let mut state = DesiredState {
         nodes: inv.nodes.values().filter_map(|n| n.internal_ip).collect(),
+        cluster_cidrs: inv
+            .nodes
+            .values()
+            .flat_map(|n| n.pod_cidrs.iter().copied())
+            .collect(),
         local_pods: inv
             .pods
             .values()
@@ -704,6 +711,7 @@ mod tests {
             name: "w1".into(),
             labels: Default::default(),
             internal_ip: None,
+            pod_cidrs: Vec::new(),
         });
         let s = desired_state(&inv, "w2", &LocalNetwork::default());
         assert_eq!(

@@ -40,9 +40,12 @@ pub mod reason {
     /// Not a packet verdict: a NAT port the gateway tried was taken and it tried another one.
     /// `packets` counts retries, `bytes` stays 0.
     pub const NAT_PORT_RETRY: u32 = 16;
+    /// Matched traffic to a node or pod of the cluster: egress gateways only apply to traffic
+    /// leaving the cluster (as in Cilium), so even `0.0.0.0/0` never steers pod-to-pod traffic.
+    pub const PASS_IN_CLUSTER: u32 = 17;
 
     /// Number of slots in use; the map is sized `MAX` to leave room.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     /// Capacity of the `COUNTERS` map.
     pub const MAX: u32 = 32;
 
@@ -65,6 +68,7 @@ pub mod reason {
         "drop_unknown_reply",
         "drop_error",
         "nat_port_retry",
+        "pass_in_cluster",
     ];
 
     /// True for slots that count packets by verdict (every slot but retry events).

@@ -34,9 +34,10 @@ pub mod map_names {
     pub const EGRESS_IPS: &str = "EGRESS_IPS";
     pub const CONFIG: &str = "CONFIG";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const CLUSTER_CIDRS: &str = "CLUSTER_CIDRS";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         POLICIES,
         NAT_FORWARD,
         NAT_REVERSE,
@@ -47,6 +48,7 @@ pub mod map_names {
         EGRESS_IPS,
         CONFIG,
         COUNTERS,
+        CLUSTER_CIDRS,
     ];
 }
 

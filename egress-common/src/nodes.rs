@@ -19,6 +19,15 @@ pub struct LocalPod {
     pub _pad: u32,
 }
 
+/// Value of `CLUSTER_CIDRS`, an LPM trie keyed by (prefix length, IPv4): the pod CIDRs of
+/// the cluster, whose addresses are never steered to a gateway.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClusterCidr {
+    /// Reserved; zero today.
+    pub flags: u32,
+}
+
 /// Value of `EGRESS_IPS`, keyed by an egress IPv4 address this node serves as a gateway.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

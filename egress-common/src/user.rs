@@ -5,7 +5,7 @@ use crate::{
     counters::Counter,
     flow::{FlowKey, InboundFlow, SteeredFlow},
     nat::{NatForward, NatReverse},
-    nodes::{EgressIp, LocalPod, NodeInfo},
+    nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
 };
 
@@ -25,6 +25,7 @@ impl_pod!(
     SteeredFlow,
     NatForward,
     NatReverse,
+    ClusterCidr,
     EgressIp,
     LocalPod,
     NodeInfo,

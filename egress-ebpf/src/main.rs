@@ -39,8 +39,8 @@ use egress_common::{
 
 use crate::{
     maps::{
-        EGRESS_IPS, EGRESS_POLICIES, INBOUND_FLOWS, LOCAL_PODS, NAT_REVERSE, NODES, STEERED_FLOWS,
-        config, count,
+        CLUSTER_CIDRS, EGRESS_IPS, EGRESS_POLICIES, INBOUND_FLOWS, LOCAL_PODS, NAT_REVERSE, NODES,
+        STEERED_FLOWS, config, count,
     },
     nat::Translation,
     packet::{End, Packet, clamp_mss, parse, quoted_packet, rewrite, rewrite_icmp_error},
@@ -65,6 +65,16 @@ fn policy_for(source_ip: Ipv4, dest_ip: Ipv4) -> Option<&'static PolicyValue> {
     EGRESS_POLICIES.get(&key)
 }
 
+/// A node or pod address: traffic that does not leave the cluster.
+#[inline(always)]
+fn in_cluster(ip: Ipv4) -> bool {
+    // SAFETY: plain lookup.
+    unsafe { NODES.get(&ip) }.is_some()
+        || CLUSTER_CIDRS
+            .get(&aya_ebpf::btf_maps::lpm_trie::Key::new(32, ip))
+            .is_some()
+}
+
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: helper without arguments.
@@ -86,6 +96,10 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     let policy = *policy;
     if policy.gateway_ip == GATEWAY_EXCLUDED {
         count(reason::PASS_EXCLUDED, packet.len);
+        return PASS;
+    }
+    if in_cluster(packet.flow.dst_ip) {
+        count(reason::PASS_IN_CLUSTER, packet.len);
         return PASS;
     }
     // Matched: from here on the packet either takes the gateway path or is dropped, unless

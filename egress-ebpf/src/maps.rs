@@ -10,7 +10,7 @@ use egress_common::{
     counters::{Counter, reason},
     flow::{FlowKey, InboundFlow, SteeredFlow},
     nat::{NatForward, NatReverse},
-    nodes::{EgressIp, LocalPod, NodeInfo},
+    nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
 };
 
@@ -41,6 +41,10 @@ pub static NODES: HashMap<Ipv4, NodeInfo, 4096> = HashMap::new();
 /// Pods on this node -> their host-side interface.
 #[btf_map]
 pub static LOCAL_PODS: HashMap<Ipv4, LocalPod, 4096> = HashMap::new();
+
+/// Pod CIDRs of the cluster: destinations that are never steered.
+#[btf_map]
+pub static CLUSTER_CIDRS: LpmTrie<Ipv4, ClusterCidr, 1024> = LpmTrie::new();
 
 /// Egress IPs this node serves as a gateway -> interface they leave through.
 #[btf_map]

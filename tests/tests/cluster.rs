@@ -9,7 +9,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use egress_tests::{
     Cluster, ClusterConfig, GATEWAY_EXCLUDED, GATEWAY_NOT_FOUND, IpProtocol, PeerProtocol, Pod,
-    Signal, peer_url, shared_policy, skip_unless_root, wait_until,
+    Signal, peer_url, shared_policy, skip_unless_root, wait_for_value, wait_until,
 };
 
 const WORKER_1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
@@ -644,6 +644,56 @@ fn connection_opened_before_the_policy_keeps_its_path() {
     assert!(
         cluster
             .counter_packets("k8s-worker-1", "pass_existing_flow")
+            .unwrap()
+            > 0
+    );
+}
+
+#[test]
+fn all_destinations_policy_leaves_pod_to_pod_and_node_traffic_alone() {
+    skip_unless_root!();
+    let mut cluster = new_cluster();
+    let client = add_my_app(&mut cluster, "k8s-worker-1");
+    let server = cluster
+        .add_pod("k8s-worker-3", "default", "web", &[("app", "web")])
+        .unwrap();
+    let peer_bin = env!("CARGO_BIN_EXE_egress-peer");
+    let log = cluster.work_dir().join("web-peer.log");
+    let _web = cluster
+        .spawn_in_pod(
+            &server,
+            "web",
+            &[peer_bin, "serve", "--log", log.to_str().unwrap()],
+        )
+        .unwrap();
+    cluster
+        .label_node("k8s-worker-2", "egress-node", "true")
+        .unwrap();
+    let everything = policy(
+        "everything",
+        &[],
+        "nodeSelector:\n  matchLabels:\n    egress-node: \"true\"",
+    )
+    .replace("198.51.100.0/24", "0.0.0.0/0");
+    cluster.apply_policy("everything", &everything).unwrap();
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&client, WORKER_2, PROGRAMMED)
+        .unwrap();
+
+    // Leaving the cluster: through the gateway.
+    assert_eq!(source_ip(&cluster, &client), WORKER_2);
+    // Another pod sees the client's own pod IP, as without any policy.
+    let seen = wait_for_value(Duration::from_secs(10), || {
+        cluster
+            .curl_from_pod(&client, &format!("http://{}:8080/", server.ip))
+            .ok()
+    })
+    .expect("pod-to-pod HTTP through a 0.0.0.0/0 policy");
+    assert_eq!(seen.trim(), client.ip.to_string());
+    assert!(
+        cluster
+            .counter_packets("k8s-worker-1", "pass_in_cluster")
             .unwrap()
             > 0
     );

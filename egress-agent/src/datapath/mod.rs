@@ -27,11 +27,12 @@ use egress_common::{
     config::Config,
     counters::{Counter, reason},
     map_names,
-    nodes::{EgressIp, LocalPod, NodeInfo},
+    nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
     program_names,
 };
 pub use gc::{Timeouts, monotonic_now_ns};
+use ipnet::Ipv4Net;
 pub use pins::{DEFAULT_BPFFS, PinError, PinLayout};
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -186,6 +187,7 @@ impl SyncStats {
 pub struct MapContents {
     pub policies: BTreeMap<(u32, PolicyKey), PolicyValue>,
     pub nodes: BTreeSet<Ipv4Addr>,
+    pub cluster_cidrs: BTreeSet<Ipv4Net>,
     pub local_pods: BTreeMap<Ipv4Addr, u32>,
     pub egress_ips: BTreeMap<Ipv4Addr, u32>,
 }
@@ -259,12 +261,16 @@ impl Datapath {
     /// the ones not wanted (mark and sweep against what the kernel really holds).
     pub fn sync_maps(&mut self, desired: &MapContents) -> Result<SyncStats> {
         let mut stats = SyncStats::default();
-        let policies = desired
-            .policies
+        stats.add(self.sync_lpm(map_names::POLICIES, &desired.policies)?);
+        let cluster_cidrs = desired
+            .cluster_cidrs
             .iter()
-            .map(|((prefix, key), value)| (LpmKey(*prefix, *key), *value))
+            .map(|net| {
+                let key = (net.prefix_len() as u32, net.network().octets());
+                (key, ClusterCidr::default())
+            })
             .collect();
-        stats.add(self.sync_lpm(map_names::POLICIES, &policies)?);
+        stats.add(self.sync_lpm(map_names::CLUSTER_CIDRS, &cluster_cidrs)?);
         let nodes = desired
             .nodes
             .iter()
@@ -320,24 +326,25 @@ impl Datapath {
         Ok(SyncStats::of(&diff))
     }
 
-    fn sync_lpm(
+    fn sync_lpm<K: Pod + Ord, V: Pod + PartialEq>(
         &mut self,
         name: &'static str,
-        desired: &BTreeMap<LpmKey, PolicyValue>,
+        desired: &BTreeMap<(u32, K), V>,
     ) -> Result<SyncStats> {
         let map_err = |source| DatapathError::Map { name, source };
-        let mut map: LpmTrie<&mut MapData, PolicyKey, PolicyValue> = self.map_mut(name)?;
-        let current: BTreeMap<LpmKey, PolicyValue> = map
+        let mut map: LpmTrie<&mut MapData, K, V> = self.map_mut(name)?;
+        let current: BTreeMap<(u32, K), V> = map
             .iter()
-            .map(|entry| entry.map(|(key, value)| (LpmKey::from(key), value)))
+            .map(|entry| entry.map(|(key, value)| ((key.prefix_len(), key.data()), value)))
             .collect::<Result<_, _>>()
             .map_err(map_err)?;
         let diff = diff_maps(&current, desired);
-        for key in &diff.deletes {
-            ignore_missing(map.remove(&key.to_aya())).map_err(map_err)?;
+        for (prefix, data) in &diff.deletes {
+            ignore_missing(map.remove(&Key::new(*prefix, *data))).map_err(map_err)?;
         }
-        for (key, value) in &diff.upserts {
-            map.insert(&key.to_aya(), value, 0).map_err(map_err)?;
+        for ((prefix, data), value) in &diff.upserts {
+            map.insert(&Key::new(*prefix, *data), value, 0)
+                .map_err(map_err)?;
         }
         Ok(SyncStats::of(&diff))
     }
@@ -479,22 +486,6 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),
         other => other,
-    }
-}
-
-/// An LPM key with an order, so trie contents can be diffed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct LpmKey(u32, PolicyKey);
-
-impl LpmKey {
-    fn to_aya(self) -> Key<PolicyKey> {
-        Key::new(self.0, self.1)
-    }
-}
-
-impl From<Key<PolicyKey>> for LpmKey {
-    fn from(key: Key<PolicyKey>) -> Self {
-        LpmKey(key.prefix_len(), key.data())
     }
 }
 

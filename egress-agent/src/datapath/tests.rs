@@ -1100,3 +1100,34 @@ fn random_packets_never_break_the_gateway_invariants() {
         );
     }
 }
+
+#[test]
+fn in_cluster_destinations_are_never_steered() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "0.0.0.0/0", with_gateway(GATEWAY.octets()));
+    let mut cidrs: LpmTrie<&mut MapData, [u8; 4], egress_common::nodes::ClusterCidr> =
+        LpmTrie::try_from(node.ebpf.map_mut(map_names::CLUSTER_CIDRS).unwrap()).unwrap();
+    cidrs
+        .insert(
+            &Key::new(16, [10, 244, 0, 0]),
+            egress_common::nodes::ClusterCidr::default(),
+            0,
+        )
+        .unwrap();
+    let other_pod = Ipv4Addr::new(10, 244, 2, 7);
+    for dst in [other_pod, GATEWAY] {
+        let input = packet(POD, 40000, dst, 8080, L4::Tcp { flags: SYN });
+        let (verdict, output) = node.run(program_names::FROM_POD, &input);
+        assert_eq!(verdict, TC_ACT_OK_NEXT, "{dst} is in the cluster");
+        assert_eq!(output, input);
+    }
+    assert_eq!(node.counter(reason::PASS_IN_CLUSTER), 2);
+    let outside = packet(POD, 40000, DEST, 443, L4::Tcp { flags: SYN });
+    assert_eq!(
+        node.run(program_names::FROM_POD, &outside).0,
+        TC_ACT_REDIRECT
+    );
+}

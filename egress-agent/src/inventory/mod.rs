@@ -12,6 +12,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1 as k8s;
 
 pub use self::{
@@ -30,6 +31,8 @@ pub struct Node {
     pub labels: BTreeMap<String, String>,
     /// First IPv4 `InternalIP` of `status.addresses`: the tunnel underlay address.
     pub internal_ip: Option<Ipv4Addr>,
+    /// IPv4 `spec.podCIDRs` (or `spec.podCIDR`): in-cluster destinations, never steered.
+    pub pod_cidrs: Vec<Ipv4Net>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,10 +59,23 @@ impl From<&k8s::Node> for Node {
             .flat_map(|s| s.addresses.iter().flatten())
             .filter(|a| a.type_ == "InternalIP")
             .find_map(|a| a.address.parse::<Ipv4Addr>().ok());
+        let spec = node.spec.as_ref();
+        let pod_cidrs = spec
+            .and_then(|spec| spec.pod_cidrs.clone())
+            .or_else(|| {
+                spec.and_then(|spec| spec.pod_cidr.clone())
+                    .map(|cidr| vec![cidr])
+            })
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|cidr| cidr.parse::<Ipv4Net>().ok())
+            .map(|net| net.trunc())
+            .collect();
         Node {
             name: node.metadata.name.clone().unwrap_or_default(),
             labels: node.metadata.labels.clone().unwrap_or_default(),
             internal_ip,
+            pod_cidrs,
         }
     }
 }
@@ -255,6 +271,7 @@ pub(crate) mod test_support {
             name: name.into(),
             labels: labels(l),
             internal_ip: ip.map(Ipv4Addr::from),
+            pod_cidrs: Vec::new(),
         }
     }
 
