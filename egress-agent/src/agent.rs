@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::ExitCode,
     str::FromStr,
@@ -223,6 +224,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         last_network: None,
         last_summary: String::new(),
         last_problems: BTreeMap::new(),
+        last_unwired: BTreeSet::new(),
         last_programmed: None,
     };
     reconciler.log_refusals();
@@ -318,6 +320,8 @@ struct Reconciler<'a> {
     last_config: Option<Config>,
     last_network: Option<netlink::Snapshot>,
     last_summary: String,
+    /// Local pods without a host interface yet, as last logged.
+    last_unwired: BTreeSet<Ipv4Addr>,
     /// Each policy's problem as last logged, so changes are logged once, not per reconcile.
     last_problems: BTreeMap<String, Option<String>>,
     /// `published` of the last snapshot programmed, to time each snapshot only once.
@@ -369,6 +373,18 @@ impl Reconciler<'_> {
         let desired = desired::desired_state(inventory, &args.node_name, &local);
         self.log_problem_changes(&desired);
         let (contents, attachments) = self.plan(&desired, network);
+        let unwired: BTreeSet<Ipv4Addr> = desired
+            .local_pods
+            .iter()
+            .filter(|ip| !contents.local_pods.contains_key(ip))
+            .copied()
+            .collect();
+        if unwired != self.last_unwired {
+            for pod_ip in unwired.difference(&self.last_unwired) {
+                warn!(%pod_ip, "no host interface routes to this local pod yet");
+            }
+            self.last_unwired = unwired;
+        }
         check_capacity("policies", contents.policies.len(), args.policy_map_size);
         // Programs first, entries second: once `bpf egress list` shows a pod's entry, its
         // traffic is already steered (a pod may start sending the moment it sees that).
@@ -490,7 +506,8 @@ impl Reconciler<'_> {
                     attach(ifindex, Hook::FromPod);
                     attach(ifindex, Hook::ToPod);
                 }
-                _ => warn!(pod_ip = %pod_ip, "no host interface routes to this local pod yet"),
+                // Logged by the caller once per change: the CNI may still be wiring the pod.
+                _ => {}
             }
         }
         for ifindex in desired.egress_ips.values() {
