@@ -14,6 +14,7 @@ use egress_tests::{
 
 const WORKER_1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
 const WORKER_2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
+const DESTINATION: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const WORKER_3: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 13);
 const SECONDARY_EGRESS_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
 /// How long an agent may take to program a change (Cilium reconciles within about a second).
@@ -696,5 +697,59 @@ fn all_destinations_policy_leaves_pod_to_pod_and_node_traffic_alone() {
             .counter_packets("k8s-worker-1", "pass_in_cluster")
             .unwrap()
             > 0
+    );
+}
+
+#[test]
+fn icmp_echo_and_full_size_packets_go_through_the_tunnel() {
+    skip_unless_root!();
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-1");
+    apply_howto_policy(&mut cluster);
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+    cluster.start_capture().unwrap();
+    // 1472 + 28 = 1500 bytes with DF: more than the tunnel's 1450-byte MTU. The tunnel
+    // fragments its outer packet instead (the inner one stays whole), so non-TCP traffic
+    // of full size still arrives; TCP avoids this through MSS clamping.
+    for size in ["56", "1472"] {
+        let ping = cluster
+            .exec_in_pod(
+                &pod,
+                &[
+                    "ping",
+                    "-n",
+                    "-c",
+                    "2",
+                    "-W",
+                    "3",
+                    "-M",
+                    "do",
+                    "-s",
+                    size,
+                    "198.51.100.10",
+                ],
+            )
+            .unwrap();
+        assert!(
+            ping.status.success(),
+            "ping -s {size}: {}{}",
+            String::from_utf8_lossy(&ping.stdout),
+            String::from_utf8_lossy(&ping.stderr)
+        );
+    }
+    let icmp_sources: Vec<Ipv4Addr> = cluster
+        .stop_capture()
+        .unwrap()
+        .into_iter()
+        .filter(|packet| packet.protocol == IpProtocol::Icmp && packet.dst == DESTINATION)
+        .map(|packet| packet.src)
+        .collect();
+    assert_eq!(icmp_sources.len(), 4, "{icmp_sources:?}");
+    assert!(
+        icmp_sources.iter().all(|source| *source == WORKER_2),
+        "{icmp_sources:?}"
     );
 }

@@ -21,7 +21,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests (and the demo) use.
 const DEBIAN_PACKAGES: &[&str] = &[
-    "bpftool", "iperf3", "nftables", "iptables", "tcpdump", "curl", "iproute2",
+    "bpftool", "iperf3", "nftables", "iptables", "tcpdump", "curl", "iproute2", "iputils-ping",
 ];
 
 #[derive(Parser)]
