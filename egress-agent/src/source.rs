@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::watch;
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
 
 use crate::{inventory::Inventory, manifests};
 
@@ -29,17 +31,42 @@ pub struct Snapshot {
     pub published: Option<Instant>,
 }
 
-/// How often the manifests folder is checked for changes.
-const MANIFEST_POLL: Duration = Duration::from_millis(100);
+/// Safety net behind inotify: how often the manifests folder is compared anyway (inotify
+/// misses changes behind symlinks that point out of the folder, or when its queue overflows).
+const MANIFEST_POLL: Duration = Duration::from_millis(500);
+/// Editors write a file in several steps; wait this long after an event before reading.
+const SETTLE: Duration = Duration::from_millis(5);
 
-/// Watches a manifests folder: a new snapshot whenever a file changes (path, size, mtime).
+/// Watches a manifests folder: a new snapshot whenever a file changes (path, size, mtime),
+/// noticed through inotify within milliseconds.
 pub fn manifests(dir: PathBuf) -> watch::Receiver<Arc<Snapshot>> {
     let first = load(&dir);
     let (sender, receiver) = watch::channel(Arc::new(first));
+    let (wake, mut woken) = mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |_event| {
+        // A full channel already holds a wake-up: nothing is lost.
+        let _ = wake.try_send(());
+    })
+    .and_then(|mut watcher| {
+        watcher.watch(&dir, RecursiveMode::Recursive)?;
+        Ok(watcher)
+    });
+    let watcher = match watcher {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            warn!(%error, dir = %dir.display(), "no inotify watch; polling the folder instead");
+            None
+        }
+    };
     tokio::spawn(async move {
+        // Dropping the watcher would stop the events.
+        let _watcher = watcher;
         let mut fingerprint = manifests::fingerprint(&dir);
         loop {
-            tokio::time::sleep(MANIFEST_POLL).await;
+            tokio::select! {
+                _ = woken.recv() => tokio::time::sleep(SETTLE).await,
+                _ = tokio::time::sleep(MANIFEST_POLL) => {}
+            }
             let current = manifests::fingerprint(&dir);
             if current == fingerprint {
                 continue;
