@@ -65,4 +65,8 @@ pub mod program_names {
     /// Test-only twin of `FROM_TUNNEL` that reads the outer source from `skb->cb[0]`, because
     /// BPF_PROG_TEST_RUN cannot attach tunnel metadata. The agent never attaches it.
     pub const TEST_FROM_TUNNEL: &str = "test_from_tunnel";
+    /// Bench-only floor: an empty TC program (`cargo xtask bench`); never attached.
+    pub const BENCH_EMPTY: &str = "bench_empty";
+    /// Bench-only floor: parses Ethernet/IPv4/L4 and passes; never attached.
+    pub const BENCH_PARSE_ONLY: &str = "bench_parse_only";
 }

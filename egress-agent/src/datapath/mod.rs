@@ -2,6 +2,7 @@
 //! writes map contents by diff.
 
 mod gc;
+pub mod packets;
 mod pins;
 #[cfg(test)]
 mod tests;
@@ -497,6 +498,12 @@ pub mod pinned {
         let data = MapData::from_pin(pins.map(name))
             .map_err(|source| DatapathError::Map { name, source })?;
         aya::maps::Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// The pinned policy trie itself, for lookups (the benchmarks poll it).
+    pub fn policy_trie(pins: &PinLayout) -> Result<LpmTrie<MapData, PolicyKey, PolicyValue>> {
+        let name = map_names::POLICIES;
+        LpmTrie::try_from(open(pins, name)?).map_err(|source| DatapathError::Map { name, source })
     }
 
     pub fn policies(pins: &PinLayout) -> Result<Vec<(u32, PolicyKey, PolicyValue)>> {

@@ -1,0 +1,78 @@
+//! `egress-agent bench ...`: the measurements of `cargo xtask bench` that need the agent's
+//! internals. Each prints one JSON document on stdout; `egress-bench` (tests crate) runs
+//! them, adds the traffic measurements and writes the report.
+//!
+//! - `datapath`: per-packet cost of every verdict path through BPF_PROG_TEST_RUN.
+//! - `control-plane`: reconcile time and peak memory on synthetic inventories.
+//! - `manifest-latency`: manifest written to policy entry in the kernel, against a running
+//!   agent.
+
+mod control_plane;
+mod datapath;
+mod manifest_latency;
+pub mod stats;
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Nanoseconds per packet of each program and verdict path (needs root).
+    Datapath(datapath::DatapathArgs),
+    /// Reconcile time and peak memory for pods x policies (needs root: writes real maps).
+    ControlPlane(control_plane::ControlPlaneArgs),
+    /// One pods x policies combination, measured in its own process (for its peak memory).
+    #[command(hide = true)]
+    ControlPlaneOne(control_plane::OneArgs),
+    /// Delay from a manifest change to the policy entry in a running agent's pinned map.
+    ManifestLatency(manifest_latency::LatencyArgs),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("BPF_PROG_TEST_RUN needs root (CAP_BPF and CAP_NET_ADMIN)")]
+    NotRoot,
+    #[error("{case}: expected verdict {expected}, the program returned {got}")]
+    WrongVerdict {
+        case: String,
+        expected: u32,
+        got: u32,
+    },
+    #[error("{case}: counter {reason} rose by {got}, expected {expected}: another path ran")]
+    WrongPath {
+        case: String,
+        reason: &'static str,
+        expected: u64,
+        got: u64,
+    },
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        BenchCommand::Datapath(args) => print_json(&datapath::run(&args)?),
+        BenchCommand::ControlPlane(args) => print_json(&control_plane::run(&args)?),
+        BenchCommand::ControlPlaneOne(args) => print_json(&control_plane::run_one(&args)?),
+        BenchCommand::ManifestLatency(args) => print_json(&manifest_latency::run(&args)?),
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ensure_root() -> Result<(), BenchError> {
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(BenchError::NotRoot);
+    }
+    Ok(())
+}

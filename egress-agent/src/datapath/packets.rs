@@ -1,0 +1,153 @@
+//! Building Ethernet/IPv4 frames for BPF_PROG_TEST_RUN, shared by the datapath tests and
+//! `egress-agent bench` (which measures the same programs with the same packets).
+
+use std::net::Ipv4Addr;
+
+use egress_common::flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+
+#[derive(Clone, Copy)]
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "the benchmarks send plain TCP only; the tests use every kind")
+)]
+pub enum L4 {
+    Tcp {
+        flags: u8,
+    },
+    /// TCP with an MSS option.
+    TcpMss {
+        flags: u8,
+        mss: u16,
+    },
+    Udp,
+    IcmpEcho {
+        reply: bool,
+    },
+}
+
+#[cfg(test)]
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+
+pub fn checksum(data: &[u8], initial: u32) -> u16 {
+    let mut sum = initial;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += word as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+pub fn pseudo_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
+    let mut sum = 0u32;
+    for pair in [src, dst] {
+        sum += u16::from_be_bytes([pair[0], pair[1]]) as u32;
+        sum += u16::from_be_bytes([pair[2], pair[3]]) as u32;
+    }
+    sum + proto as u32 + len as u32
+}
+
+pub fn packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, l4: L4) -> Vec<u8> {
+    let payload = b"egress gateway test payload";
+    let (proto, mut l4_bytes) = match l4 {
+        L4::Tcp { flags } | L4::TcpMss { flags, .. } => {
+            let mut h = vec![0u8; 20];
+            h[0..2].copy_from_slice(&sport.to_be_bytes());
+            h[2..4].copy_from_slice(&dport.to_be_bytes());
+            h[4..8].copy_from_slice(&1000u32.to_be_bytes());
+            h[12] = 5 << 4;
+            h[13] = flags;
+            h[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            if let L4::TcpMss { mss, .. } = l4 {
+                // NOP, NOP, then MSS: the option need not come first.
+                h[12] = 7 << 4;
+                h.extend_from_slice(&[1, 1, 2, 4]);
+                h.extend_from_slice(&mss.to_be_bytes());
+                h.extend_from_slice(&[1, 1, 1, 1, 1, 0]);
+            }
+            (PROTO_TCP, h)
+        }
+        L4::Udp => {
+            let mut h = vec![0u8; 8];
+            h[0..2].copy_from_slice(&sport.to_be_bytes());
+            h[2..4].copy_from_slice(&dport.to_be_bytes());
+            h[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            (PROTO_UDP, h)
+        }
+        L4::IcmpEcho { reply } => {
+            let mut h = vec![0u8; 8];
+            h[0] = if reply { 0 } else { 8 };
+            // The identifier travels in the "port" of the requester's side.
+            let id = if reply { dport } else { sport };
+            h[4..6].copy_from_slice(&id.to_be_bytes());
+            h[6..8].copy_from_slice(&1u16.to_be_bytes());
+            (PROTO_ICMP, h)
+        }
+    };
+    l4_bytes.extend_from_slice(payload);
+    let check_off = match proto {
+        PROTO_TCP => 16,
+        PROTO_UDP => 6,
+        _ => 2,
+    };
+    let initial = if proto == PROTO_ICMP {
+        0
+    } else {
+        pseudo_sum(src.octets(), dst.octets(), proto, l4_bytes.len())
+    };
+    let sum = checksum(&l4_bytes, initial);
+    l4_bytes[check_off..check_off + 2].copy_from_slice(&sum.to_be_bytes());
+
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + l4_bytes.len()) as u16).to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let sum = checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&l4_bytes);
+    frame
+}
+
+/// Addresses and ports of a frame built by `packet` (or rewritten by a program).
+#[cfg(test)]
+pub struct Seen {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+#[cfg(test)]
+pub fn seen(frame: &[u8]) -> Seen {
+    let ip = &frame[14..];
+    let l4 = &ip[(ip[0] & 0x0f) as usize * 4..];
+    let (sport, dport) = match ip[9] {
+        PROTO_ICMP if l4[0] == 8 => (u16::from_be_bytes([l4[4], l4[5]]), 0),
+        PROTO_ICMP => (0, u16::from_be_bytes([l4[4], l4[5]])),
+        _ => (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        ),
+    };
+    Seen {
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        sport,
+        dport,
+    }
+}
