@@ -864,6 +864,11 @@ impl Cluster {
 
     /// Starts the egress agent inside a node's namespace.
     pub fn start_agent(&self, node: &str) -> Result<()> {
+        self.start_agent_with_args(node, &[])
+    }
+
+    /// Starts the agent with extra `run` arguments (e.g. `--nat-port-range 1024-1123`).
+    pub fn start_agent_with_args(&self, node: &str, extra: &[&str]) -> Result<()> {
         let node = self.node(node)?;
         if !self.agent_bin.is_file() {
             bail!(
@@ -887,6 +892,7 @@ impl Cluster {
             .arg(self.manifests.dir())
             .arg("--bpffs")
             .arg(&node.bpffs)
+            .args(extra)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -6,6 +6,7 @@
 //! harness creates and is removed when the `Cluster` is dropped, also when a test panics.
 
 pub mod agent;
+pub mod bench;
 pub mod capture;
 pub mod cluster;
 pub mod manifests;

@@ -73,8 +73,10 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Benchmarks (not implemented yet).
+    /// Build in release mode and run the benchmarks (BPF cost, traffic through three paths,
+    /// NAT pressure, control plane); writes bench/results/latest.{md,json,svg}.
     Bench {
+        /// A smoke run with tiny counts, written to bench/results/quick/ instead.
         #[arg(long)]
         quick: bool,
     },
@@ -160,8 +162,30 @@ fn run_task(task: Task) -> Result<ExitCode> {
                     .args(args),
             );
         }
-        Task::Bench { quick: _ } => {
-            bail!("benchmarks are not implemented yet");
+        Task::Bench { quick } => {
+            ensure_root("the benchmarks load BPF programs and create network namespaces")?;
+            setup(&ws, &ws.tools)?;
+            let release = Profile { release: true };
+            let mut cmd = ws.cargo("build");
+            cmd.args(["--package", "egress-agent", "--package", "egress-tests"])
+                .args(["--bin", "egress-agent", "--bin", "egress-bench"])
+                .args(["--bin", "egress-load", "--bin", "egress-peer"]);
+            release.add_to(&mut cmd);
+            run(&mut cmd)?;
+            let out = if quick {
+                ws.root.join("bench/results/quick")
+            } else {
+                ws.root.join("bench/results")
+            };
+            let mut bench = Command::new(ws.target_dir().join("release/egress-bench"));
+            bench
+                .env("EGRESS_AGENT_BIN", ws.agent_bin(release))
+                .arg("--out")
+                .arg(&out);
+            if quick {
+                bench.arg("--quick");
+            }
+            return exit_code_of(&mut bench);
         }
     }
     Ok(ExitCode::SUCCESS)

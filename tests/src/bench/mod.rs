@@ -1,0 +1,222 @@
+//! The benchmarks of `cargo xtask bench`, run by the `egress-bench` binary: the agent's own
+//! measurements (`egress-agent bench ...`: BPF cost, control plane), real traffic through
+//! three paths of one namespace cluster, NAT under pressure and manifest-to-datapath delay;
+//! then the report (`latest.json`, `latest.md`, `latest.svg`).
+
+mod kernel_way;
+pub mod report;
+mod traffic;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{
+    agent::agent_binary,
+    cluster::{BPFFS_ROOT, ensure_bpffs_mounted},
+    process::run_with_timeout,
+};
+
+/// How much of everything to do.
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub quick: bool,
+    /// Runs per figure (the report shows median, min and max).
+    pub runs: usize,
+    pub bpf_reps: u32,
+    pub bpf_new_flows: u32,
+    pub bpf_policy_entries: &'static str,
+    pub bpf_nat_entries: &'static str,
+    pub cp_pods: &'static str,
+    pub cp_policies: &'static str,
+    pub cp_max_evaluations: u64,
+    /// Seconds per iperf3 measurement.
+    pub iperf_seconds: u32,
+    /// Milliseconds per request-response and connection-rate measurement.
+    pub load_ms: u64,
+    pub nat_pods: u32,
+    pub nat_connections: u32,
+    /// `--nat-port-range` of the gateway agent; `None` keeps the default 1024-32767.
+    pub nat_port_range: Option<&'static str>,
+    pub nat_connect_timeout_ms: u64,
+    pub latency_changes: u32,
+}
+
+impl Params {
+    pub fn full() -> Self {
+        Params {
+            quick: false,
+            runs: 5,
+            bpf_reps: 1_000_000,
+            bpf_new_flows: 10_000,
+            bpf_policy_entries: "10,10000",
+            bpf_nat_entries: "100,100000",
+            cp_pods: "1000,10000,100000",
+            cp_policies: "10,100,1000",
+            cp_max_evaluations: 10_000_000,
+            iperf_seconds: 3,
+            load_ms: 2000,
+            nat_pods: 4,
+            nat_connections: 40_000,
+            nat_port_range: None,
+            nat_connect_timeout_ms: 3000,
+            latency_changes: 100,
+        }
+    }
+
+    /// A smoke run: every section, tiny counts. The NAT range shrinks to 100 ports so a few
+    /// hundred connections still exhaust it.
+    pub fn quick() -> Self {
+        Params {
+            quick: true,
+            runs: 1,
+            bpf_reps: 1000,
+            bpf_new_flows: 100,
+            bpf_policy_entries: "10",
+            bpf_nat_entries: "100",
+            cp_pods: "1000",
+            cp_policies: "10",
+            cp_max_evaluations: 10_000_000,
+            iperf_seconds: 1,
+            load_ms: 500,
+            nat_pods: 2,
+            nat_connections: 300,
+            nat_port_range: Some("1024-1123"),
+            nat_connect_timeout_ms: 1000,
+            latency_changes: 5,
+        }
+    }
+}
+
+/// Binaries the benchmarks run.
+pub struct Binaries {
+    pub agent: PathBuf,
+    pub load: PathBuf,
+    pub peer: PathBuf,
+}
+
+impl Binaries {
+    /// `$EGRESS_AGENT_BIN` (else the target folder), and the tests crate's binaries next to
+    /// the running one (or `$EGRESS_LOAD_BIN` / `$EGRESS_PEER_BIN`).
+    pub fn locate() -> Result<Self> {
+        let sibling = |env: &str, name: &str| -> Result<PathBuf> {
+            if let Some(path) = std::env::var_os(env) {
+                return Ok(PathBuf::from(path));
+            }
+            let exe = std::env::current_exe()?;
+            let path = exe.with_file_name(name);
+            if !path.is_file() {
+                bail!(
+                    "{} not found (build the egress-tests binaries or set {env})",
+                    path.display()
+                );
+            }
+            Ok(path)
+        };
+        let agent = agent_binary();
+        if !agent.is_file() {
+            bail!(
+                "agent binary {} not found (set EGRESS_AGENT_BIN)",
+                agent.display()
+            );
+        }
+        Ok(Binaries {
+            agent,
+            load: sibling("EGRESS_LOAD_BIN", "egress-load")?,
+            peer: sibling("EGRESS_PEER_BIN", "egress-peer")?,
+        })
+    }
+}
+
+/// Runs every section and returns the full results document.
+pub fn run_all(params: &Params, bins: &Binaries) -> Result<Value> {
+    let started = Instant::now();
+    eprintln!("== BPF per-packet cost");
+    let datapath = agent_json(
+        &bins.agent,
+        &[
+            "bench",
+            "datapath",
+            "--reps",
+            &params.bpf_reps.to_string(),
+            "--runs",
+            &params.runs.to_string(),
+            "--new-flows",
+            &params.bpf_new_flows.to_string(),
+            "--policy-entries",
+            params.bpf_policy_entries,
+            "--nat-entries",
+            params.bpf_nat_entries,
+        ],
+    )?;
+    eprintln!("== control plane");
+    ensure_bpffs_mounted()?;
+    let bpffs = Path::new(BPFFS_ROOT).join(format!("egt{}-bench", std::process::id()));
+    let control_plane = agent_json(
+        &bins.agent,
+        &[
+            "bench",
+            "control-plane",
+            "--bpffs",
+            &bpffs.to_string_lossy(),
+            "--pods",
+            params.cp_pods,
+            "--policies",
+            params.cp_policies,
+            "--runs",
+            &params.runs.to_string(),
+            "--max-evaluations",
+            &params.cp_max_evaluations.to_string(),
+        ],
+    )?;
+    eprintln!("== traffic, NAT pressure and manifest latency in a namespace cluster");
+    let cluster = traffic::run(params, bins)?;
+    Ok(json!({
+        "host": host_info(),
+        "mode": if params.quick { "quick" } else { "full" },
+        "runs": params.runs,
+        "datapath": datapath,
+        "control_plane": control_plane,
+        "traffic": cluster.traffic,
+        "nat_pressure": cluster.nat_pressure,
+        "manifest_latency": cluster.manifest_latency,
+        "elapsed_seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// Runs `egress-agent <args>` and parses the JSON it prints.
+fn agent_json(agent: &Path, args: &[&str]) -> Result<Value> {
+    let mut command = Command::new(agent);
+    command.args(args);
+    let output = run_with_timeout(command, std::time::Duration::from_secs(3600))?;
+    if !output.status.success() {
+        bail!(
+            "egress-agent {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("parsing the output of egress-agent {}", args.join(" ")))
+}
+
+/// Kernel, CPU model and core count: the report names the machine.
+pub fn host_info() -> Value {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map(|(_, model)| model.trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    json!({ "kernel": kernel, "cpu": cpu, "cores": cores })
+}
