@@ -416,6 +416,8 @@ impl BenchNode {
                 tunnel_ifindex: TUNNEL_IFINDEX,
                 nat_port_min: 1024,
                 nat_port_max: 32767,
+                // As the agent sets it for a 1450-byte tunnel.
+                tunnel_mss: 1410,
                 reserved: 0,
             },
             0,
@@ -513,7 +515,7 @@ impl BenchNode {
             nat_port: nat_port.to_be_bytes(),
             _pad: [0; 2],
             pod_node_ip: POD_NODE.octets(),
-            _pad2: 0,
+            flags: 0,
             last_seen_ns: 0,
         };
         let reverse = |pod_ip: Ipv4Addr, pod_port: u16| NatReverse {

@@ -8,7 +8,10 @@ use egress_common::flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 #[derive(Clone, Copy)]
 #[cfg_attr(
     not(test),
-    expect(dead_code, reason = "the benchmarks send plain TCP only; the tests use every kind")
+    expect(
+        dead_code,
+        reason = "the benchmarks send plain TCP only; the tests use every kind"
+    )
 )]
 pub enum L4 {
     Tcp {
