@@ -20,10 +20,26 @@ struct Cli {
     /// Folder for latest.json, latest.md and latest.svg.
     #[arg(long)]
     out: PathBuf,
+    /// Only redo latest.md and latest.svg from the latest.json already in --out.
+    #[arg(long)]
+    render_only: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.render_only {
+        let rendered = std::fs::read_to_string(cli.out.join("latest.json"))
+            .map_err(anyhow::Error::from)
+            .and_then(|json| Ok(serde_json::from_str(&json)?))
+            .and_then(|mut doc| bench::report::write(&mut doc, &cli.out));
+        return match rendered {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("egress-bench: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if !egress_tests::is_root() {
         eprintln!("egress-bench: must run as root (BPF programs, network namespaces)");
         return ExitCode::FAILURE;
