@@ -311,6 +311,10 @@ fn synthetic_inventory(pods: u32, policies: u32) -> anyhow::Result<Inventory> {
             name: format!("node-{i:03}"),
             labels,
             internal_ip: Some(node_ip(i)),
+            pod_cidrs: vec![ipnet::Ipv4Net::new(
+                Ipv4Addr::new(10, 192 + (i >> 8) as u8, i as u8, 0),
+                24,
+            )?],
         });
     }
     for i in 0..NAMESPACES {
