@@ -15,7 +15,7 @@ use egress_common::{
 };
 use ipnet::Ipv4Net;
 
-use crate::inventory::{EgressSource, Inventory, Pod};
+use crate::inventory::{EgressSource, Inventory, Pod, PodIndex};
 
 /// This node's interfaces, as the agent reads them from netlink.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -113,6 +113,7 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
             .collect(),
         ..Default::default()
     };
+    let pods = PodIndex::new(inv);
     let mut owners: BTreeMap<(Ipv4Addr, Ipv4Net), Owner<'_>> = BTreeMap::new();
     let mut conflicts: BTreeMap<(&str, &str), usize> = BTreeMap::new();
 
@@ -150,7 +151,7 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
             problems.insert(0, PolicyProblem::NoGatewayNode);
         }
 
-        for pod in inv.matching_pods(policy) {
+        for pod in pods.matching_pods(policy) {
             summary.matched_pods += 1;
             let value = match pick_gateway(&gateways, pod) {
                 None => PolicyValue {

@@ -12,7 +12,7 @@ use aya::{
 use egress_common::{
     config::{Config, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
     counters::{Counter, reason},
-    flow::{FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, SteeredFlow},
+    flow::{FlowKey, PROTO_ICMP, SteeredFlow},
     map_names,
     nat::{NatForward, NatReverse},
     nodes::{EgressIp, LocalPod, NodeInfo},

@@ -8,7 +8,7 @@ pub mod selector;
 
 use std::{
     borrow::Cow,
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -237,11 +237,10 @@ impl Inventory {
             })
     }
 
-    /// Pods selected by `policy`, in (namespace, name) order.
-    pub fn matching_pods<'a>(&'a self, policy: &'a Policy) -> impl Iterator<Item = &'a Pod> + 'a {
-        self.pods
-            .values()
-            .filter(|pod| self.pod_matches(policy, pod))
+    /// Pods selected by `policy`, in (namespace, name) order. For many policies, build a
+    /// [`PodIndex`] once instead.
+    pub fn matching_pods<'a>(&'a self, policy: &'a Policy) -> Vec<&'a Pod> {
+        PodIndex::new(self).matching_pods(policy)
     }
 
     /// The gateway node of a selector: the first matching node, by name, that has an
@@ -250,6 +249,71 @@ impl Inventory {
         self.nodes
             .values()
             .find(|n| n.internal_ip.is_some() && selector.matches(&n.labels))
+    }
+}
+
+/// Pods indexed by label (the namespace pseudo-label included), so a policy evaluates only
+/// the pods that carry the rarest of its required labels instead of every pod: with 100,000
+/// pods and 100 policies that is the difference between seconds and milliseconds.
+pub struct PodIndex<'a> {
+    inventory: &'a Inventory,
+    /// Pods that can match at all (scheduled, with an IPv4), in (namespace, name) order.
+    schedulable: Vec<&'a Pod>,
+    by_label: HashMap<(&'a str, &'a str), Vec<&'a Pod>>,
+}
+
+impl<'a> PodIndex<'a> {
+    pub fn new(inventory: &'a Inventory) -> Self {
+        let schedulable: Vec<&Pod> = inventory
+            .pods
+            .values()
+            .filter(|pod| pod.node_name.is_some() && !pod.ips.is_empty())
+            .collect();
+        let mut by_label: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
+        for &pod in &schedulable {
+            let namespace = (POD_NAMESPACE_LABEL, pod.namespace.as_str());
+            let labels = pod.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+            for label in std::iter::once(namespace).chain(labels) {
+                by_label.entry(label).or_default().push(pod);
+            }
+        }
+        Self {
+            inventory,
+            schedulable,
+            by_label,
+        }
+    }
+
+    /// Pods selected by `policy`, in (namespace, name) order, each once.
+    pub fn matching_pods(&self, policy: &'a Policy) -> Vec<&'a Pod> {
+        let mut matched: Vec<&Pod> = Vec::new();
+        for selector in &policy.selectors {
+            let candidates = self.candidates(&selector.pod_selector);
+            matched.extend(candidates.iter().copied().filter(|pod| {
+                let node = pod.node_name.as_deref().unwrap_or_default();
+                self.inventory.selector_matches(selector, pod, node)
+            }));
+        }
+        if policy.selectors.len() > 1 {
+            matched.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            matched.dedup_by(|a, b| std::ptr::eq(*a, *b));
+        }
+        matched
+    }
+
+    /// The pods carrying the rarest label the selector requires (all pods when it requires
+    /// none), in (namespace, name) order.
+    fn candidates(&self, selector: &'a Selector) -> &[&'a Pod] {
+        selector
+            .match_labels
+            .iter()
+            .map(|(key, value)| {
+                self.by_label
+                    .get(&(key.as_str(), value.as_str()))
+                    .map_or(&[][..], Vec::as_slice)
+            })
+            .min_by_key(|pods| pods.len())
+            .unwrap_or(&self.schedulable)
     }
 }
 
@@ -294,6 +358,52 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::{test_support::*, *};
+
+    /// The index must select exactly what evaluating every pod selects.
+    #[test]
+    fn pod_index_matches_brute_force() {
+        let mut inv = Inventory::default();
+        inv.upsert_node(node("n1", Some([10, 0, 0, 1]), &[("pool", "a")]));
+        inv.upsert_node(node("n2", Some([10, 0, 0, 2]), &[("pool", "b")]));
+        let apps = ["web", "db", "batch"];
+        for i in 0..60u8 {
+            let app = apps[i as usize % 3];
+            let tier = if i % 2 == 0 { "front" } else { "back" };
+            let namespace = if i % 5 == 0 { "payments" } else { "default" };
+            let node_name = if i % 4 == 0 { "n1" } else { "n2" };
+            inv.upsert_pod(pod(
+                namespace,
+                &format!("p{i}"),
+                node_name,
+                [10, 244, 0, i],
+                &[("app", app), ("tier", tier)],
+            ));
+        }
+        let selectors = [
+            "[{podSelector: {matchLabels: {app: web}}}]",
+            "[{podSelector: {matchLabels: {app: web, tier: back}}}]",
+            "[{podSelector: {matchLabels: {app: nothing}}}]",
+            "[{podSelector: {matchLabels: {io.kubernetes.pod.namespace: payments}}}]",
+            "[{podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [db]}]}}]",
+            "[{podSelector: {matchLabels: {app: db}}, nodeSelector: {matchLabels: {pool: a}}}]",
+            "[{podSelector: {matchLabels: {app: web}}}, {podSelector: {matchLabels: {tier: front}}}]",
+            "[{podSelector: {}}]",
+        ];
+        for selectors in selectors {
+            let policy = policy(&format!(
+                "metadata: {{name: p}}\nspec: {{selectors: {selectors}, destinationCIDRs: \
+                 [198.51.100.0/24], egressGateway: {{nodeSelector: {{matchLabels: {{pool: a}}}}}}}}"
+            ));
+            let brute: Vec<&Pod> = inv
+                .pods
+                .values()
+                .filter(|p| inv.pod_matches(&policy, p))
+                .collect();
+            let indexed = PodIndex::new(&inv).matching_pods(&policy);
+            let names = |pods: &[&Pod]| pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+            assert_eq!(names(&indexed), names(&brute), "{selectors}");
+        }
+    }
 
     #[test]
     fn node_from_k8s_takes_first_ipv4_internal_ip() {
