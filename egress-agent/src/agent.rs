@@ -200,8 +200,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(dir) => source::manifests(dir.clone()),
         None => {
             let client = kubernetes::client(args.kubeconfig.as_deref()).await?;
-            kubernetes::spawn_status_writer(client.clone(), reports.clone());
-            kubernetes::source(client).await?
+            let source = kubernetes::source(client.clone());
+            kubernetes::spawn_status_writer(client, source.policies, reports.clone());
+            source.snapshots
         }
     };
     metrics::serve(
@@ -211,6 +212,20 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     )
     .await
     .with_context(|| format!("serving metrics on {}", args.metrics_address))?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    if args.kubernetes {
+        // Programming from a partial list would delete the entries of pods not listed yet.
+        info!("waiting for the initial list from the Kubernetes API");
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    bail!("the Kubernetes source stopped");
+                }
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            _ = terminate.recv() => return Ok(ExitCode::SUCCESS),
+        }
+    }
     let mut reconciler = Reconciler {
         args: &args,
         datapath: &mut datapath,
@@ -243,7 +258,6 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut last_gc = Instant::now();
     let mut inventory_changed = true;
     let mut last_sync = Instant::now();
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         match netlink.snapshot().await {
             Ok(network) => {
@@ -307,6 +321,8 @@ pub struct Report {
     /// Time from the source publishing a snapshot to the maps being written; set only by the
     /// reconcile that first programmed that snapshot (periodic re-syncs leave it `None`).
     pub last_event_to_programmed: Option<Duration>,
+    /// The snapshot this report describes.
+    pub snapshot: Arc<Snapshot>,
 }
 
 struct Reconciler<'a> {
@@ -350,7 +366,7 @@ impl Reconciler<'_> {
         let Some(node_ip) = node_ip else {
             warn!(
                 node = args.node_name,
-                "this node is not in the manifests (or has no InternalIP): nothing programmed"
+                "this node is not in the inventory (or has no InternalIP): nothing programmed"
             );
             return;
         };
@@ -420,6 +436,7 @@ impl Reconciler<'_> {
             report.reconciles += 1;
             report.last_reconcile = started.elapsed();
             report.last_event_to_programmed = newly_programmed.map(|at| at.elapsed());
+            report.snapshot = Arc::clone(&self.snapshot);
         });
         let summary = format!(
             "{} policies, {} policy entries, {} local pods, {} egress IPs",

@@ -3,6 +3,7 @@
 //! only ever sees the latest one, so bursts of changes collapse into one reconcile.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -27,6 +28,9 @@ pub struct Refusal {
 pub struct Snapshot {
     pub inventory: Inventory,
     pub refused: Vec<Refusal>,
+    /// `metadata.generation` of every policy object, valid or not, when the source knows it
+    /// (the Kubernetes API does): the policy status says which spec it describes.
+    pub policy_generations: BTreeMap<String, i64>,
     /// When the source published it, to measure event-to-datapath latency.
     pub published: Option<Instant>,
 }
@@ -95,6 +99,7 @@ fn load(dir: &std::path::Path) -> Snapshot {
     Snapshot {
         inventory: loaded.inventory,
         refused,
+        policy_generations: BTreeMap::new(),
         published: Some(Instant::now()),
     }
 }

@@ -144,12 +144,13 @@ pub struct Inventory {
     pub policies: BTreeMap<String, Policy>,
 }
 
-// Deletions come with the watch source; the manifests source rebuilds from scratch.
+// For incremental sources; both current sources rebuild from scratch (the Kubernetes one
+// from its reflector stores, so lost delete events cannot leave stale entries).
 #[cfg_attr(
     not(test),
     expect(
         dead_code,
-        reason = "used by the Kubernetes watch source, not written yet"
+        reason = "no source applies single deletions; both rebuild whole snapshots"
     )
 )]
 impl Inventory {

@@ -1,0 +1,314 @@
+//! The Kubernetes API source (kube-rs reflectors) and the policy status writer.
+//!
+//! Four reflectors (CiliumEgressGatewayPolicies, Pods, Nodes, Namespaces) keep local stores.
+//! Every change, and every (re)list, rebuilds the whole [`Inventory`] from those stores and
+//! publishes it as a complete [`Snapshot`]: the reconcile loop syncs the maps by mark and
+//! sweep against it, so a delete event lost before a relist cannot leave stale entries.
+
+pub mod status;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1 as k8s;
+use kube::{
+    Api, Client, Config, Resource, ResourceExt as _,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store, store::Writer},
+        watcher,
+    },
+};
+use serde::{Deserialize as _, de::DeserializeOwned};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+pub use self::status::spawn_status_writer;
+use crate::{
+    inventory::{
+        Inventory, Namespace, Node, Pod,
+        policy::{self, RawPolicy},
+    },
+    source::{Refusal, Snapshot},
+};
+
+/// Plural resource name of CiliumEgressGatewayPolicy in the API paths.
+pub const POLICY_PLURAL: &str = "ciliumegressgatewaypolicies";
+/// Events arriving this close together become one snapshot: a burst (a rollout, a relist)
+/// costs one reconcile, while a lone event waits at most this long.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no in-cluster configuration ({0}); outside a cluster, pass --kubeconfig FILE")]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("creating the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// A client from `kubeconfig`, or from the pod's service account when `None`.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig_error = |source| KubernetesError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            };
+            let file = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(kubeconfig_error)?
+        }
+        None => Config::incluster().map_err(KubernetesError::InCluster)?,
+    };
+    Client::try_from(config).map_err(KubernetesError::Client)
+}
+
+/// CiliumEgressGatewayPolicy as a dynamic resource: the spec is decoded by
+/// [`policy::validate`]'s own types, never by a second definition.
+pub fn policy_resource() -> ApiResource {
+    let (group, version) = policy::API_VERSION
+        .split_once('/')
+        .expect("API_VERSION is group/version");
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(group, version, policy::KIND),
+        POLICY_PLURAL,
+    )
+}
+
+/// What the Kubernetes source gives the agent.
+pub struct Source {
+    /// Complete snapshots; the first one arrives after the initial list of all four kinds.
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// The policies as last seen, status included (the status writer compares against it).
+    pub policies: Store<DynamicObject>,
+}
+
+/// The four reflector stores.
+#[derive(Clone)]
+struct Stores {
+    policies: Store<DynamicObject>,
+    pods: Store<k8s::Pod>,
+    nodes: Store<k8s::Node>,
+    namespaces: Store<k8s::Namespace>,
+}
+
+/// Starts the reflectors and the snapshot publisher.
+pub fn source(client: Client) -> Source {
+    let changed = Arc::new(Notify::new());
+    let policy_resource = policy_resource();
+    let policy_writer = Writer::new(policy_resource.clone());
+    let policies = policy_writer.as_reader();
+    let mut listed = Vec::new();
+    let mut start = |name: &'static str, listed_flag: Arc<AtomicBool>| {
+        listed.push(listed_flag.clone());
+        Reflector {
+            name,
+            listed: listed_flag,
+            changed: changed.clone(),
+        }
+    };
+    start("ciliumegressgatewaypolicies", Arc::default()).spawn(
+        Api::<DynamicObject>::all_with(client.clone(), &policy_resource),
+        policy_writer,
+    );
+    let stores = Stores {
+        policies: policies.clone(),
+        pods: start("pods", Arc::default()).spawn_typed(Api::all(client.clone())),
+        nodes: start("nodes", Arc::default()).spawn_typed(Api::all(client.clone())),
+        namespaces: start("namespaces", Arc::default()).spawn_typed(Api::all(client)),
+    };
+
+    let (sender, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+    tokio::spawn(async move {
+        let mut announced = false;
+        loop {
+            changed.notified().await;
+            tokio::time::sleep(DEBOUNCE).await;
+            // Readiness means a first full sync: nothing is published before every kind listed.
+            if !listed.iter().all(|flag| flag.load(Ordering::Acquire)) {
+                continue;
+            }
+            let snapshot = build_snapshot(&stores);
+            if !announced {
+                info!(
+                    nodes = snapshot.inventory.nodes.len(),
+                    namespaces = snapshot.inventory.namespaces.len(),
+                    pods = snapshot.inventory.pods.len(),
+                    policies = snapshot.policy_generations.len(),
+                    "initial list from the Kubernetes API complete"
+                );
+                announced = true;
+            }
+            if sender.send(Arc::new(snapshot)).is_err() {
+                return;
+            }
+        }
+    });
+    Source {
+        snapshots,
+        policies,
+    }
+}
+
+/// One watched kind: runs its reflector, flags its first complete list, signals changes.
+struct Reflector {
+    name: &'static str,
+    listed: Arc<AtomicBool>,
+    changed: Arc<Notify>,
+}
+
+impl Reflector {
+    fn spawn_typed<K>(self, api: Api<K>) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    {
+        let writer = Writer::default();
+        let store = writer.as_reader();
+        self.spawn(api, writer);
+        store
+    }
+
+    fn spawn<K>(self, api: Api<K>, writer: Writer<K>)
+    where
+        K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+        K::DynamicType: Clone + Eq + std::hash::Hash,
+    {
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            // Only names, labels and the fields the inventory reads matter; managed fields
+            // and annotations (last-applied-configuration) would only cost memory.
+            .modify(|object| {
+                object.managed_fields_mut().clear();
+                object.annotations_mut().clear();
+            });
+        let mut stream = reflector::reflector(writer, stream).boxed();
+        tokio::spawn(async move {
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(watcher::Event::InitDone) => {
+                        debug!(resource = self.name, "list complete");
+                        self.listed.store(true, Ordering::Release);
+                        self.changed.notify_one();
+                    }
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                        self.changed.notify_one();
+                    }
+                    // The store swaps in a relist's objects at InitDone, all at once.
+                    Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                    Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                        info!(
+                            resource = self.name,
+                            "resource version expired; listing again"
+                        );
+                    }
+                    Err(error) => {
+                        warn!(resource = self.name, %error, "watch failed; retrying");
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The inventory as the stores hold it now, with refusals for invalid policies.
+fn build_snapshot(stores: &Stores) -> Snapshot {
+    let mut inventory = Inventory::default();
+    for node in stores.nodes.state() {
+        inventory.upsert_node(Node::from(node.as_ref()));
+    }
+    for namespace in stores.namespaces.state() {
+        inventory.upsert_namespace(Namespace::from(namespace.as_ref()));
+    }
+    for pod in stores.pods.state() {
+        inventory.upsert_pod(Pod::from(pod.as_ref()));
+    }
+    let mut refused = Vec::new();
+    let mut policy_generations = BTreeMap::new();
+    for object in stores.policies.state() {
+        let name = object.name_any();
+        policy_generations.insert(name.clone(), object.metadata.generation.unwrap_or(0));
+        match decode_policy(&object) {
+            Ok(raw) => match policy::validate(&raw) {
+                Ok(valid) => {
+                    inventory.upsert_policy(valid);
+                }
+                Err(errors) => refused.extend(errors.into_iter().map(|error| Refusal {
+                    policy: Some(name.clone()),
+                    message: error.to_string(),
+                })),
+            },
+            Err(error) => refused.push(Refusal {
+                policy: Some(name.clone()),
+                message: format!("policy {name:?}: cannot decode: {error}"),
+            }),
+        }
+    }
+    // Store order is arbitrary; refusals are compared between snapshots.
+    refused.sort_by(|a, b| (&a.policy, &a.message).cmp(&(&b.policy, &b.message)));
+    Snapshot {
+        inventory,
+        refused,
+        policy_generations,
+        published: Some(Instant::now()),
+    }
+}
+
+fn decode_policy(object: &DynamicObject) -> Result<RawPolicy, serde_json::Error> {
+    RawPolicy::deserialize(serde_json::to_value(object)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dynamic(json: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn policy_resource_paths() {
+        let resource = policy_resource();
+        assert_eq!(resource.api_version, "cilium.io/v2");
+        assert_eq!(resource.plural, POLICY_PLURAL);
+    }
+
+    #[test]
+    fn dynamic_policies_decode_through_the_shared_validation() {
+        let object = dynamic(serde_json::json!({
+            "apiVersion": "cilium.io/v2",
+            "kind": "CiliumEgressGatewayPolicy",
+            "metadata": {"name": "p", "generation": 3},
+            "spec": {
+                "selectors": [{"podSelector": {"matchLabels": {"app": "a"}}}],
+                "destinationCIDRs": ["198.51.100.0/24"],
+                "egressGateway": {"nodeSelector": {}, "egressIP": "10.0.0.11"},
+            },
+            "status": {"matchedPods": 1},
+        }));
+        let valid = policy::validate(&decode_policy(&object).unwrap()).unwrap();
+        assert_eq!(valid.name, "p");
+
+        let bad = dynamic(serde_json::json!({
+            "metadata": {"name": "bad"},
+            "spec": {"selectors": "not a list"},
+        }));
+        assert!(decode_policy(&bad).is_err());
+    }
+}

@@ -1,0 +1,461 @@
+//! The `status` of CiliumEgressGatewayPolicies.
+//!
+//! One writer per policy, so agents never fight: the agent on the policy's (first) gateway
+//! node, or, when the policy has no gateway node or is invalid, the agent on the node with the
+//! smallest name. The writer merge-patches the status subresource, and only when the content
+//! differs from what the object already says.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, ResourceExt as _,
+    api::{DynamicObject, Patch, PatchParams},
+    runtime::reflector::{ObjectRef, Store},
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::policy_resource;
+use crate::{
+    agent::Report,
+    desired::{PolicyProblem, PolicySummary},
+    inventory::Node,
+    source::Refusal,
+};
+
+pub const READY: &str = "Ready";
+
+/// What the status subresource holds (the CRD's status schema).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PolicyStatus {
+    pub observed_generation: Option<i64>,
+    pub gateway_nodes: Vec<String>,
+    /// Serialized as `null` when unknown, so a merge patch removes a stale value.
+    #[serde(rename = "egressIP")]
+    pub egress_ip: Option<String>,
+    pub matched_pods: u64,
+    pub conditions: Vec<Condition>,
+}
+
+/// `reason` of the Ready condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    Programmed,
+    NoGatewayNode,
+    InterfaceNotFound,
+    NoEgressIp,
+    InvalidSpec,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Programmed => "Programmed",
+            Reason::NoGatewayNode => "NoGatewayNode",
+            Reason::InterfaceNotFound => "InterfaceNotFound",
+            Reason::NoEgressIp => "NoEgressIP",
+            Reason::InvalidSpec => "InvalidSpec",
+        }
+    }
+}
+
+/// The one mapping from what the reconcile found to the Ready condition: (ready, reason).
+/// Problems that leave the policy served (another gateway takes over, some entries lost to
+/// an older policy) keep it Ready; the message still says what is wrong.
+pub fn readiness(problem: Option<&PolicyProblem>) -> (bool, Reason) {
+    match problem {
+        None | Some(PolicyProblem::GatewaySpecWithoutNode(_) | PolicyProblem::OverriddenBy(_)) => {
+            (true, Reason::Programmed)
+        }
+        Some(PolicyProblem::NoGatewayNode) => (false, Reason::NoGatewayNode),
+        Some(
+            PolicyProblem::InterfaceNotFound(_) | PolicyProblem::DefaultRouteInterfaceNotFound(_),
+        ) => (false, Reason::InterfaceNotFound),
+        Some(
+            PolicyProblem::InterfaceHasNoIpv4(_)
+            | PolicyProblem::EgressIpNotLocal { .. }
+            | PolicyProblem::NoDefaultRoute,
+        ) => (false, Reason::NoEgressIp),
+    }
+}
+
+/// The node whose agent writes a policy's status. `summary` is `None` for an invalid policy.
+pub fn writer<'a>(
+    summary: Option<&'a PolicySummary>,
+    nodes: &'a BTreeMap<String, Node>,
+) -> Option<&'a str> {
+    summary
+        .and_then(|summary| summary.gateway_nodes.first())
+        .or_else(|| nodes.keys().next())
+        .map(String::as_str)
+}
+
+/// What one policy's status should say, as seen by its writer `node_name`.
+pub struct StatusInput<'a> {
+    pub node_name: &'a str,
+    pub generation: Option<i64>,
+    /// `None` when the policy is invalid.
+    pub summary: Option<&'a PolicySummary>,
+    /// Why the policy was refused (empty when valid).
+    pub refusals: Vec<&'a Refusal>,
+}
+
+/// The status to write. `previous` keeps `lastTransitionTime` while the Ready status holds.
+pub fn status(
+    input: &StatusInput,
+    previous: Option<&PolicyStatus>,
+    now: Timestamp,
+) -> PolicyStatus {
+    let (ready, reason, message) = match input.summary {
+        None => (
+            false,
+            Reason::InvalidSpec,
+            input
+                .refusals
+                .iter()
+                .map(|refusal| refusal.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        Some(summary) => {
+            let (ready, reason) = readiness(summary.problem.as_ref());
+            let message = match (&summary.problem, summary.gateway_nodes.first()) {
+                (Some(problem), _) => problem.to_string(),
+                (None, Some(gateway)) => format!(
+                    "{} pods egress through gateway node {gateway}",
+                    summary.matched_pods
+                ),
+                (None, None) => String::from("programmed"),
+            };
+            (ready, reason, message)
+        }
+    };
+    let status = if ready { "True" } else { "False" };
+    let last_transition_time = previous
+        .and_then(|previous| previous.conditions.iter().find(|c| c.type_ == READY))
+        .filter(|condition| condition.status == status)
+        .map(|condition| condition.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    let summary = input.summary;
+    let is_gateway = summary
+        .and_then(|summary| summary.gateway_nodes.first())
+        .is_some_and(|gateway| gateway == input.node_name);
+    PolicyStatus {
+        observed_generation: input.generation,
+        gateway_nodes: summary.map(|s| s.gateway_nodes.clone()).unwrap_or_default(),
+        egress_ip: summary
+            .filter(|_| is_gateway)
+            .and_then(|s| s.egress_ip)
+            .map(|ip| ip.to_string()),
+        matched_pods: summary.map_or(0, |s| s.matched_pods as u64),
+        conditions: vec![Condition {
+            type_: READY.into(),
+            status: status.into(),
+            reason: reason.as_str().into(),
+            message,
+            last_transition_time,
+            observed_generation: input.generation,
+        }],
+    }
+}
+
+/// The statuses this node writes for `report`: one per policy object it is the writer of.
+pub fn statuses_to_write<'a>(report: &'a Report) -> Vec<(&'a str, StatusInput<'a>)> {
+    let snapshot = &report.snapshot;
+    snapshot
+        .policy_generations
+        .iter()
+        .filter_map(|(name, generation)| {
+            let summary = report.policies.get(name);
+            let refusals: Vec<&Refusal> = report
+                .refused
+                .iter()
+                .filter(|refusal| refusal.policy.as_deref() == Some(name))
+                .collect();
+            // A policy neither summarized nor refused has not been reconciled yet.
+            if summary.is_none() && refusals.is_empty() {
+                return None;
+            }
+            let writer = writer(summary, &snapshot.inventory.nodes)?;
+            (writer == report.node_name).then(|| {
+                (
+                    name.as_str(),
+                    StatusInput {
+                        node_name: &report.node_name,
+                        generation: Some(*generation),
+                        summary,
+                        refusals,
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// Writes the status of the policies this node is the writer of, after every reconcile.
+pub fn spawn_status_writer(
+    client: Client,
+    policies: Store<DynamicObject>,
+    mut reports: watch::Receiver<Arc<Report>>,
+) {
+    let resource = policy_resource();
+    let api = Api::<DynamicObject>::all_with(client, &resource);
+    tokio::spawn(async move {
+        // What this agent last wrote: the store lags behind a patch by one watch event.
+        let mut written: BTreeMap<String, PolicyStatus> = BTreeMap::new();
+        while reports.changed().await.is_ok() {
+            let report = Arc::clone(&reports.borrow_and_update());
+            if !report.synced {
+                continue;
+            }
+            written.retain(|name, _| report.snapshot.policy_generations.contains_key(name));
+            for (name, input) in statuses_to_write(&report) {
+                let current = policies
+                    .get(&ObjectRef::new_with(name, resource.clone()))
+                    .and_then(|object| object.data.get("status").cloned())
+                    .and_then(|status| serde_json::from_value::<PolicyStatus>(status).ok());
+                let previous = written.get(name).or(current.as_ref());
+                let desired = status(&input, previous, now());
+                if previous == Some(&desired) {
+                    continue;
+                }
+                let patch = Patch::Merge(serde_json::json!({ "status": &desired }));
+                match api
+                    .patch_status(name, &PatchParams::default(), &patch)
+                    .await
+                {
+                    Ok(object) => {
+                        let condition = &desired.conditions[0];
+                        info!(
+                            policy = object.name_any(),
+                            ready = condition.status,
+                            reason = condition.reason,
+                            "policy status written"
+                        );
+                        written.insert(name.to_owned(), desired);
+                    }
+                    Err(kube::Error::Api(response)) if response.code == 404 => {
+                        debug!(
+                            policy = name,
+                            "policy deleted before its status was written"
+                        );
+                    }
+                    Err(error) => warn!(policy = name, %error, "cannot write the policy status"),
+                }
+            }
+        }
+    });
+}
+
+/// Now, to the second: the precision of Kubernetes timestamps.
+fn now() -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::{inventory::test_support::node, source::Snapshot};
+
+    fn nodes(names: &[&str]) -> BTreeMap<String, Node> {
+        names
+            .iter()
+            .map(|name| (name.to_string(), node(name, Some([10, 0, 0, 1]), &[])))
+            .collect()
+    }
+
+    fn summary(gateways: &[&str], problem: Option<PolicyProblem>) -> PolicySummary {
+        PolicySummary {
+            gateway_nodes: gateways.iter().map(|g| g.to_string()).collect(),
+            egress_ip: Some(Ipv4Addr::new(10, 0, 0, 12)),
+            matched_pods: 2,
+            problem,
+        }
+    }
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).unwrap()
+    }
+
+    #[test]
+    fn writer_is_the_first_gateway_else_the_smallest_node() {
+        let nodes = nodes(&["w3", "w1", "w2"]);
+        let served = summary(&["w2", "w3"], None);
+        assert_eq!(writer(Some(&served), &nodes), Some("w2"));
+        let no_gateway = summary(&[], Some(PolicyProblem::NoGatewayNode));
+        assert_eq!(writer(Some(&no_gateway), &nodes), Some("w1"));
+        assert_eq!(writer(None, &nodes), Some("w1"), "invalid policy");
+        assert_eq!(writer(None, &BTreeMap::new()), None);
+    }
+
+    #[test]
+    fn exactly_one_node_writes_each_policy() {
+        let snapshot = Snapshot {
+            inventory: crate::inventory::Inventory {
+                nodes: nodes(&["w1", "w2", "w3"]),
+                ..Default::default()
+            },
+            policy_generations: BTreeMap::from([
+                ("served".into(), 1),
+                ("orphan".into(), 2),
+                ("invalid".into(), 3),
+                ("not-yet-reconciled".into(), 1),
+            ]),
+            ..Default::default()
+        };
+        let report = |node: &str| Report {
+            node_name: node.into(),
+            synced: true,
+            policies: BTreeMap::from([
+                ("served".into(), summary(&["w2"], None)),
+                (
+                    "orphan".into(),
+                    summary(&[], Some(PolicyProblem::NoGatewayNode)),
+                ),
+            ]),
+            refused: vec![Refusal {
+                policy: Some("invalid".into()),
+                message: "policy \"invalid\": spec.selectors: is required".into(),
+            }],
+            snapshot: Arc::new(snapshot.clone()),
+            ..Default::default()
+        };
+        let names = |node: &str| -> Vec<String> {
+            statuses_to_write(&report(node))
+                .into_iter()
+                .map(|(name, _)| name.to_owned())
+                .collect()
+        };
+        assert_eq!(names("w1"), ["invalid", "orphan"]);
+        assert_eq!(names("w2"), ["served"]);
+        assert!(names("w3").is_empty());
+    }
+
+    #[test]
+    fn status_of_a_served_policy() {
+        let served = summary(&["w2", "w3"], None);
+        let input = StatusInput {
+            node_name: "w2",
+            generation: Some(4),
+            summary: Some(&served),
+            refusals: vec![],
+        };
+        let written = status(&input, None, at(100));
+        let json = serde_json::to_value(&written).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "observedGeneration": 4,
+                "gatewayNodes": ["w2", "w3"],
+                "egressIP": "10.0.0.12",
+                "matchedPods": 2,
+                "conditions": [{
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "Programmed",
+                    "message": "2 pods egress through gateway node w2",
+                    "lastTransitionTime": "1970-01-01T00:01:40Z",
+                    "observedGeneration": 4,
+                }],
+            })
+        );
+        // Unchanged readiness keeps the transition time, so nothing needs writing.
+        assert_eq!(status(&input, Some(&written), at(200)), written);
+        // The status read back from the API server compares equal to what was written.
+        let read_back: PolicyStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(read_back, written);
+    }
+
+    #[test]
+    fn status_of_broken_policies() {
+        let no_gateway = summary(&[], Some(PolicyProblem::NoGatewayNode));
+        let input = StatusInput {
+            node_name: "w1",
+            generation: Some(1),
+            summary: Some(&no_gateway),
+            refusals: vec![],
+        };
+        let first = status(&input, None, at(100));
+        let condition = &first.conditions[0];
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", "NoGatewayNode")
+        );
+        assert!(condition.message.contains("no gateway node"));
+        assert_eq!(
+            first.egress_ip, None,
+            "only the gateway knows its egress IP"
+        );
+        assert_eq!(
+            serde_json::to_value(&first).unwrap()["egressIP"],
+            serde_json::Value::Null,
+            "a merge patch must clear a stale egress IP"
+        );
+
+        // Becoming ready is a transition.
+        let served = summary(&["w1"], None);
+        let ready = status(
+            &StatusInput {
+                summary: Some(&served),
+                ..input
+            },
+            Some(&first),
+            at(200),
+        );
+        assert_eq!(ready.conditions[0].last_transition_time, Time(at(200)));
+
+        let refusal = Refusal {
+            policy: Some("bad".into()),
+            message: "policy \"bad\": spec.destinationCIDRs: is required".into(),
+        };
+        let invalid = status(
+            &StatusInput {
+                node_name: "w1",
+                generation: Some(7),
+                summary: None,
+                refusals: vec![&refusal],
+            },
+            None,
+            at(100),
+        );
+        let condition = &invalid.conditions[0];
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
+        assert!(condition.message.contains("spec.destinationCIDRs"));
+        assert_eq!((invalid.matched_pods, invalid.gateway_nodes.len()), (0, 0));
+        assert_eq!(invalid.observed_generation, Some(7));
+    }
+
+    #[test]
+    fn reasons() {
+        let reason = |problem: PolicyProblem| readiness(Some(&problem));
+        assert_eq!(readiness(None), (true, Reason::Programmed));
+        assert_eq!(
+            reason(PolicyProblem::NoGatewayNode),
+            (false, Reason::NoGatewayNode)
+        );
+        assert_eq!(
+            reason(PolicyProblem::InterfaceNotFound("eth9".into())),
+            (false, Reason::InterfaceNotFound)
+        );
+        assert_eq!(
+            reason(PolicyProblem::NoDefaultRoute),
+            (false, Reason::NoEgressIp)
+        );
+        assert_eq!(Reason::NoEgressIp.as_str(), "NoEgressIP");
+        assert_eq!(
+            reason(PolicyProblem::OverriddenBy("a".into())),
+            (true, Reason::Programmed)
+        );
+    }
+}
