@@ -81,6 +81,16 @@ impl ClusterConfig {
     }
 }
 
+/// Where an agent reads the cluster state from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentSource {
+    /// The cluster's manifests folder (`--manifests`).
+    Manifests,
+    /// A Kubernetes API server (`--kubernetes --kubeconfig FILE`), e.g. the test
+    /// [`ApiServer`](crate::apiserver::ApiServer).
+    Kubernetes { kubeconfig: PathBuf },
+}
+
 /// A node: a network namespace playing a Kubernetes worker.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -117,6 +127,8 @@ pub struct Pod {
 /// What teardown must undo; shared with `TeardownHandle` so a signal handler can clean up.
 struct Resources {
     agents: BTreeMap<String, Child>,
+    /// The source each node's agent was last started with, for restarts.
+    agent_sources: BTreeMap<String, AgentSource>,
     /// Nodes whose agent ever ran: (netns, bpffs folder) to run `cleanup` against.
     agent_state: BTreeMap<String, (String, PathBuf)>,
     peer: Option<Background>,
@@ -214,6 +226,7 @@ impl Cluster {
 
         let resources = Arc::new(Mutex::new(Resources {
             agents: BTreeMap::new(),
+            agent_sources: BTreeMap::new(),
             agent_state: BTreeMap::new(),
             peer: None,
             capture: None,
@@ -862,13 +875,22 @@ impl Cluster {
         self.work_dir.join(format!("agent-{}.log", node.name))
     }
 
-    /// Starts the egress agent inside a node's namespace.
+    /// Starts the egress agent inside a node's namespace, reading the manifests folder.
     pub fn start_agent(&self, node: &str) -> Result<()> {
         self.start_agent_with_args(node, &[])
     }
 
     /// Starts the agent with extra `run` arguments (e.g. `--nat-port-range 1024-1123`).
     pub fn start_agent_with_args(&self, node: &str, extra: &[&str]) -> Result<()> {
+        self.spawn_agent(node, &AgentSource::Manifests, extra)
+    }
+
+    /// Starts the egress agent inside a node's namespace, reading `source`.
+    pub fn start_agent_with(&self, node: &str, source: &AgentSource) -> Result<()> {
+        self.spawn_agent(node, source, &[])
+    }
+
+    fn spawn_agent(&self, node: &str, source: &AgentSource, extra: &[&str]) -> Result<()> {
         let node = self.node(node)?;
         if !self.agent_bin.is_file() {
             bail!(
@@ -888,8 +910,19 @@ impl Cluster {
             .arg("run")
             .arg("--node-name")
             .arg(&node.name)
-            .arg("--manifests")
-            .arg(self.manifests.dir())
+            .args(match source {
+                AgentSource::Manifests => {
+                    vec![
+                        "--manifests".into(),
+                        self.manifests.dir().as_os_str().to_owned(),
+                    ]
+                }
+                AgentSource::Kubernetes { kubeconfig } => vec![
+                    "--kubernetes".into(),
+                    "--kubeconfig".into(),
+                    kubeconfig.as_os_str().to_owned(),
+                ],
+            })
             .arg("--bpffs")
             .arg(&node.bpffs)
             .args(extra)
@@ -907,6 +940,9 @@ impl Cluster {
         }
         let child = command.spawn().context("spawning the agent")?;
         resources.agents.insert(node.name.clone(), child);
+        resources
+            .agent_sources
+            .insert(node.name.clone(), source.clone());
         resources
             .agent_state
             .insert(node.name.clone(), (node.netns.clone(), node.bpffs.clone()));
@@ -931,12 +967,19 @@ impl Cluster {
         Ok(())
     }
 
-    /// Stops the agent gracefully (SIGTERM) if running, then starts it again.
+    /// Stops the agent gracefully (SIGTERM) if running, then starts it again with the same
+    /// source.
     pub fn restart_agent(&self, node: &str) -> Result<()> {
         if self.agent_running(node)? {
             self.kill_agent(node, Signal::Term)?;
         }
-        self.start_agent(node)
+        let name = &self.node(node)?.name;
+        let source = lock(&self.resources)
+            .agent_sources
+            .get(name)
+            .cloned()
+            .unwrap_or(AgentSource::Manifests);
+        self.start_agent_with(node, &source)
     }
 
     /// True if the node's agent was started and has not exited.

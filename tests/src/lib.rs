@@ -2,10 +2,12 @@
 //!
 //! A [`Cluster`] has an underlay router, worker nodes with a plain routed CNI (pods reach the
 //! outside through their node's masquerade), an external destination running `egress-peer`, and a
-//! manifests folder the agents read instead of an API server. Everything lives in namespaces the
+//! manifests folder the agents read instead of an API server (or that the test [`ApiServer`]
+//! serves to agents run with `--kubernetes`). Everything lives in namespaces the
 //! harness creates and is removed when the `Cluster` is dropped, also when a test panics.
 
 pub mod agent;
+pub mod apiserver;
 pub mod bench;
 pub mod capture;
 pub mod cluster;
@@ -16,10 +18,11 @@ pub mod process;
 use std::path::PathBuf;
 
 pub use agent::{Counter, Counters, EgressEntry, GATEWAY_EXCLUDED, GATEWAY_NOT_FOUND};
+pub use apiserver::{ApiServer, WatchBreak};
 pub use capture::{CapturedPacket, IpProtocol};
 pub use cluster::{
-    BPFFS_ROOT, Cluster, ClusterConfig, Node, Pod, TeardownHandle, is_root, teardown_all_clusters,
-    wait_for_value, wait_until,
+    AgentSource, BPFFS_ROOT, Cluster, ClusterConfig, Node, Pod, TeardownHandle, is_root,
+    teardown_all_clusters, wait_for_value, wait_until,
 };
 pub use peer::{DESTINATION_IP, PEER_HTTP_PORT, PEER_UDP_PORT, PeerProtocol, PeerRecord, peer_url};
 pub use process::{Background, Finished, Signal};

@@ -1,0 +1,368 @@
+//! The agent fed by the Kubernetes API (`run --kubernetes`), end to end.
+//!
+//! There is no real API server here: each test runs the harness's [`ApiServer`] inside the
+//! cluster's underlay namespace (10.0.0.1:6443), serving the cluster's manifests folder through
+//! the real list and watch protocol, and breaks it the ways real API servers break. Needs root
+//! and a built agent, like tests/cluster.rs.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    thread,
+    time::Duration,
+};
+
+use egress_tests::{
+    AgentSource, ApiServer, Cluster, ClusterConfig, Pod, WatchBreak, apiserver::Kind,
+    shared_policy, skip_unless_root, wait_for_value, wait_until,
+};
+use serde_json::{Value, json};
+
+const WORKER_1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
+const WORKER_2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
+/// How long an agent may take to program a change.
+const PROGRAMMED: Duration = Duration::from_secs(30);
+/// seed-example.yaml's name.
+const POLICY: &str = "egress-sample";
+
+/// A cluster, its API server, and a kubeconfig for the agents.
+struct Setup {
+    cluster: Cluster,
+    api: ApiServer,
+    source: AgentSource,
+}
+
+impl Setup {
+    /// The how-to's state: k8s-worker-2 labelled egress-node=true, seed-example.yaml applied.
+    fn new() -> Setup {
+        let mut cluster = Cluster::new(ClusterConfig::with_peer_bin(env!(
+            "CARGO_BIN_EXE_egress-peer"
+        )))
+        .expect("building the test cluster");
+        let api =
+            ApiServer::start_in_netns(cluster.underlay_netns()).expect("starting the API server");
+        let kubeconfig = api
+            .write_kubeconfig(&cluster.work_dir().join("kubeconfig"))
+            .unwrap();
+        cluster
+            .label_node("k8s-worker-2", "egress-node", "true")
+            .unwrap();
+        cluster
+            .apply_policy_file(shared_policy("seed-example.yaml"))
+            .unwrap();
+        let setup = Setup {
+            cluster,
+            api,
+            source: AgentSource::Kubernetes { kubeconfig },
+        };
+        setup.sync();
+        setup
+    }
+
+    /// Publishes the cluster's current objects through the API server (with watch events).
+    fn sync(&self) {
+        self.api
+            .sync_from_dir(self.cluster.manifests_dir())
+            .expect("syncing the API server");
+    }
+
+    fn start_agents(&self) {
+        for node in ["k8s-worker-1", "k8s-worker-2", "k8s-worker-3"] {
+            self.cluster.start_agent_with(node, &self.source).unwrap();
+        }
+    }
+
+    fn add_my_app(&mut self, node: &str, name: &str) -> Pod {
+        let pod = self
+            .cluster
+            .add_pod(node, "default", name, &[("app", "my-app")])
+            .unwrap();
+        self.sync();
+        pod
+    }
+
+    /// Pod list requests so far (one per agent unless something relisted).
+    fn pod_lists(&self) -> usize {
+        self.api
+            .requests()
+            .iter()
+            .filter(|request| request.is_list_of(Kind::Pod))
+            .count()
+    }
+
+    fn wait_for_steered(&self, pod: &Pod) {
+        self.cluster
+            .wait_for_pod_gateway(pod, WORKER_2, PROGRAMMED)
+            .unwrap();
+        assert_eq!(
+            self.cluster.source_ip_seen_by_destination(pod).unwrap(),
+            WORKER_2,
+            "the destination sees the gateway's IP"
+        );
+    }
+
+    /// Waits until no node lists an entry for `pod`.
+    fn wait_for_gone_everywhere(&self, pod: &Pod) {
+        for node in ["k8s-worker-1", "k8s-worker-2", "k8s-worker-3"] {
+            let gone = wait_until(PROGRAMMED, || {
+                self.cluster
+                    .egress_list(node)
+                    .is_ok_and(|entries| entries.iter().all(|e| e.source() != Some(pod.ip)))
+            });
+            assert!(
+                gone,
+                "{node} still lists {}: {:?}\n{}",
+                pod.ip,
+                self.cluster.egress_list(node),
+                self.cluster.agent_log(node)
+            );
+        }
+    }
+
+    fn lists_pod(&self, node: &str, pod: &Pod) -> bool {
+        self.cluster
+            .egress_list(node)
+            .unwrap()
+            .iter()
+            .any(|entry| entry.source() == Some(pod.ip))
+    }
+}
+
+#[test]
+fn pod_added_through_the_watch_gets_the_gateway_egress_ip() {
+    skip_unless_root!();
+    let mut setup = Setup::new();
+    setup.start_agents();
+    // The agents listed an empty set of pods; this one arrives as an ADDED watch event.
+    wait_for_lists(&setup, 3);
+    let pod = setup.add_my_app("k8s-worker-1", "my-app");
+    setup.wait_for_steered(&pod);
+    assert_eq!(
+        setup.pod_lists(),
+        3,
+        "the pod came through the watch, not a relist"
+    );
+    for node in ["k8s-worker-1", "k8s-worker-2", "k8s-worker-3"] {
+        assert!(
+            setup.cluster.agent_running(node).unwrap(),
+            "{node}'s agent runs"
+        );
+    }
+}
+
+#[test]
+fn watch_cut_mid_event_is_resumed() {
+    skip_unless_root!();
+    let mut setup = Setup::new();
+    let first = setup.add_my_app("k8s-worker-1", "first");
+    setup.start_agents();
+    setup.wait_for_steered(&first);
+    let watches_before = pod_watches(&setup);
+
+    setup.api.break_watches(WatchBreak::Cut);
+    let second = setup.add_my_app("k8s-worker-3", "second");
+    setup.wait_for_steered(&second);
+    setup.wait_for_steered(&first);
+
+    let resumed: Vec<_> = setup.api.requests()[..]
+        .iter()
+        .filter(|request| request.is_watch_of(Kind::Pod))
+        .skip(watches_before)
+        .map(|request| request.query.get("resourceVersion").cloned())
+        .collect();
+    assert!(
+        resumed.len() >= 3
+            && resumed
+                .iter()
+                .all(|version| version.as_deref().is_some_and(|v| v != "0")),
+        "every agent watched again from where it was: {resumed:?}"
+    );
+    assert_eq!(
+        setup.pod_lists(),
+        3,
+        "a cut watch resumes without listing again"
+    );
+}
+
+#[test]
+fn relist_after_410_removes_entries_whose_delete_was_lost() {
+    skip_unless_root!();
+    let mut setup = Setup::new();
+    let doomed = setup.add_my_app("k8s-worker-1", "doomed");
+    let kept = setup.add_my_app("k8s-worker-3", "kept");
+    setup.start_agents();
+    setup.wait_for_steered(&doomed);
+    setup.wait_for_steered(&kept);
+
+    // The pod goes, but its DELETED event is lost: the agents cannot know yet.
+    setup.cluster.delete_pod(&doomed).unwrap();
+    setup
+        .api
+        .sync_from_dir_losing_deletes(setup.cluster.manifests_dir())
+        .unwrap();
+    assert!(
+        setup.lists_pod("k8s-worker-1", &doomed),
+        "no event, no change yet"
+    );
+
+    // 410 on the open watches: the agents list again and sweep the stale entries.
+    let lists = setup.pod_lists();
+    setup.api.break_watches(WatchBreak::Gone);
+    setup.wait_for_gone_everywhere(&doomed);
+    assert!(
+        setup.pod_lists() > lists,
+        "the 410 made the agents list again"
+    );
+    setup.wait_for_steered(&kept);
+
+    // Same through a resumed watch: the history is compacted, so resuming gets 410 too.
+    let doomed_again = setup.add_my_app("k8s-worker-2", "doomed-again");
+    setup
+        .cluster
+        .wait_for_pod_programmed(&doomed_again, PROGRAMMED)
+        .unwrap();
+    setup.cluster.delete_pod(&doomed_again).unwrap();
+    setup
+        .api
+        .sync_from_dir_losing_deletes(setup.cluster.manifests_dir())
+        .unwrap();
+    setup.api.forget_history();
+    setup.api.break_watches(WatchBreak::Cut);
+    setup.wait_for_gone_everywhere(&doomed_again);
+    setup.wait_for_steered(&kept);
+}
+
+#[test]
+fn policy_status_is_written_once_by_the_gateway() {
+    skip_unless_root!();
+    let mut setup = Setup::new();
+    let pod = setup.add_my_app("k8s-worker-1", "my-app");
+    let orphan = "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata:\n  name: \
+                  orphan\nspec:\n  selectors:\n  - podSelector: {}\n  destinationCIDRs: \
+                  [203.0.113.0/24]\n  egressGateway:\n    nodeSelector:\n      matchLabels: \
+                  {pool: none}\n";
+    let invalid = "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata:\n  name: \
+                   invalid\nspec:\n  selectors:\n  - podSelector: {}\n  egressGateway:\n    \
+                   nodeSelector: {}\n";
+    setup.cluster.apply_policy("orphan", orphan).unwrap();
+    setup.cluster.apply_policy("invalid", invalid).unwrap();
+    setup.sync();
+    setup.start_agents();
+    setup.wait_for_steered(&pod);
+
+    let served = wait_for_status(&setup, POLICY, |status| status["matchedPods"] == json!(1));
+    assert_eq!(served["gatewayNodes"], json!(["k8s-worker-2"]), "{served}");
+    assert_eq!(served["egressIP"], json!(WORKER_2.to_string()), "{served}");
+    assert_eq!(served["observedGeneration"], json!(1), "{served}");
+    assert_ready(&served, "True", "Programmed");
+
+    let orphan = wait_for_status(&setup, "orphan", |status| !status["conditions"].is_null());
+    assert_ready(&orphan, "False", "NoGatewayNode");
+    assert_eq!(orphan["gatewayNodes"], json!([]), "{orphan}");
+    let invalid = wait_for_status(&setup, "invalid", |status| !status["conditions"].is_null());
+    assert_ready(&invalid, "False", "InvalidSpec");
+    let message = invalid["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("spec.destinationCIDRs"), "{message}");
+
+    // Every agent has reconciled the policies (each node programs every matched pod);
+    // give a wrongly elected writer time to show up, then check there was only one.
+    for node in ["k8s-worker-1", "k8s-worker-3"] {
+        setup
+            .cluster
+            .wait_for_egress_entry(node, PROGRAMMED, "the pod's entry", |entry| {
+                entry.source() == Some(pod.ip)
+            })
+            .unwrap();
+    }
+    thread::sleep(Duration::from_secs(2));
+    let patches = setup.api.status_patches();
+    let from = |policy: &str| -> Vec<IpAddr> {
+        patches
+            .iter()
+            .filter(|patch| patch.policy == policy)
+            .map(|patch| patch.from)
+            .collect()
+    };
+    assert_eq!(
+        from(POLICY),
+        [IpAddr::V4(WORKER_2)],
+        "one patch, from the gateway: {patches:#?}"
+    );
+    assert_eq!(
+        from("orphan"),
+        [IpAddr::V4(WORKER_1)],
+        "no gateway: the smallest node name writes"
+    );
+    assert_eq!(
+        from("invalid"),
+        [IpAddr::V4(WORKER_1)],
+        "invalid: the smallest node name writes"
+    );
+    assert!(
+        patches.iter().all(|patch| patch
+            .content_type
+            .starts_with("application/merge-patch+json")),
+        "{patches:#?}"
+    );
+
+    // A change in what the policy serves updates the status.
+    setup.cluster.delete_pod(&pod).unwrap();
+    setup.sync();
+    let emptied = wait_for_status(&setup, POLICY, |status| status["matchedPods"] == json!(0));
+    assert_ready(&emptied, "True", "Programmed");
+    assert_eq!(
+        emptied["conditions"][0]["lastTransitionTime"],
+        served["conditions"][0]["lastTransitionTime"],
+        "still Ready: no transition"
+    );
+}
+
+/// Waits until every agent listed each kind once.
+fn wait_for_lists(setup: &Setup, agents: usize) {
+    let listed = wait_until(PROGRAMMED, || {
+        let requests = setup.api.requests();
+        [Kind::Node, Kind::Namespace, Kind::Pod, Kind::Policy]
+            .iter()
+            .all(|kind| requests.iter().filter(|r| r.is_list_of(*kind)).count() >= agents)
+    });
+    assert!(listed, "agents did not list: {:?}", setup.api.requests());
+}
+
+fn pod_watches(setup: &Setup) -> usize {
+    setup
+        .api
+        .requests()
+        .iter()
+        .filter(|request| request.is_watch_of(Kind::Pod))
+        .count()
+}
+
+/// The policy's stored status once `ready` holds for it.
+fn wait_for_status(setup: &Setup, policy: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    wait_for_value(PROGRAMMED, || {
+        let object = setup.api.object(Kind::Policy, "", policy)?;
+        let status = object.get("status")?.clone();
+        ready(&status).then_some(status)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no status for {policy}: {:?}\npatches: {:#?}\n{}",
+            setup.api.object(Kind::Policy, "", policy),
+            setup.api.status_patches(),
+            setup.cluster.agent_log("k8s-worker-1"),
+        )
+    })
+}
+
+fn assert_ready(status: &Value, ready: &str, reason: &str) {
+    let condition = &status["conditions"][0];
+    assert_eq!(condition["type"], json!("Ready"), "{status}");
+    assert_eq!(condition["status"], json!(ready), "{status}");
+    assert_eq!(condition["reason"], json!(reason), "{status}");
+    assert!(condition["lastTransitionTime"].is_string(), "{status}");
+    assert_eq!(
+        condition["observedGeneration"], status["observedGeneration"],
+        "{status}"
+    );
+}
