@@ -282,6 +282,78 @@ mod tests {
         serde_json::from_value(json).unwrap()
     }
 
+    /// A store holding `objects`, as a reflector leaves it after a list.
+    fn store<K>(dyntype: K::DynamicType, objects: Vec<K>) -> Store<K>
+    where
+        K: Resource + Clone + Debug + Send + Sync + 'static,
+        K::DynamicType: Clone + Eq + std::hash::Hash,
+    {
+        let mut writer = Writer::new(dyntype);
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for object in objects {
+            writer.apply_watcher_event(&watcher::Event::InitApply(object));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        writer.as_reader()
+    }
+
+    #[test]
+    fn snapshot_holds_every_store_and_refuses_invalid_policies_by_name() {
+        let node: k8s::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "w1"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.11"}]},
+        }))
+        .unwrap();
+        let pod: k8s::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "a"}},
+            "spec": {"nodeName": "w1", "containers": []},
+            "status": {"podIP": "10.244.1.10"},
+        }))
+        .unwrap();
+        let namespace: k8s::Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "ns"}})).unwrap();
+        let valid = dynamic(serde_json::json!({
+            "metadata": {"name": "valid", "generation": 2},
+            "spec": {
+                "selectors": [{"podSelector": {}}],
+                "destinationCIDRs": ["198.51.100.0/24"],
+                "egressGateway": {"nodeSelector": {}},
+            },
+        }));
+        let invalid = dynamic(serde_json::json!({
+            "metadata": {"name": "invalid", "generation": 5},
+            "spec": {"selectors": [{"podSelector": {}}], "egressGateway": {"nodeSelector": {}}},
+        }));
+        let stores = Stores {
+            policies: store(policy_resource(), vec![valid, invalid]),
+            pods: store((), vec![pod]),
+            nodes: store((), vec![node]),
+            namespaces: store((), vec![namespace]),
+        };
+        let snapshot = build_snapshot(&stores);
+        let inventory = &snapshot.inventory;
+        assert_eq!(
+            inventory.nodes["w1"].internal_ip,
+            Some("10.0.0.11".parse().unwrap())
+        );
+        assert_eq!(inventory.pods.len(), 1);
+        assert!(inventory.namespaces.contains_key("ns"));
+        assert_eq!(inventory.policies.keys().collect::<Vec<_>>(), ["valid"]);
+        assert_eq!(
+            snapshot.policy_generations,
+            BTreeMap::from([("invalid".into(), 5), ("valid".into(), 2)])
+        );
+        assert_eq!(snapshot.refused.len(), 1, "{:?}", snapshot.refused);
+        assert_eq!(snapshot.refused[0].policy.as_deref(), Some("invalid"));
+        assert!(
+            snapshot.refused[0]
+                .message
+                .contains("spec.destinationCIDRs"),
+            "{:?}",
+            snapshot.refused
+        );
+    }
+
     #[test]
     fn policy_resource_paths() {
         let resource = policy_resource();
