@@ -434,6 +434,7 @@ mod tests {
             reconciles: 7,
             last_reconcile: Duration::from_millis(2),
             last_event_to_programmed: Some(Duration::from_millis(30)),
+            ..Report::default()
         }
     }
 

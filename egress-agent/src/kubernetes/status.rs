@@ -136,6 +136,7 @@ pub fn status(
             (ready, reason, message)
         }
     };
+    let message = truncate(message, MAX_MESSAGE_BYTES);
     let status = if ready { "True" } else { "False" };
     let last_transition_time = previous
         .and_then(|previous| previous.conditions.iter().find(|c| c.type_ == READY))
@@ -251,6 +252,21 @@ pub fn spawn_status_writer(
             }
         }
     });
+}
+
+/// metav1.Condition's limit on `message`.
+const MAX_MESSAGE_BYTES: usize = 32768;
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 /// Now, to the second: the precision of Kubernetes timestamps.
@@ -434,6 +450,14 @@ mod tests {
         assert!(condition.message.contains("spec.destinationCIDRs"));
         assert_eq!((invalid.matched_pods, invalid.gateway_nodes.len()), (0, 0));
         assert_eq!(invalid.observed_generation, Some(7));
+    }
+
+    #[test]
+    fn long_messages_fit_the_condition() {
+        let long = "é".repeat(MAX_MESSAGE_BYTES);
+        let cut = truncate(long, MAX_MESSAGE_BYTES);
+        assert!(cut.len() <= MAX_MESSAGE_BYTES && cut.ends_with("..."));
+        assert_eq!(truncate("short".into(), MAX_MESSAGE_BYTES), "short");
     }
 
     #[test]
