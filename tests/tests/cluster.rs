@@ -593,12 +593,12 @@ fn transfer_survives_agent_restarts_on_pod_node_and_gateway() {
 #[test]
 fn connection_opened_before_the_policy_keeps_its_path() {
     skip_unless_root!();
-    // ~6 s at 1 MB/s: the policy is applied while it runs.
-    const BODY_BYTES: u64 = 6_000_000;
+    // 150 KiB paced by the server over 15 s: the policy is applied while it runs.
+    const CHUNKS: u64 = 150;
     let mut cluster = new_cluster();
     let pod = add_my_app(&mut cluster, "k8s-worker-1");
     cluster.start_all_agents().unwrap();
-    let url = peer_url(&format!("/bytes/{BODY_BYTES}"));
+    let url = peer_url(&format!("/drip/{CHUNKS}"));
     let mut transfer = cluster
         .spawn_in_pod(
             &pod,
@@ -612,8 +612,6 @@ fn connection_opened_before_the_policy_keeps_its_path() {
                 "%{size_download} %{http_code}",
                 "--max-time",
                 "60",
-                "--limit-rate",
-                "1M",
                 &url,
             ],
         )
@@ -640,7 +638,7 @@ fn connection_opened_before_the_policy_keeps_its_path() {
         "curl failed: {}",
         finished.stderr
     );
-    assert_eq!(finished.stdout.trim(), format!("{BODY_BYTES} 200"));
+    assert_eq!(finished.stdout.trim(), format!("{} 200", CHUNKS * 1024));
     assert_eq!(*cluster.peer_log()[0].source.ip(), WORKER_1);
     assert!(
         cluster

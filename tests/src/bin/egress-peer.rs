@@ -1,6 +1,7 @@
 //! The external destination of the test cluster, and a client to run inside pods.
 //!
-//! `serve`: HTTP on TCP (`/` answers with the client's source IP, `/bytes/N` with N bytes) and a
+//! `serve`: HTTP on TCP (`/` answers with the client's source IP, `/bytes/N` with N bytes,
+//! `/drip/N` with N KiB at 10 KiB/s) and a
 //! UDP echo of the datagram's source `ip:port`; every connection/datagram is appended to a log.
 //! `udp` / `tcp-burst`: clients printing the source the server saw, one line per reply.
 
@@ -158,6 +159,24 @@ fn answer_http(stream: TcpStream, source: SocketAddr) -> Result<()> {
             let now = left.min(chunk.len() as u64) as usize;
             stream.write_all(&chunk[..now])?;
             left -= now as u64;
+        }
+        return Ok(());
+    }
+    // `/drip/N`: N KiB, one every 100 ms, so the connection lasts N/10 s whatever the client.
+    if let Some(chunks) = path.strip_prefix("/drip/") {
+        let Ok(chunks) = chunks.parse::<u64>() else {
+            return respond(&mut stream, "400 Bad Request", b"bad count\n");
+        };
+        write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n",
+            chunks * 1024
+        )?;
+        let chunk = [b'x'; 1024];
+        for _ in 0..chunks {
+            stream.write_all(&chunk)?;
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         return Ok(());
     }
