@@ -164,6 +164,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
             ephemeral
         );
     }
+    // A bad kubeconfig is reported before anything is installed on the node.
+    let inventory_source = match &args.manifests {
+        Some(dir) => InventorySource::Manifests(dir.clone()),
+        None => InventorySource::Kubernetes(kubernetes::client(args.kubeconfig.as_deref()).await?),
+    };
     let netlink = Netlink::connect()?;
     let pins = PinLayout::new(&args.pins.bpffs);
     let mut datapath = Datapath::load(
@@ -196,10 +201,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         node_name: args.node_name.clone(),
         ..Report::default()
     }));
-    let mut snapshots = match &args.manifests {
-        Some(dir) => source::manifests(dir.clone()),
-        None => {
-            let client = kubernetes::client(args.kubeconfig.as_deref()).await?;
+    let mut snapshots = match inventory_source {
+        InventorySource::Manifests(dir) => source::manifests(dir),
+        InventorySource::Kubernetes(client) => {
             let source = kubernetes::source(client.clone());
             kubernetes::spawn_status_writer(client, source.policies, reports.clone());
             source.snapshots
@@ -304,6 +308,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     info!("stopping; pinned state stays, so traffic keeps flowing until the next agent");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the cluster state comes from.
+enum InventorySource {
+    Manifests(PathBuf),
+    Kubernetes(kube::Client),
 }
 
 /// What the agent last did: read by metrics, readiness and the policy status writer.
