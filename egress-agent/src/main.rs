@@ -129,8 +129,23 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_chain(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, skipping a cause the message before it already quotes (many
+/// errors print their source themselves, and anyhow's `{:#}` would repeat it).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    let mut last = text.clone();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !last.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        last = cause;
+    }
+    text
 }
