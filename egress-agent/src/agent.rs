@@ -27,7 +27,7 @@ use crate::{
         Attachment, Datapath, Hook, MapContents, MapSizes, PinLayout, Timeouts, check_capacity,
         monotonic_now_ns,
     },
-    desired::{self, DesiredState, LocalInterface, LocalNetwork, PolicySummary},
+    desired::{self, DesiredState, LocalInterface, LocalNetwork, PolicyMapFit, PolicySummary},
     kubernetes, metrics,
     netlink::{self, Netlink},
     privileges,
@@ -79,8 +79,9 @@ pub struct RunArgs {
     /// `spec.podCIDRs` are used too; add this when the CNI does not fill them in.
     #[arg(long = "cluster-cidr", value_name = "CIDR")]
     cluster_cidrs: Vec<ipnet::Ipv4Net>,
-    /// Capacity of the policy map (entries = pods x CIDRs).
-    #[arg(long, default_value_t = DEFAULT_POLICY_MAP_SIZE)]
+    /// Capacity of the policy map (entries = pods x CIDRs). When more are wanted, whole pods
+    /// are left out in a fixed order (see README, Reliability) and an error is logged.
+    #[arg(long, default_value_t = DEFAULT_POLICY_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
     policy_map_size: u32,
     /// Seconds a UDP or ICMP flow may stay idle before its NAT entry and port are freed.
     #[arg(long, default_value_t = 60)]
@@ -92,7 +93,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 10)]
     tcp_closing_timeout: u64,
     /// Capacity of each NAT map (one entry per translated flow).
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
     nat_map_size: u32,
 }
 
@@ -245,6 +246,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         last_problems: BTreeMap::new(),
         last_unwired: BTreeSet::new(),
         last_programmed: None,
+        last_fit: PolicyMapFit::default(),
     };
     reconciler.log_refusals();
     match privileges::drop_capabilities() {
@@ -333,6 +335,8 @@ pub struct Report {
     pub last_event_to_programmed: Option<Duration>,
     /// The snapshot this report describes.
     pub snapshot: Arc<Snapshot>,
+    /// Policy entries left out because the policy map is full (0 when everything fits).
+    pub policy_entries_dropped: usize,
 }
 
 struct Reconciler<'a> {
@@ -352,6 +356,7 @@ struct Reconciler<'a> {
     last_problems: BTreeMap<String, Option<String>>,
     /// `published` of the last snapshot programmed, to time each snapshot only once.
     last_programmed: Option<Instant>,
+    last_fit: PolicyMapFit,
 }
 
 impl Reconciler<'_> {
@@ -396,8 +401,10 @@ impl Reconciler<'_> {
             self.last_config = Some(config);
         }
         let local = local_network(network);
-        let desired = desired::desired_state(inventory, &args.node_name, &local);
+        let mut desired = desired::desired_state(inventory, &args.node_name, &local);
         self.log_problem_changes(&desired);
+        let fit = desired.fit_policy_map(args.policy_map_size as usize);
+        self.log_policy_map_fit(fit);
         let (contents, attachments) = self.plan(&desired, network);
         let unwired: BTreeSet<Ipv4Addr> = desired
             .local_pods
@@ -447,6 +454,7 @@ impl Reconciler<'_> {
             report.last_reconcile = started.elapsed();
             report.last_event_to_programmed = newly_programmed.map(|at| at.elapsed());
             report.snapshot = Arc::clone(&self.snapshot);
+            report.policy_entries_dropped = fit.dropped;
         });
         let summary = format!(
             "{} policies, {} policy entries, {} local pods, {} egress IPs",
@@ -491,6 +499,28 @@ impl Reconciler<'_> {
             }
         }
         self.last_problems = problems;
+    }
+
+    /// Logs a full policy map once per change, not on every reconcile.
+    fn log_policy_map_fit(&mut self, fit: PolicyMapFit) {
+        if fit == self.last_fit {
+            return;
+        }
+        if fit.dropped > 0 {
+            error!(
+                wanted = fit.wanted,
+                capacity = self.args.policy_map_size,
+                dropped = fit.dropped,
+                dropped_pods = fit.dropped_pods,
+                "the policy map is full: {} policy entries of {} pods are not programmed and \
+                 their traffic is not steered; raise --policy-map-size",
+                fit.dropped,
+                fit.dropped_pods
+            );
+        } else if self.last_fit.dropped > 0 {
+            info!(entries = fit.wanted, "all policy entries fit in the policy map again");
+        }
+        self.last_fit = fit;
     }
 
     /// Turns the desired state into map contents and attachments for this node.

@@ -44,6 +44,77 @@ pub struct DesiredState {
     /// IPs of the pods scheduled on this node.
     pub local_pods: BTreeSet<Ipv4Addr>,
     pub policies: BTreeMap<String, PolicySummary>,
+    /// Pod IP -> index, in name order, of the first policy that gives it entries: the
+    /// priority of its entries when they do not all fit (see [`DesiredState::fit_policy_map`]).
+    pub pod_priority: BTreeMap<Ipv4Addr, usize>,
+}
+
+/// What [`DesiredState::fit_policy_map`] left out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyMapFit {
+    /// Entries the inventory implies.
+    pub wanted: usize,
+    /// Entries left out because the map is full.
+    pub dropped: usize,
+    /// Pods whose entries were left out (their traffic is not steered).
+    pub dropped_pods: usize,
+}
+
+impl DesiredState {
+    /// Keeps only as many policy entries as a map of `capacity` holds, choosing a
+    /// deterministic subset that never half-programs a pod. Pods left out are not steered
+    /// at all (their traffic leaves with the node's IP), hence the error log, the
+    /// `policy_entries_dropped` report and `egress-agent check` exiting 3.
+    ///
+    /// - the unit is a pod IP with *all* its entries, destinations and exclusions together,
+    ///   so an exclusion is never dropped while the destination it carves out of stays (that
+    ///   would send excluded traffic to the gateway);
+    /// - pods are taken in order of (first policy selecting them, by name; pod IP), as long
+    ///   as they fit in the room left; a pod that does not fit is left out whole, and
+    ///   smaller pods after it may still fit (first fit).
+    ///
+    /// Kept entries are exactly the entries of the full state, so programming the subset
+    /// never changes an entry that is already right; and a pod added late in the order
+    /// never evicts an earlier one.
+    pub fn fit_policy_map(&mut self, capacity: usize) -> PolicyMapFit {
+        let wanted = self.policy_entries.len();
+        if wanted <= capacity {
+            return PolicyMapFit {
+                wanted,
+                ..Default::default()
+            };
+        }
+        let mut per_pod: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+        for (pod, _) in self.policy_entries.keys() {
+            *per_pod.entry(*pod).or_default() += 1;
+        }
+        let mut order: Vec<(usize, Ipv4Addr)> = per_pod
+            .keys()
+            .map(|pod| {
+                (
+                    self.pod_priority.get(pod).copied().unwrap_or(usize::MAX),
+                    *pod,
+                )
+            })
+            .collect();
+        order.sort_unstable();
+        let mut used = 0;
+        let mut kept = BTreeSet::new();
+        for (_, pod) in order {
+            let entries = per_pod[&pod];
+            if used + entries > capacity {
+                continue;
+            }
+            used += entries;
+            kept.insert(pod);
+        }
+        self.policy_entries.retain(|(pod, _), _| kept.contains(pod));
+        PolicyMapFit {
+            wanted,
+            dropped: wanted - used,
+            dropped_pods: per_pod.len() - kept.len(),
+        }
+    }
 }
 
 /// Per-policy status, for logs, metrics and (later) the policy's status.
@@ -118,7 +189,7 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
     let mut conflicts: BTreeMap<(&str, &str), usize> = BTreeMap::new();
 
     // Policies in name order: on conflicts the first name wins (exclusions aside).
-    for policy in inv.policies.values() {
+    for (policy_index, policy) in inv.policies.values().enumerate() {
         let mut summary = PolicySummary::default();
         let mut problems = Vec::new();
 
@@ -187,6 +258,7 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
                 ..value
             };
             for &ip in &pod.ips {
+                state.pod_priority.entry(ip).or_insert(policy_index);
                 let entries = policy
                     .destination_cidrs
                     .iter()
@@ -719,6 +791,132 @@ mod tests {
             s.policy_entries.values().next().unwrap().pod_node_ip,
             [0, 0, 0, 0]
         );
+    }
+
+    /// db (10.1.2.1) has 4 entries and sorts first by policy name; web (10.1.1.1) has 1.
+    fn capacity_inventory(first: &str, second: &str) -> Inventory {
+        let a = format!(
+            "metadata: {{name: {first}}}\nspec:\n  selectors: [{{podSelector: {{matchLabels: {{app: db}}}}}}]\n  destinationCIDRs: [0.0.0.0/0, 203.0.113.0/24]\n  excludedCIDRs: [10.0.0.0/8]\n  egressGateway: {{nodeSelector: {{matchLabels: {{egress: 'true'}}}}}}\n"
+        );
+        let b = format!(
+            "metadata: {{name: {second}}}\nspec:\n  selectors: [{{podSelector: {{}}}}]\n  destinationCIDRs: [198.51.100.0/24]\n  egressGateway: {{nodeSelector: {{matchLabels: {{egress: 'true'}}}}}}\n"
+        );
+        inventory(&[&a, &b])
+    }
+
+    fn entries_of(s: &DesiredState, pod: &str) -> BTreeMap<(Ipv4Addr, Ipv4Net), PolicyValue> {
+        s.policy_entries
+            .iter()
+            .filter(|((p, _), _)| *p == ip(pod))
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+
+    fn pods_of(s: &DesiredState) -> BTreeSet<Ipv4Addr> {
+        s.policy_entries.keys().map(|(pod, _)| *pod).collect()
+    }
+
+    #[test]
+    fn fit_policy_map_keeps_everything_that_fits() {
+        let full = desired_state(
+            &capacity_inventory("a", "b"),
+            "w1",
+            &LocalNetwork::default(),
+        );
+        assert_eq!(full.policy_entries.len(), 5);
+        for capacity in [5, 6, 1 << 20] {
+            let mut s = full.clone();
+            let fit = s.fit_policy_map(capacity);
+            assert_eq!(
+                fit,
+                PolicyMapFit {
+                    wanted: 5,
+                    dropped: 0,
+                    dropped_pods: 0
+                }
+            );
+            assert_eq!(s, full);
+        }
+    }
+
+    #[test]
+    fn fit_policy_map_keeps_whole_pods_in_policy_name_order() {
+        let full = desired_state(
+            &capacity_inventory("a", "b"),
+            "w1",
+            &LocalNetwork::default(),
+        );
+        let db = entries_of(&full, "10.1.2.1");
+        assert_eq!((db.len(), entries_of(&full, "10.1.1.1").len()), (4, 1));
+        // (capacity, pods kept): db first (policy "a"), then web; a pod that does not fit
+        // is left out whole, and web, smaller, may still fit.
+        let cases: [(usize, &[&str]); 5] = [
+            (4, &["10.1.2.1"]),
+            (3, &["10.1.1.1"]),
+            (2, &["10.1.1.1"]),
+            (1, &["10.1.1.1"]),
+            (0, &[]),
+        ];
+        for (capacity, kept) in cases {
+            let mut s = full.clone();
+            let fit = s.fit_policy_map(capacity);
+            assert!(s.policy_entries.len() <= capacity);
+            assert_eq!(fit.wanted, 5);
+            assert_eq!(
+                fit.dropped,
+                5 - s.policy_entries.len(),
+                "capacity {capacity}"
+            );
+            assert_eq!(fit.dropped_pods, 2 - kept.len(), "capacity {capacity}");
+            let mut expect = BTreeMap::new();
+            for pod in kept {
+                // Every entry of a kept pod, with the very same value, exclusion included.
+                expect.extend(entries_of(&full, pod));
+            }
+            assert_eq!(s.policy_entries, expect, "capacity {capacity}");
+            // Nothing but the policy entries changes.
+            assert_eq!(
+                DesiredState {
+                    policy_entries: full.policy_entries.clone(),
+                    ..s
+                },
+                full
+            );
+        }
+        // db's exclusion never stays without its destinations, nor goes without them.
+        let exclusion = (ip("10.1.2.1"), net("10.0.0.0/8"));
+        assert_eq!(full.policy_entries[&exclusion].gateway_ip, GATEWAY_EXCLUDED);
+        for capacity in 0..=5 {
+            let mut s = full.clone();
+            s.fit_policy_map(capacity);
+            let kept = entries_of(&s, "10.1.2.1");
+            assert!(
+                kept.is_empty() || kept == db,
+                "capacity {capacity}: {kept:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fit_policy_map_priority_follows_policy_names_and_is_stable() {
+        // Same policies, names swapped: web's policy now sorts first.
+        let mut s = desired_state(
+            &capacity_inventory("z", "b"),
+            "w1",
+            &LocalNetwork::default(),
+        );
+        assert_eq!(s.pod_priority[&ip("10.1.1.1")], 0);
+        s.fit_policy_map(4);
+        assert_eq!(pods_of(&s), BTreeSet::from([ip("10.1.1.1")]));
+        // A pod that sorts last never evicts earlier ones.
+        let mut inv = capacity_inventory("a", "b");
+        let mut before = desired_state(&inv, "w1", &LocalNetwork::default());
+        before.fit_policy_map(4);
+        inv.upsert_pod(pod("default", "late", "w2", [10, 1, 9, 9], &[]));
+        let mut after = desired_state(&inv, "w1", &LocalNetwork::default());
+        let fit = after.fit_policy_map(4);
+        assert_eq!(after.policy_entries, before.policy_entries);
+        assert_eq!((fit.wanted, fit.dropped, fit.dropped_pods), (6, 2, 2));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::{
     datapath::{PinLayout, pinned},
+    desired::{self, LocalNetwork},
     manifests,
 };
 
@@ -24,7 +25,10 @@ pub enum Output {
     Json,
 }
 
-pub fn check(dir: &Path) -> anyhow::Result<ExitCode> {
+/// Exit code of `check` when the manifests imply more policy entries than the map holds.
+pub const EXIT_OVER_CAPACITY: u8 = 3;
+
+pub fn check(dir: &Path, policy_map_size: u32) -> anyhow::Result<ExitCode> {
     let loaded = manifests::load_dir(dir);
     for error in &loaded.errors {
         eprintln!("{error}");
@@ -38,6 +42,23 @@ pub fn check(dir: &Path) -> anyhow::Result<ExitCode> {
         inventory.pods.len(),
         loaded.errors.len()
     );
+    // Policy entries are the same on every node (only egress IPs differ on gateways), so
+    // any node name counts them.
+    let mut desired = desired::desired_state(inventory, "", &LocalNetwork::default());
+    let fit = desired.fit_policy_map(policy_map_size as usize);
+    println!(
+        "{} policy entries for a policy map of {policy_map_size}",
+        fit.wanted
+    );
+    if fit.dropped > 0 {
+        eprintln!(
+            "error: {} policy entries do not fit in a policy map of {policy_map_size} \
+             (--policy-map-size): {} entries of {} pods would not be programmed and their \
+             traffic not steered",
+            fit.wanted, fit.dropped, fit.dropped_pods
+        );
+        return Ok(ExitCode::from(EXIT_OVER_CAPACITY));
+    }
     Ok(if loaded.errors.is_empty() {
         ExitCode::SUCCESS
     } else {

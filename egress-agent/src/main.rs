@@ -3,19 +3,20 @@
 mod agent;
 mod bench;
 mod datapath;
-mod desired;
 mod inspect;
-mod inventory;
 mod kubernetes;
-mod manifests;
 mod metrics;
 mod netlink;
 mod privileges;
 mod source;
 
+// The pure control plane lives in the library (see lib.rs); importing it here keeps the
+// `crate::desired` / `crate::inventory` / `crate::manifests` paths of the binary's modules.
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
+use egress_agent::{desired, inventory, manifests};
+use egress_common::policy::DEFAULT_POLICY_MAP_SIZE;
 use tracing_subscriber::EnvFilter;
 
 use crate::{agent::RunArgs, datapath::DEFAULT_BPFFS, inspect::Output};
@@ -36,11 +37,16 @@ struct Cli {
 enum Command {
     /// Run the agent on this node.
     Run(RunArgs),
-    /// Validate manifests without touching the kernel; exits 1 when any object is refused.
+    /// Validate manifests without touching the kernel. Exits 1 when any object is refused,
+    /// 3 when the policy entries they imply exceed --policy-map-size (even if some are
+    /// refused too).
     Check {
         /// Folder of manifests (`kubectl get -o yaml` output), read recursively.
         #[arg(long)]
         manifests: PathBuf,
+        /// Capacity of the policy map to check against (as given to `run`).
+        #[arg(long, default_value_t = DEFAULT_POLICY_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
+        policy_map_size: u32,
     },
     /// Remove everything the agent installed: TCX links, pinned maps, the tunnel device.
     Cleanup {
@@ -111,7 +117,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => agent::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::Check { manifests } => inspect::check(&manifests),
+        Command::Check {
+            manifests,
+            policy_map_size,
+        } => inspect::check(&manifests, policy_map_size),
         Command::Cleanup {
             pins,
             tunnel_device,

@@ -4,6 +4,13 @@
 //! followed; entries whose name starts with `.` are skipped, which also skips the `..data`
 //! indirection of ConfigMap volumes while still reading the files they link). Errors are
 //! collected, never fatal: one bad object does not stop the others from loading.
+//!
+//! Bad input is refused with an error naming the file and object, and the rest still loads:
+//! files over [`MAX_FILE_SIZE`] (refused from their size, never read whole), symlink loops,
+//! dangling links and unreadable files, non-regular files named `*.yaml` (a FIFO must not
+//! block the agent), documents without a kind, kinds that look like a typo of one we read,
+//! wrong apiVersions and duplicate names. Other kinds (Deployments, Services, ...) are
+//! ignored, so a whole `kubectl get -o yaml` dump can be dropped in.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -45,7 +52,7 @@ pub struct ObjectRef {
     pub kind: Option<String>,
     /// `name`, or `namespace/name` for pods.
     pub name: Option<String>,
-    /// 1-based document number in the file.
+    /// 1-based document number in the file; 0 for problems with the file itself.
     pub document: usize,
     /// Index in the `items` of a `kind: List`.
     pub item: Option<usize>,
@@ -55,8 +62,10 @@ pub struct ObjectRef {
 pub enum ManifestErrorKind {
     #[error("cannot read: {0}")]
     Io(#[from] std::io::Error),
-    #[error("file is {0} bytes, larger than the {MAX_FILE_SIZE} bytes allowed")]
+    #[error("file is {0} bytes, larger than the {MAX_FILE_SIZE} bytes allowed; not read")]
     TooLarge(u64),
+    #[error("not a regular file ({0}); skipped")]
+    NotRegular(&'static str),
     /// `message` names the (file-relative) line when the parser knows it.
     #[error("invalid YAML: {message}")]
     Yaml {
@@ -65,6 +74,13 @@ pub enum ManifestErrorKind {
     },
     #[error("cannot decode: {0}")]
     Decode(String),
+    #[error("not a Kubernetes object: {0}")]
+    NotAnObject(&'static str),
+    #[error("unknown kind {found:?}: did you mean {expected}?")]
+    MisspelledKind {
+        found: String,
+        expected: &'static str,
+    },
     #[error("unsupported apiVersion {found:?} for {kind} (expected {expected:?})")]
     ApiVersion {
         kind: String,
@@ -96,6 +112,10 @@ impl fmt::Display for ObjectRef {
 
 impl fmt::Display for ManifestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Document 0: the problem is the file itself (unreadable, too large, ...).
+        if self.object == ObjectRef::default() {
+            return write!(f, "{}: {}", self.file.display(), self.error);
+        }
         write!(
             f,
             "{}: {}: {}",
@@ -120,6 +140,19 @@ pub fn load_dir(dir: &Path) -> LoadResult {
     for file in files {
         loader.load_file(&file.path);
     }
+    // In path order, walk and read errors mixed; stable, so documents keep their order.
+    loader.errors.sort_by(|a, b| a.file.cmp(&b.file));
+    LoadResult {
+        inventory: loader.inventory,
+        errors: loader.errors,
+    }
+}
+
+/// Loads the manifests of one file's text, as if read from `file` (which is only used in
+/// error messages). For tests and the fuzz targets.
+pub fn load_text(file: &Path, text: &str) -> LoadResult {
+    let mut loader = Loader::default();
+    loader.load_text(file, text);
     LoadResult {
         inventory: loader.inventory,
         errors: loader.errors,
@@ -229,6 +262,13 @@ fn walk(dir: &Path) -> (Vec<FoundFile>, Vec<ManifestError>) {
             };
             if metadata.is_dir() {
                 stack.push(path);
+            } else if !metadata.is_file() && is_manifest(&path) {
+                // Opening a FIFO would block until a writer comes; a device may never end.
+                errors.push(ManifestError {
+                    file: path,
+                    object: ObjectRef::default(),
+                    error: ManifestErrorKind::NotRegular(file_type_name(&metadata)),
+                });
             } else if metadata.is_file() && is_manifest(&path) {
                 let canonical = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
                 if seen_files.insert(canonical.clone()) {
@@ -246,6 +286,20 @@ fn walk(dir: &Path) -> (Vec<FoundFile>, Vec<ManifestError>) {
     files.sort_by(|a, b| a.path.cmp(&b.path));
     errors.sort_by(|a, b| a.file.cmp(&b.file));
     (files, errors)
+}
+
+fn file_type_name(metadata: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    let t = metadata.file_type();
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a file or folder"
+    }
 }
 
 #[derive(Default)]
@@ -266,17 +320,18 @@ const KNOWN_KINDS: [(&str, &str); 4] = [
 
 impl Loader {
     fn load_file(&mut self, path: &Path) {
-        let text = match read_limited(path) {
-            Ok(text) => text,
-            Err(error) => {
-                return self.errors.push(ManifestError {
-                    file: path.to_owned(),
-                    object: ObjectRef::default(),
-                    error,
-                });
-            }
-        };
-        for (i, (first_line, doc)) in split_documents(&text).into_iter().enumerate() {
+        match read_limited(path) {
+            Ok(text) => self.load_text(path, &text),
+            Err(error) => self.errors.push(ManifestError {
+                file: path.to_owned(),
+                object: ObjectRef::default(),
+                error,
+            }),
+        }
+    }
+
+    fn load_text(&mut self, path: &Path, text: &str) {
+        for (i, (first_line, doc)) in split_documents(text).into_iter().enumerate() {
             let document = i + 1;
             match serde_yaml::from_str::<Value>(doc) {
                 Ok(Value::Null) => {}
@@ -320,8 +375,16 @@ impl Loader {
             item,
         };
         let Some(kind) = kind else {
-            tracing::debug!(file = %path.display(), document, "document without kind ignored");
-            return;
+            let problem = if value.is_mapping() {
+                "no kind"
+            } else {
+                "expected a mapping with apiVersion, kind and metadata"
+            };
+            return self.errors.push(ManifestError {
+                file: path.to_owned(),
+                object,
+                error: ManifestErrorKind::NotAnObject(problem),
+            });
         };
 
         // `kubectl get -o yaml` of several objects prints a `List`; API lists are `<Kind>List`
@@ -345,6 +408,16 @@ impl Loader {
         }
 
         let Some(&(kind, expected)) = KNOWN_KINDS.iter().find(|(k, _)| *k == kind) else {
+            if let Some(expected) = misspelled_kind(&kind) {
+                return self.errors.push(ManifestError {
+                    file: path.to_owned(),
+                    object,
+                    error: ManifestErrorKind::MisspelledKind {
+                        found: kind,
+                        expected,
+                    },
+                });
+            }
             tracing::debug!(file = %path.display(), kind, api_version, "unknown kind ignored");
             return;
         };
@@ -431,9 +504,47 @@ enum Decoded {
     Policy(Box<RawPolicy>),
 }
 
+/// The known kind `kind` is probably a typo of: same letters in another case, or one or two
+/// edits away (one for short kinds, so `Job` is not taken for `Pod`).
+fn misspelled_kind(kind: &str) -> Option<&'static str> {
+    KNOWN_KINDS.iter().map(|(k, _)| *k).find(|known| {
+        let allowed = if known.len() >= 8 { 2 } else { 1 };
+        known.eq_ignore_ascii_case(kind)
+            || edit_distance(&known.to_ascii_lowercase(), &kind.to_ascii_lowercase()) <= allowed
+    })
+}
+
+/// Levenshtein distance, stopping early for strings of very different lengths.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len().abs_diff(b.len()) > 2 {
+        return a.len().abs_diff(b.len());
+    }
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != cb);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
 fn read_limited(path: &Path) -> Result<String, ManifestErrorKind> {
-    let file = fs::File::open(path)?;
-    let size = file.metadata()?.len();
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // Non-blocking, so a file replaced by a FIFO after the walk cannot hang the agent.
+    let file = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(ManifestErrorKind::NotRegular(file_type_name(&metadata)));
+    }
+    // Refused from its size alone: a huge file is never read.
+    let size = metadata.len();
     if size > MAX_FILE_SIZE {
         return Err(ManifestErrorKind::TooLarge(size));
     }
@@ -802,6 +913,226 @@ metadata: {resourceVersion: ""}
 
         let missing = load_dir(&t.0.join("nope"));
         assert_eq!(missing.errors.len(), 1);
+    }
+
+    /// A valid policy named `name` steering everything to `cidr`.
+    fn policy_yaml(name: &str, cidr: &str) -> String {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata: {{name: {name}}}\nspec: {{selectors: [{{podSelector: {{}}}}], destinationCIDRs: ['{cidr}'], egressGateway: {{nodeSelector: {{}}}}}}\n"
+        )
+    }
+
+    fn policy_names(r: &LoadResult) -> Vec<&str> {
+        r.inventory.policies.keys().map(String::as_str).collect()
+    }
+
+    /// `load_dir` on another thread, failing instead of hanging if it blocks (e.g. on a FIFO).
+    fn load_dir_or_hang(dir: &Path) -> LoadResult {
+        let dir = dir.to_owned();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send((load_dir(&dir), fingerprint(&dir)));
+        });
+        receiver
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("loading the folder blocked")
+            .0
+    }
+
+    #[test]
+    fn wrong_api_versions_and_kinds_are_refused_and_the_rest_loads() {
+        let t = TempDir::new();
+        let f = t.write(
+            "mixed.yaml",
+            &[
+                policy_yaml("old-version", "10.0.0.0/8")
+                    .replace("cilium.io/v2", "cilium.io/v2alpha1"),
+                policy_yaml("typo", "10.0.0.0/8").replace(
+                    "kind: CiliumEgressGatewayPolicy",
+                    "kind: CiliumEgresGatewayPolicy",
+                ),
+                policy_yaml("lowercase", "10.0.0.0/8").replace(
+                    "kind: CiliumEgressGatewayPolicy",
+                    "kind: ciliumegressgatewaypolicy",
+                ),
+                "apiVersion: v2\nkind: Pod\nmetadata: {name: p, namespace: ns}\n".into(),
+                "metadata: {name: no-kind}\nspec: {destinationCIDRs: [10.0.0.0/8]}\n".into(),
+                "just some text\n".into(),
+                // Other kinds are ignored: a whole cluster dump can be dropped in.
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n".into(),
+                "apiVersion: batch/v1\nkind: Job\nmetadata: {name: j}\n".into(),
+                policy_yaml("good", "192.0.2.0/24"),
+            ]
+            .join("---\n"),
+        );
+        let r = load_dir(&t.0);
+        assert_eq!(policy_names(&r), ["good"]);
+        assert!(r.inventory.pods.is_empty());
+        let file = f.display();
+        assert_eq!(
+            messages(&r),
+            [
+                format!(
+                    r#"{file}: CiliumEgressGatewayPolicy "old-version": unsupported apiVersion "cilium.io/v2alpha1" for CiliumEgressGatewayPolicy (expected "cilium.io/v2")"#
+                ),
+                format!(
+                    r#"{file}: CiliumEgresGatewayPolicy "typo": unknown kind "CiliumEgresGatewayPolicy": did you mean CiliumEgressGatewayPolicy?"#
+                ),
+                format!(
+                    r#"{file}: ciliumegressgatewaypolicy "lowercase": unknown kind "ciliumegressgatewaypolicy": did you mean CiliumEgressGatewayPolicy?"#
+                ),
+                format!(r#"{file}: Pod "p": unsupported apiVersion "v2" for Pod (expected "v1")"#),
+                format!(r#"{file}: "no-kind" in document 5: not a Kubernetes object: no kind"#),
+                format!(
+                    "{file}: document 6: not a Kubernetes object: expected a mapping with apiVersion, kind and metadata"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_policy_names_keep_the_first_and_the_others_load() {
+        let t = TempDir::new();
+        let a = t.write("a.yaml", &policy_yaml("dup", "10.0.0.0/8"));
+        let b = t.write(
+            "b.yaml",
+            &(policy_yaml("dup", "192.0.2.0/24")
+                + "---\n"
+                + &policy_yaml("other", "198.51.100.0/24")),
+        );
+        let r = load_dir(&t.0);
+        assert_eq!(policy_names(&r), ["dup", "other"]);
+        assert_eq!(
+            r.inventory.policies["dup"].destination_cidrs,
+            ["10.0.0.0/8".parse::<ipnet::Ipv4Net>().unwrap()]
+        );
+        assert_eq!(
+            messages(&r),
+            [format!(
+                r#"{}: CiliumEgressGatewayPolicy "dup": duplicate name: already defined in {}; this one is ignored"#,
+                b.display(),
+                a.display()
+            )]
+        );
+    }
+
+    #[test]
+    fn ipv6_is_refused_as_not_supported_yet_and_ipv4_loads() {
+        let t = TempDir::new();
+        t.write("v6-dest.yaml", &policy_yaml("v6-dest", "2001:db8::/32"));
+        t.write(
+            "v6-excluded.yaml",
+            &policy_yaml("v6-excluded", "0.0.0.0/0").replace(
+                "egressGateway:",
+                "excludedCIDRs: ['fd00::/8'], egressGateway:",
+            ),
+        );
+        t.write(
+            "v6-egress-ip.yaml",
+            &policy_yaml("v6-egress-ip", "0.0.0.0/0").replace(
+                "{nodeSelector: {}}",
+                "{nodeSelector: {}, egressIP: '2001:db8::1'}",
+            ),
+        );
+        t.write("v4.yaml", &policy_yaml("v4", "192.0.2.0/24"));
+        // IPv6 addresses of nodes and pods are skipped silently: dual-stack clusters are fine.
+        t.write(
+            "objects.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n6}\nstatus: {addresses: [{type: InternalIP, address: 'fd00::1'}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p6, namespace: ns}\nspec: {nodeName: n6, containers: []}\nstatus: {podIP: 'fd00::5'}\n",
+        );
+        let r = load_dir(&t.0);
+        assert_eq!(policy_names(&r), ["v4"]);
+        assert_eq!(r.inventory.nodes["n6"].internal_ip, None);
+        assert!(r.inventory.pods[&("ns".into(), "p6".into())].ips.is_empty());
+        let msgs = messages(&r);
+        let expect = [
+            ("v6-dest", "spec.destinationCIDRs[0]", "2001:db8::/32"),
+            ("v6-egress-ip", "spec.egressGateway.egressIP", "2001:db8::1"),
+            ("v6-excluded", "spec.excludedCIDRs[0]", "fd00::/8"),
+        ];
+        assert_eq!(msgs.len(), expect.len(), "{msgs:#?}");
+        for (msg, (name, field, value)) in msgs.iter().zip(expect) {
+            let wanted = format!(r#"CiliumEgressGatewayPolicy "{name}": {field}: invalid "#);
+            assert!(msg.contains(&wanted), "{msg}\ndoes not contain {wanted}");
+            assert!(msg.contains(&format!("{value:?}")), "{msg}");
+            assert!(msg.ends_with(": IPv6 is not supported yet"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn ten_megabyte_file_is_refused_and_the_others_load() {
+        let t = TempDir::new();
+        t.write("a-ok.yaml", &policy_yaml("before", "192.0.2.0/24"));
+        // Real content (a valid policy padded with comments), not a sparse file.
+        let mut big = policy_yaml("huge", "10.0.0.0/8");
+        let line = "# padding padding padding padding padding padding padding padding\n";
+        while big.len() < 10 << 20 {
+            big.push_str(line);
+        }
+        let big_path = t.write("big.yaml", &big);
+        t.write("z-ok.yaml", &policy_yaml("after", "198.51.100.0/24"));
+        let r = load_dir(&t.0);
+        assert_eq!(policy_names(&r), ["after", "before"]);
+        assert_eq!(
+            messages(&r),
+            [format!(
+                "{}: file is {} bytes, larger than the {MAX_FILE_SIZE} bytes allowed; not read",
+                big_path.display(),
+                big.len()
+            )]
+        );
+        assert!(
+            matches!(r.errors[0].error, ManifestErrorKind::TooLarge(n) if n == big.len() as u64)
+        );
+    }
+
+    #[test]
+    fn fifos_devices_loops_and_unreadable_files_are_skipped_with_errors() {
+        use std::os::unix::fs::symlink;
+
+        let t = TempDir::new();
+        t.write("good.yaml", &policy_yaml("good", "192.0.2.0/24"));
+        // A folder named like a manifest is just a folder: its files load.
+        t.write(
+            "dir.yaml/inside.yaml",
+            &policy_yaml("inside", "198.51.100.0/24"),
+        );
+        let fifo = t.0.join("fifo.yaml");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Never ends: must not be read at all.
+        symlink("/dev/zero", t.0.join("zero.yaml")).unwrap();
+        // A regular file that fails to read even for root (EIO at offset 0).
+        symlink("/proc/self/mem", t.0.join("mem.yaml")).unwrap();
+        symlink(t.0.join("loop-b.yaml"), t.0.join("loop-a.yaml")).unwrap();
+        symlink(t.0.join("loop-a.yaml"), t.0.join("loop-b.yaml")).unwrap();
+        symlink(&t.0, t.0.join("dir.yaml/parent")).unwrap();
+
+        let r = load_dir_or_hang(&t.0);
+        assert_eq!(policy_names(&r), ["good", "inside"]);
+        let msgs = messages(&r);
+        let expect = [
+            ("fifo.yaml", "not a regular file (a FIFO); skipped"),
+            (
+                "loop-a.yaml",
+                "cannot read: Too many levels of symbolic links",
+            ),
+            (
+                "loop-b.yaml",
+                "cannot read: Too many levels of symbolic links",
+            ),
+            ("mem.yaml", "cannot read: Input/output error"),
+            ("zero.yaml", "not a regular file (a device); skipped"),
+        ];
+        assert_eq!(msgs.len(), expect.len(), "{msgs:#?}");
+        for (msg, (file, text)) in msgs.iter().zip(expect) {
+            let wanted = format!("{}: {text}", t.0.join(file).display());
+            assert!(
+                msg.starts_with(&wanted),
+                "{msg}\ndoes not start with\n{wanted}"
+            );
+        }
     }
 
     #[test]

@@ -146,13 +146,6 @@ pub struct Inventory {
 
 // For incremental sources; both current sources rebuild from scratch (the Kubernetes one
 // from its reflector stores, so lost delete events cannot leave stale entries).
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "no source applies single deletions; both rebuild whole snapshots"
-    )
-)]
 impl Inventory {
     pub fn remove_node(&mut self, name: &str) -> Option<Node> {
         self.nodes.remove(name)
