@@ -19,9 +19,20 @@ use clap::{Args, Parser, Subcommand};
 /// bpf-linker release installed into `<workspace>/.tools`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the tests (and the demo) use.
+/// cargo-fuzz release installed into `<workspace>/.tools` (runs the fuzz targets of `fuzz/`).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Debian packages the tests (and the demo) use; g++ builds libFuzzer for the fuzz targets.
 const DEBIAN_PACKAGES: &[&str] = &[
-    "bpftool", "iperf3", "nftables", "iptables", "tcpdump", "curl", "iproute2", "iputils-ping",
+    "bpftool",
+    "iperf3",
+    "nftables",
+    "iptables",
+    "tcpdump",
+    "curl",
+    "iproute2",
+    "iputils-ping",
+    "g++",
 ];
 
 #[derive(Parser)]
@@ -37,7 +48,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing need (idempotent): rust-src for nightly, bpf-linker
-    /// in <workspace>/.tools, Debian packages used by the tests.
+    /// and cargo-fuzz in <workspace>/.tools, Debian packages used by the tests.
     Setup {
         /// Install bpf-linker into this folder instead of <workspace>/.tools (for testing the
         /// installation; builds only look in <workspace>/.tools).
@@ -270,7 +281,9 @@ fn test(
     if selects_packages {
         // `--workspace` would override the user's `--package`.
     } else if quick {
-        cmd.args(["--package", "egress-agent", "--package", "egress-common"]);
+        // Unit tests only: not the CLI and fuzz tests in egress-agent/tests.
+        cmd.args(["--package", "egress-agent", "--package", "egress-common"])
+            .args(["--lib", "--bins"]);
     } else {
         // egress-ebpf builds only for the BPF target (through egress-agent's build script).
         cmd.args(["--workspace", "--exclude", "egress-ebpf"]);
@@ -296,6 +309,7 @@ fn setup(ws: &Workspace, tools: &Path) -> Result<()> {
     let sysroot = nightly_sysroot()?;
     ensure_rust_src()?;
     ensure_bpf_linker(ws, tools, &sysroot)?;
+    ensure_cargo_fuzz(ws, tools)?;
     ensure_debian_packages()?;
     eprintln!("xtask: setup complete");
     Ok(())
@@ -434,6 +448,36 @@ fn ensure_bpf_linker(ws: &Workspace, tools: &Path, sysroot: &Path) -> Result<()>
     );
     fs::write(&stamp_path, stamp).with_context(|| format!("writing {}", stamp_path.display()))?;
     Ok(())
+}
+
+/// Installs cargo-fuzz into `<tools>/bin` unless that version is already there.
+fn ensure_cargo_fuzz(ws: &Workspace, tools: &Path) -> Result<()> {
+    let bin = tools.join("bin/cargo-fuzz");
+    let installed = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
+    let wanted = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
+    if installed.is_some_and(|version| version.trim() == wanted) {
+        eprintln!("xtask: {wanted} already installed in {}", tools.display());
+        return Ok(());
+    }
+    eprintln!("xtask: installing {wanted} (a few minutes of CPU)");
+    let mut cmd = Command::new("cargo");
+    cmd.arg("install")
+        .arg("--root")
+        .arg(tools)
+        .args([
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+            "--force",
+        ])
+        .current_dir(&ws.root);
+    run(&mut cmd)
 }
 
 /// Checks the binary starts (finds its LLVM library) without the toolchain's library path.
