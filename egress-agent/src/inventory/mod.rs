@@ -311,9 +311,11 @@ impl<'a> PodIndex<'a> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod test_support {
-    //! Small builders shared by the tests of this crate's control-plane modules.
+// Public, not `cfg(test)`: the binary's tests use it too, and they build the library
+// without `cfg(test)`.
+#[doc(hidden)]
+pub mod test_support {
+    //! Small builders shared by the tests of the control-plane modules and of the binary.
 
     use super::*;
 
