@@ -209,6 +209,12 @@ pub fn render(report: &Report, datapath: &DatapathSample, histograms: &Histogram
         "Objects of any kind refused as invalid",
         gauge(report.refused.len()),
     );
+    registry.register(
+        "policy_entries_dropped",
+        "Policy entries wanted but left out because the policy map is full (their pods are not \
+         steered: raise --policy-map-size)",
+        gauge(report.policy_entries_dropped),
+    );
 
     let mut entries: BTreeMap<&str, i64> = report
         .map_entries
@@ -484,6 +490,7 @@ mod tests {
         expect("egress_gateway_policies_loaded", 2.0);
         expect("egress_gateway_policies_rejected", 1.0);
         expect("egress_gateway_policies_with_problem", 1.0);
+        expect("egress_gateway_policy_entries_dropped", 0.0);
         expect("egress_gateway_objects_rejected", 2.0);
         expect("egress_gateway_map_entries{map=\"EGRESS_POLICIES\"}", 6.0);
         expect("egress_gateway_map_entries{map=\"NODES\"}", 3.0);
