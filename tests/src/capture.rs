@@ -18,6 +18,9 @@ pub struct CapturedPacket {
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
     pub protocol: IpProtocol,
+    /// TCP/UDP ports; `None` for other protocols and non-first fragments.
+    pub src_port: Option<u16>,
+    pub dst_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +44,16 @@ impl From<u8> for IpProtocol {
 
 impl fmt::Display for CapturedPacket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?} {} > {}", self.protocol, self.src, self.dst)
+        let port = |port: Option<u16>| port.map(|port| format!(":{port}")).unwrap_or_default();
+        write!(
+            f,
+            "{:?} {}{} > {}{}",
+            self.protocol,
+            self.src,
+            port(self.src_port),
+            self.dst,
+            port(self.dst_port)
+        )
     }
 }
 
@@ -68,6 +80,9 @@ impl Capture {
             "-U",
             "-s",
             "128",
+            // A large buffer: the leak detector must not miss packets of a busy transfer.
+            "-B",
+            "16384",
             "-Z",
             "root",
             "-w",
@@ -153,10 +168,26 @@ fn parse_ethernet(frame: &[u8]) -> Option<CapturedPacket> {
     }
     let ip = frame.get(header..header + 20)?;
     let address = |at: usize| Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]);
+    let protocol = IpProtocol::from(ip[9]);
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+    let ports = match protocol {
+        IpProtocol::Tcp | IpProtocol::Udp if fragment_offset == 0 => frame
+            .get(header + header_len..header + header_len + 4)
+            .map(|l4| {
+                (
+                    u16::from_be_bytes([l4[0], l4[1]]),
+                    u16::from_be_bytes([l4[2], l4[3]]),
+                )
+            }),
+        _ => None,
+    };
     Some(CapturedPacket {
         src: address(12),
         dst: address(16),
-        protocol: ip[9].into(),
+        protocol,
+        src_port: ports.map(|(src, _)| src),
+        dst_port: ports.map(|(_, dst)| dst),
     })
 }
 
@@ -167,10 +198,12 @@ mod tests {
     fn frame(src: [u8; 4], dst: [u8; 4], protocol: u8) -> Vec<u8> {
         let mut frame = vec![0u8; 12];
         frame.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-        let mut ip = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, protocol, 0, 0];
+        let mut ip = vec![0x45, 0, 0, 24, 0, 0, 0, 0, 64, protocol, 0, 0];
         ip.extend_from_slice(&src);
         ip.extend_from_slice(&dst);
         frame.extend_from_slice(&ip);
+        // Ports 40000 -> 8080.
+        frame.extend_from_slice(&[0x9c, 0x40, 0x1f, 0x90]);
         frame
     }
 
@@ -203,12 +236,16 @@ mod tests {
                 CapturedPacket {
                     src: Ipv4Addr::new(10, 0, 0, 12),
                     dst: Ipv4Addr::new(198, 51, 100, 10),
-                    protocol: IpProtocol::Tcp
+                    protocol: IpProtocol::Tcp,
+                    src_port: Some(40000),
+                    dst_port: Some(8080),
                 },
                 CapturedPacket {
                     src: Ipv4Addr::new(192, 0, 2, 200),
                     dst: Ipv4Addr::new(198, 51, 100, 10),
-                    protocol: IpProtocol::Udp
+                    protocol: IpProtocol::Udp,
+                    src_port: Some(40000),
+                    dst_port: Some(8080),
                 },
             ]
         );

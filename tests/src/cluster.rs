@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!   pod ns (eth0 10.244.N.x/32) ── veth ── node ns "<id>-wN" (eth0 10.0.0.1N, pod CIDR 10.244.N.0/24)
-//!                                               │ eth0 (veth)           │ eth1 (optional, 192.0.2.N)
+//!                                               │ eth0 (veth)           │ eth1 (optional, 192.0.2.1N)
 //!   underlay/router ns "<id>-ul": br0 10.0.0.1/24, br1 192.0.2.1/24, 198.51.100.1/24 ── dst ns
 //!   destination ns "<id>-dst": eth0 198.51.100.10/24, runs egress-peer
 //! ```
@@ -55,6 +55,11 @@ pub struct ClusterConfig {
     pub peer_bin: PathBuf,
     /// Start the `egress-peer` server in the destination namespace.
     pub start_peer: bool,
+    /// Ports the peer serves besides 8080 (HTTP) and 8081 (UDP), each for both HTTP and UDP
+    /// echo: tests give each pod its own port so the leak detector can tell flows apart.
+    pub extra_peer_ports: Vec<u16>,
+    /// Extra `egress-agent run` flags for every agent (e.g. `--udp-idle-timeout 3`).
+    pub agent_args: Vec<String>,
 }
 
 impl Default for ClusterConfig {
@@ -66,6 +71,8 @@ impl Default for ClusterConfig {
             agent_bin: agent_binary(),
             peer_bin: peer_binary(),
             start_peer: true,
+            extra_peer_ports: Vec::new(),
+            agent_args: Vec::new(),
         }
     }
 }
@@ -107,6 +114,8 @@ pub struct Node {
     pub bpffs: PathBuf,
     /// Address on eth1, once `add_secondary_interface` created it.
     pub secondary_ip: Option<Ipv4Addr>,
+    /// Extra `egress-agent run` flags of this node's agent (after the cluster-wide ones).
+    pub agent_args: Vec<String>,
     next_pod_host: u8,
 }
 
@@ -181,6 +190,10 @@ pub struct Cluster {
     next_capture: u32,
     agent_bin: PathBuf,
     peer_bin: PathBuf,
+    extra_peer_ports: Vec<u16>,
+    agent_args: Vec<String>,
+    /// Nodes whose manifest `delete_node_manifest` removed.
+    unregistered: std::collections::BTreeSet<String>,
     resources: Arc<Mutex<Resources>>,
 }
 
@@ -261,6 +274,7 @@ impl Cluster {
                     ]),
                     bpffs: Path::new(BPFFS_ROOT).join(format!("{id}-{name}")),
                     secondary_ip: None,
+                    agent_args: Vec::new(),
                     next_pod_host: 10,
                 }
             })
@@ -282,6 +296,9 @@ impl Cluster {
             next_capture: 0,
             agent_bin: config.agent_bin,
             peer_bin: config.peer_bin,
+            extra_peer_ports: config.extra_peer_ports,
+            agent_args: config.agent_args,
+            unregistered: Default::default(),
             resources,
         };
         cluster.build_underlay()?;
@@ -307,6 +324,11 @@ impl Cluster {
     /// Folder with logs, captures and the manifests (0700, removed at teardown).
     pub fn work_dir(&self) -> &Path {
         &self.work_dir
+    }
+
+    /// The `egress-peer` binary, to run its clients in pods.
+    pub fn peer_bin(&self) -> &Path {
+        &self.peer_bin
     }
 
     pub fn manifests_dir(&self) -> &Path {
@@ -483,12 +505,35 @@ impl Cluster {
         Ok(())
     }
 
-    /// Gives a node eth1 on the second network 192.0.2.0/24 (address 192.0.2.N), via the router.
+    /// Gives a node eth1 on the second network 192.0.2.0/24 (address 192.0.2.1N, N the node's
+    /// number; the router is 192.0.2.1), via the router.
     pub fn add_secondary_interface(&mut self, node: &str) -> Result<Ipv4Addr> {
         let index = self.node_index(node)?;
         if let Some(existing) = self.nodes[index].secondary_ip {
             return Ok(existing);
         }
+        let address = Ipv4Addr::new(192, 0, 2, 10 + self.nodes[index].number);
+        self.add_secondary_link(&self.nodes[index].name.clone(), "eth1")?;
+        let node = &self.nodes[index];
+        ip_in(
+            &node.netns,
+            &["addr", "add", &format!("{address}/24"), "dev", "eth1"],
+        )?;
+        // Source routing, as operators set up for a second NIC: traffic from eth1's subnet
+        // (including egress IPs added there) leaves through eth1's own router.
+        ip_in(
+            &node.netns,
+            &["rule", "add", "from", "192.0.2.0/24", "table", "100"],
+        )?;
+        self.nodes[index].secondary_ip = Some(address);
+        Ok(address)
+    }
+
+    /// Adds another interface (`eth1`, `eth2`, ...) on the second network 192.0.2.0/24, without
+    /// an address, with a route through the router in table 100 (used for sources of that
+    /// network). Addresses are added with `add_address` or moved with `move_address`.
+    pub fn add_secondary_link(&mut self, node: &str, interface: &str) -> Result<()> {
+        let index = self.node_index(node)?;
         if !self.secondary_bridge {
             ip_in(&self.underlay, &["link", "add", "br1", "type", "bridge"])?;
             ip_in(
@@ -505,14 +550,14 @@ impl Cluster {
             self.secondary_bridge = true;
         }
         let node = &self.nodes[index];
-        let address = Ipv4Addr::new(192, 0, 2, node.number);
-        let router_port = format!("{}s{}", self.if_prefix, node.number);
+        let suffix = interface.trim_start_matches("eth");
+        let router_port = format!("{}s{}{suffix}", self.if_prefix, node.number);
         ip_in(
             &node.netns,
             &[
                 "link",
                 "add",
-                "eth1",
+                interface,
                 "type",
                 "veth",
                 "peer",
@@ -522,37 +567,66 @@ impl Cluster {
                 &self.underlay,
             ],
         )?;
-        ip_in(
-            &node.netns,
-            &["addr", "add", &format!("{address}/24"), "dev", "eth1"],
-        )?;
-        ip_in(&node.netns, &["link", "set", "eth1", "up"])?;
+        ip_in(&node.netns, &["link", "set", interface, "up"])?;
         ip_in(
             &self.underlay,
             &["link", "set", &router_port, "master", "br1", "up"],
         )?;
-        // Source routing, as operators set up for a second NIC: traffic from eth1's subnet
-        // (including egress IPs added there) leaves through eth1's own router.
+        self.add_secondary_route(&node.netns, interface)?;
+        Ok(())
+    }
+
+    /// `default via 192.0.2.1 dev <interface> table 100` (what a network manager restores
+    /// when the link comes back up); eth1's has the lowest metric, so it is preferred unless
+    /// a lookup asks for another interface.
+    fn add_secondary_route(&self, netns: &str, interface: &str) -> Result<()> {
+        let metric = format!(
+            "{}",
+            100 + interface
+                .trim_start_matches("eth")
+                .parse::<u32>()
+                .unwrap_or(50)
+        );
         ip_in(
-            &node.netns,
+            netns,
             &[
                 "route",
-                "add",
+                "replace",
                 "default",
                 "via",
                 &SECONDARY_ROUTER_IP.to_string(),
                 "dev",
-                "eth1",
+                interface,
                 "table",
                 "100",
+                "metric",
+                &metric,
+                "onlink",
             ],
         )?;
-        ip_in(
-            &node.netns,
-            &["rule", "add", "from", "192.0.2.0/24", "table", "100"],
-        )?;
-        self.nodes[index].secondary_ip = Some(address);
-        Ok(address)
+        Ok(())
+    }
+
+    /// `ip link set <interface> up|down` on a node. Bringing a second-network interface back
+    /// up restores its table-100 route, which the kernel removed when it went down.
+    pub fn set_link(&self, node: &str, interface: &str, up: bool) -> Result<()> {
+        let node = self.node(node)?;
+        let state = if up { "up" } else { "down" };
+        ip_in(&node.netns, &["link", "set", interface, state])?;
+        if up && interface != "eth0" && self.secondary_bridge {
+            self.add_secondary_route(&node.netns, interface)?;
+        }
+        Ok(())
+    }
+
+    /// Moves an address from one interface of a node to another and makes the router forget
+    /// where it was (what the gratuitous ARP of a real move does).
+    pub fn move_address(&self, node: &str, cidr: &str, from: &str, to: &str) -> Result<()> {
+        self.remove_address(node, from, cidr)?;
+        self.add_address(node, to, cidr)?;
+        let address = cidr.split('/').next().unwrap_or(cidr);
+        let _ = ip_in(&self.underlay, &["neigh", "flush", "to", address]);
+        Ok(())
     }
 
     /// Adds an address (`192.0.2.200/24`) to an interface of a node, e.g. for a policy's egressIP.
@@ -578,6 +652,19 @@ impl Cluster {
         name: &str,
         pod_labels: &[(&str, &str)],
     ) -> Result<Pod> {
+        self.add_pod_with_ip(node, namespace, name, pod_labels, None)
+    }
+
+    /// `add_pod` with a chosen address from the node's pod CIDR (e.g. the address of a deleted
+    /// pod, as the IPAM hands out again); `None` picks the next free one.
+    pub fn add_pod_with_ip(
+        &mut self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+        pod_labels: &[(&str, &str)],
+        ip: Option<Ipv4Addr>,
+    ) -> Result<Pod> {
         let index = self.node_index(node)?;
         if self
             .pods
@@ -586,13 +673,29 @@ impl Cluster {
         {
             bail!("pod {namespace}/{name} already exists");
         }
-        let node = &mut self.nodes[index];
-        let host = node.next_pod_host;
-        if host == 255 {
-            bail!("node {} has no pod addresses left", node.name);
-        }
-        node.next_pod_host += 1;
-        let node = node.clone();
+        let number = self.nodes[index].number;
+        let host = match ip {
+            Some(ip) => {
+                let [a, b, c, host] = ip.octets();
+                if [a, b, c] != [10, 244, number] || host == 0 || host == 255 {
+                    bail!("{ip} is not in the pod CIDR of {node}");
+                }
+                if self.pods.iter().any(|pod| pod.ip == ip) {
+                    bail!("{ip} is in use by another pod");
+                }
+                host
+            }
+            None => {
+                let node = &mut self.nodes[index];
+                let host = node.next_pod_host;
+                if host == 255 {
+                    bail!("node {} has no pod addresses left", node.name);
+                }
+                node.next_pod_host += 1;
+                host
+            }
+        };
+        let node = self.nodes[index].clone();
         let pod_number = self.next_pod;
         self.next_pod += 1;
         let pod = Pod {
@@ -716,6 +819,9 @@ impl Cluster {
         self.nodes[index]
             .labels
             .insert(key.to_string(), value.to_string());
+        if self.unregistered.contains(&self.nodes[index].name) {
+            return Ok(());
+        }
         self.write_node_manifest(&self.nodes[index])
     }
 
@@ -723,6 +829,9 @@ impl Cluster {
     pub fn unlabel_node(&mut self, node: &str, key: &str) -> Result<()> {
         let index = self.node_index(node)?;
         self.nodes[index].labels.remove(key);
+        if self.unregistered.contains(&self.nodes[index].name) {
+            return Ok(());
+        }
         self.write_node_manifest(&self.nodes[index])
     }
 
@@ -756,6 +865,28 @@ impl Cluster {
 
     pub fn delete_policy(&self, name: &str) -> Result<()> {
         self.manifests.delete_policy(name)
+    }
+
+    /// `kubectl delete node <node>`: the node leaves the inventory (its namespace and agent
+    /// keep running, as a node that lost its registration would).
+    pub fn delete_node_manifest(&mut self, node: &str) -> Result<()> {
+        let name = self.node(node)?.name.clone();
+        self.manifests.delete_node(&name)?;
+        self.unregistered.insert(name);
+        Ok(())
+    }
+
+    /// Publishes the node's manifest again after `delete_node_manifest`.
+    pub fn restore_node_manifest(&mut self, node: &str) -> Result<()> {
+        let name = self.node(node)?.name.clone();
+        self.unregistered.remove(&name);
+        self.write_node_manifest(self.node(node)?)
+    }
+
+    /// False while the node's manifest is deleted.
+    pub fn node_registered(&self, node: &str) -> bool {
+        self.node(node)
+            .is_ok_and(|node| !self.unregistered.contains(&node.name))
     }
 
     // ----- running things -----
@@ -814,7 +945,7 @@ impl Cluster {
 
     fn start_peer(&self) -> Result<()> {
         let log = self.peer_log_path();
-        let args = [
+        let mut args = vec![
             self.peer_bin.to_string_lossy().into_owned(),
             "serve".into(),
             "--http".into(),
@@ -824,6 +955,14 @@ impl Cluster {
             "--log".into(),
             log.to_string_lossy().into_owned(),
         ];
+        for port in &self.extra_peer_ports {
+            args.extend([
+                "--http".into(),
+                format!("0.0.0.0:{port}"),
+                "--udp".into(),
+                format!("0.0.0.0:{port}"),
+            ]);
+        }
         let mut process = Background::spawn(
             netns_command(&self.destination, &args),
             &self.work_dir.join("peer"),
@@ -925,6 +1064,8 @@ impl Cluster {
             })
             .arg("--bpffs")
             .arg(&node.bpffs)
+            .args(&self.agent_args)
+            .args(&node.agent_args)
             .args(extra)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
@@ -947,6 +1088,68 @@ impl Cluster {
             .agent_state
             .insert(node.name.clone(), (node.netns.clone(), node.bpffs.clone()));
         Ok(())
+    }
+
+    /// Sets extra `egress-agent run` flags of a node's agent, used from its next start on.
+    pub fn set_agent_args(&mut self, node: &str, args: &[&str]) -> Result<()> {
+        let index = self.node_index(node)?;
+        self.nodes[index].agent_args = args.iter().map(|arg| arg.to_string()).collect();
+        Ok(())
+    }
+
+    /// Runs `egress-agent run` on a node in the foreground with a given manifests folder and
+    /// a scratch bpffs folder, for start-up failures: returns how it exited (killed after
+    /// `timeout` if it did not).
+    pub fn run_agent_once(
+        &self,
+        node: &str,
+        manifests: &Path,
+        timeout: Duration,
+    ) -> Result<Output> {
+        let node = self.node(node)?;
+        ensure_bpffs_mounted()?;
+        let bpffs = Path::new(BPFFS_ROOT).join(format!("{}-{}-once", self.id, node.name));
+        lock(&self.resources).agent_state.insert(
+            format!("{}-once", node.name),
+            (node.netns.clone(), bpffs.clone()),
+        );
+        let mut command = netns_command(&node.netns, &[self.agent_bin.as_os_str()]);
+        command
+            .arg("run")
+            .arg("--node-name")
+            .arg(&node.name)
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--bpffs")
+            .arg(&bpffs)
+            .arg("--tunnel-device")
+            .arg("egwonce")
+            .arg("--metrics-address")
+            .arg("127.0.0.1:0")
+            .env("NO_COLOR", "1");
+        run_with_timeout(command, timeout)
+    }
+
+    /// The pid of a node's running agent (`ip netns exec` execs it, so it is the child's).
+    pub fn agent_pid(&self, node: &str) -> Result<u32> {
+        let node = self.node(node)?;
+        let mut resources = lock(&self.resources);
+        match resources.agents.get_mut(&node.name) {
+            Some(child) => match child.try_wait() {
+                Ok(None) => Ok(child.id()),
+                _ => bail!("the agent on {} has exited", node.name),
+            },
+            None => bail!("no agent running on {}", node.name),
+        }
+    }
+
+    /// Lines of the node's agent log (across restarts) that contain every one of `needles`.
+    pub fn agent_log_lines(&self, node: &str, needles: &[&str]) -> Vec<String> {
+        self.agent_log(node)
+            .lines()
+            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn start_all_agents(&self) -> Result<()> {

@@ -11,9 +11,12 @@ pub mod apiserver;
 pub mod bench;
 pub mod capture;
 pub mod cluster;
+pub mod expected;
+pub mod leaks;
 pub mod manifests;
 pub mod peer;
 pub mod process;
+pub mod traffic;
 
 use std::path::PathBuf;
 
@@ -24,8 +27,10 @@ pub use cluster::{
     AgentSource, BPFFS_ROOT, Cluster, ClusterConfig, Node, Pod, TeardownHandle, is_root,
     teardown_all_clusters, wait_for_value, wait_until,
 };
+pub use leaks::{LeakDetector, LeakReport};
 pub use peer::{DESTINATION_IP, PEER_HTTP_PORT, PEER_UDP_PORT, PeerProtocol, PeerRecord, peer_url};
 pub use process::{Background, Finished, Signal};
+pub use traffic::{FlowKind, FlowSummary, LongFlow};
 
 /// `<repo>/../shared/policies/valid/<name>`: the shared example policies (read, never copied).
 pub fn shared_policy(name: &str) -> PathBuf {

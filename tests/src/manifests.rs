@@ -97,6 +97,10 @@ impl Manifests {
         self.write(&format!("node-{}.yaml", node.name), &object)
     }
 
+    pub fn delete_node(&self, name: &str) -> Result<()> {
+        self.remove(&format!("node-{name}.yaml"))
+    }
+
     pub fn write_namespace(&self, name: &str, labels: &Labels) -> Result<()> {
         let mut labels = labels.clone();
         labels.insert("kubernetes.io/metadata.name".into(), name.into());

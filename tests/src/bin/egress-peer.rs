@@ -1,9 +1,13 @@
 //! The external destination of the test cluster, and a client to run inside pods.
 //!
 //! `serve`: HTTP on TCP (`/` answers with the client's source IP, `/bytes/N` with N bytes,
-//! `/drip/N` with N KiB at 10 KiB/s) and a
-//! UDP echo of the datagram's source `ip:port`; every connection/datagram is appended to a log.
+//! `/drip/N` with N KiB at 10 KiB/s, `/hold` echoes the source IP for every line the client
+//! sends until it closes) and a UDP echo of the datagram's source `ip:port`, on one or more
+//! ports each; every connection/datagram is appended to a log.
 //! `udp` / `tcp-burst`: clients printing the source the server saw, one line per reply.
+//! `tcp-hold` / `udp-stream`: long-lived flows until a stop file appears, then a JSON summary.
+//! `udp-probe`: one datagram on a connected socket, printing `refused`, `reply <src>` or
+//! `timeout` (an ICMP port unreachable must reach the pod as ECONNREFUSED).
 
 use std::{
     fs::{File, OpenOptions},
@@ -30,10 +34,12 @@ struct Cli {
 enum Command {
     /// Run the destination server.
     Serve {
+        /// HTTP listening address; repeat for more ports.
         #[arg(long, default_value = "0.0.0.0:8080")]
-        http: SocketAddr,
+        http: Vec<SocketAddr>,
+        /// UDP echo address; repeat for more ports.
         #[arg(long, default_value = "0.0.0.0:8081")]
-        udp: SocketAddr,
+        udp: Vec<SocketAddr>,
         /// Append `tcp|udp <source ip:port>` per connection/datagram here.
         #[arg(long)]
         log: std::path::PathBuf,
@@ -54,6 +60,36 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Open connections to the server's `/hold` and exchange a line on each every interval
+    /// until `--until-file` exists; prints `connected K failed M` once all connects were
+    /// tried, then a JSON summary. Connect failures are reported, not fatal.
+    TcpHold {
+        server: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        connections: u32,
+        #[arg(long)]
+        until_file: std::path::PathBuf,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        /// Per connect and per reply.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Send a datagram every interval from one socket until `--until-file` exists; prints a
+    /// JSON summary (sent, received, longest gap between replies, sources the server saw).
+    UdpStream {
+        server: SocketAddr,
+        #[arg(long)]
+        until_file: std::path::PathBuf,
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+    },
+    /// Send one datagram on a connected socket and report what came back.
+    UdpProbe {
+        server: SocketAddr,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +105,27 @@ fn main() -> ExitCode {
             connections,
             timeout_ms,
         } => tcp_burst(server, connections, Duration::from_millis(timeout_ms)),
+        Command::TcpHold {
+            server,
+            connections,
+            until_file,
+            interval_ms,
+            timeout_ms,
+        } => tcp_hold(
+            server,
+            connections,
+            &until_file,
+            Duration::from_millis(interval_ms),
+            Duration::from_millis(timeout_ms),
+        ),
+        Command::UdpStream {
+            server,
+            until_file,
+            interval_ms,
+        } => udp_stream(server, &until_file, Duration::from_millis(interval_ms)),
+        Command::UdpProbe { server, timeout_ms } => {
+            udp_probe(server, Duration::from_millis(timeout_ms))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,7 +147,7 @@ fn record(log: &Log, protocol: PeerProtocol, source: SocketAddr) {
     }
 }
 
-fn serve(http: SocketAddr, udp: SocketAddr, log_path: &std::path::Path) -> Result<()> {
+fn serve(http: Vec<SocketAddr>, udp: Vec<SocketAddr>, log_path: &std::path::Path) -> Result<()> {
     let log: Log = Arc::new(Mutex::new(
         OpenOptions::new()
             .create(true)
@@ -98,13 +155,32 @@ fn serve(http: SocketAddr, udp: SocketAddr, log_path: &std::path::Path) -> Resul
             .open(log_path)
             .context("opening the log")?,
     ));
-    let listener = TcpListener::bind(http).with_context(|| format!("binding {http}"))?;
-    let socket = UdpSocket::bind(udp).with_context(|| format!("binding {udp}"))?;
-    println!("ready: http {http} udp {udp}");
+    let mut listeners = Vec::new();
+    for address in &http {
+        listeners.push(TcpListener::bind(address).with_context(|| format!("binding {address}"))?);
+    }
+    for address in &udp {
+        let socket = UdpSocket::bind(address).with_context(|| format!("binding {address}"))?;
+        let udp_log = log.clone();
+        thread::spawn(move || udp_echo(socket, udp_log));
+    }
+    println!("ready: http {http:?} udp {udp:?}");
     std::io::stdout().flush()?;
 
-    let udp_log = log.clone();
-    thread::spawn(move || udp_echo(socket, udp_log));
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            let log = log.clone();
+            thread::spawn(move || accept_http(listener, log))
+        })
+        .collect();
+    for acceptor in acceptors {
+        let _ = acceptor.join();
+    }
+    Ok(())
+}
+
+fn accept_http(listener: TcpListener, log: Log) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let log = log.clone();
@@ -115,7 +191,6 @@ fn serve(http: SocketAddr, udp: SocketAddr, log_path: &std::path::Path) -> Resul
             }
         });
     }
-    Ok(())
 }
 
 fn udp_echo(socket: UdpSocket, log: Log) {
@@ -143,6 +218,17 @@ fn answer_http(stream: TcpStream, source: SocketAddr) -> Result<()> {
     }
     let path = request_line.split_whitespace().nth(1).unwrap_or("/");
     let mut stream = stream;
+    if path == "/hold" {
+        // A long-lived connection: one line of the source IP per line received.
+        stream.set_read_timeout(None)?;
+        write!(stream, "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")?;
+        let mut line = String::new();
+        while reader.read_line(&mut line)? > 0 {
+            writeln!(stream, "{}", source.ip())?;
+            line.clear();
+        }
+        return Ok(());
+    }
     if let Some(size) = path.strip_prefix("/bytes/") {
         let Ok(size) = size.parse::<u64>() else {
             return respond(&mut stream, "400 Bad Request", b"bad size\n");
@@ -273,4 +359,202 @@ fn fetch_source_ip(server: SocketAddr, timeout: Duration) -> Result<String> {
         .parse::<std::net::Ipv4Addr>()
         .with_context(|| format!("body {source:?} is not an IP"))?;
     Ok(source.to_string())
+}
+
+/// One `/hold` connection of `tcp-hold`.
+struct HeldConnection {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl HeldConnection {
+    fn open(server: SocketAddr, timeout: Duration) -> Result<HeldConnection> {
+        let mut writer = TcpStream::connect_timeout(&server, timeout)?;
+        writer.set_read_timeout(Some(timeout))?;
+        write!(writer, "GET /hold HTTP/1.1\r\nHost: {server}\r\n\r\n")?;
+        let mut reader = BufReader::new(writer.try_clone()?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if !line.starts_with("HTTP/1.1 200") {
+            bail!("unexpected response {line:?}");
+        }
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                bail!("closed during the response head");
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        Ok(HeldConnection { reader, writer })
+    }
+
+    /// Sends a line, returns the source IP the server saw.
+    fn exchange(&mut self) -> Result<String> {
+        self.writer.write_all(b"ping\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("the server closed the connection");
+        }
+        Ok(line.trim().to_string())
+    }
+}
+
+fn tcp_hold(
+    server: SocketAddr,
+    connections: u32,
+    until_file: &std::path::Path,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<()> {
+    let mut held = Vec::new();
+    let mut connect_errors = Vec::new();
+    for index in 0..connections {
+        match HeldConnection::open(server, timeout) {
+            Ok(connection) => held.push(connection),
+            Err(error) => connect_errors.push(format!("connection {index}: {error:#}")),
+        }
+    }
+    println!("connected {} failed {}", held.len(), connect_errors.len());
+    std::io::stdout().flush()?;
+    let mut sources = std::collections::BTreeSet::new();
+    let mut exchanges = 0u64;
+    let mut broken: Vec<String> = Vec::new();
+    let mut alive: Vec<Option<HeldConnection>> = held.into_iter().map(Some).collect();
+    let mut last_ok = std::time::Instant::now();
+    let mut max_gap = Duration::ZERO;
+    loop {
+        // The stop file is checked before the round, so the last round runs after it exists.
+        let stop = until_file.exists();
+        let mut round_ok = false;
+        for (index, slot) in alive.iter_mut().enumerate() {
+            let Some(connection) = slot else { continue };
+            match connection.exchange() {
+                Ok(source) => {
+                    exchanges += 1;
+                    round_ok = true;
+                    sources.insert(source);
+                }
+                Err(error) => {
+                    broken.push(format!("connection {index}: {error:#}"));
+                    *slot = None;
+                }
+            }
+        }
+        if round_ok {
+            max_gap = max_gap.max(last_ok.elapsed());
+            last_ok = std::time::Instant::now();
+        }
+        if stop {
+            break;
+        }
+        thread::sleep(interval);
+    }
+    let still_working = alive.iter().filter(|slot| slot.is_some()).count();
+    println!(
+        "{}",
+        serde_json::json!({
+            "connected": connections as usize - connect_errors.len(),
+            "connect_failed": connect_errors.len(),
+            "connect_errors": connect_errors,
+            "still_working": still_working,
+            "broken": broken,
+            "exchanges": exchanges,
+            "max_gap_ms": max_gap.as_millis() as u64,
+            "sources": sources,
+        })
+    );
+    Ok(())
+}
+
+fn udp_stream(server: SocketAddr, until_file: &std::path::Path, interval: Duration) -> Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(server)?;
+    let receiver = socket.try_clone()?;
+    receiver.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = {
+        let done = done.clone();
+        thread::spawn(move || {
+            let mut received = 0u64;
+            let mut sources = std::collections::BTreeSet::new();
+            let mut errors = Vec::new();
+            let mut last = std::time::Instant::now();
+            let mut max_gap = Duration::ZERO;
+            let mut buffer = [0u8; 2048];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                match receiver.recv(&mut buffer) {
+                    Ok(length) => {
+                        received += 1;
+                        max_gap = max_gap.max(last.elapsed());
+                        last = std::time::Instant::now();
+                        let text = String::from_utf8_lossy(&buffer[..length]);
+                        if let Some((ip, _)) = text.trim().rsplit_once(':') {
+                            sources.insert(ip.to_string());
+                        }
+                    }
+                    Err(error)
+                        if matches!(
+                            error.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(error) => errors.push(error.to_string()),
+                }
+            }
+            (received, sources, errors, max_gap)
+        })
+    };
+    let mut sent = 0u64;
+    let mut send_errors = 0u64;
+    while !until_file.exists() {
+        match socket.send(format!("ping {sent}\n").as_bytes()) {
+            Ok(_) => sent += 1,
+            Err(_) => send_errors += 1,
+        }
+        thread::sleep(interval);
+    }
+    // Replies still in flight.
+    thread::sleep(Duration::from_millis(1000));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (received, sources, errors, max_gap) = listener
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver thread panicked"))?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "sent": sent,
+            "send_errors": send_errors,
+            "received": received,
+            "receive_errors": errors,
+            "max_gap_ms": max_gap.as_millis() as u64,
+            "sources": sources,
+        })
+    );
+    Ok(())
+}
+
+fn udp_probe(server: SocketAddr, timeout: Duration) -> Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(server)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send(b"probe\n")?;
+    let mut buffer = [0u8; 2048];
+    match socket.recv(&mut buffer) {
+        Ok(length) => println!(
+            "reply {}",
+            String::from_utf8_lossy(&buffer[..length]).trim()
+        ),
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => println!("refused"),
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            println!("timeout")
+        }
+        Err(error) => bail!("receiving: {error}"),
+    }
+    Ok(())
 }

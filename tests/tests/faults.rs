@@ -1,0 +1,1 @@
+//! Agent and network faults on a namespace cluster (filled below).
