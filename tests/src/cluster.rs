@@ -567,6 +567,13 @@ impl Cluster {
                 &self.underlay,
             ],
         )?;
+        // Several interfaces on one network: each answers ARP only for its own addresses
+        // (as multi-homed hosts are configured), or the router may send an egress IP's
+        // traffic to an interface that no longer holds it.
+        sysctl_in(
+            &node.netns,
+            &[&format!("net.ipv4.conf.{interface}.arp_ignore=1")],
+        )?;
         ip_in(&node.netns, &["link", "set", interface, "up"])?;
         ip_in(
             &self.underlay,

@@ -472,6 +472,64 @@ fn nat_entries_expire_idle_udp_and_closed_tcp_but_not_open_tcp() {
 }
 
 #[test]
+#[ignore = "agent bug: the NAT garbage collector deletes an expired flow's reverse entry twice \
+            (as its twin and as an orphan); aya reports the second ENOENT as SyscallError, which \
+            ignore_missing does not catch, so every such run logs `expiring NAT entries failed` \
+            and stops before expiring the flow-tracking maps"]
+fn nat_garbage_collector_runs_without_errors() {
+    skip_unless_root!();
+    let mut cluster = cluster_with(
+        &[],
+        &["--udp-idle-timeout", "2", "--tcp-closing-timeout", "2"],
+    );
+    let pod = cluster
+        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
+        .unwrap();
+    howto_gateway(&mut cluster);
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+    let udp = cluster
+        .peer_client(
+            &pod,
+            &[
+                "udp",
+                "198.51.100.10:8081",
+                "--count",
+                "1",
+                "--timeout-ms",
+                "4000",
+            ],
+        )
+        .unwrap();
+    assert!(
+        udp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&udp.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || nat_entries(
+            &cluster, &pod, "UDP"
+        )
+        .is_empty()),
+        "the idle UDP entry did not expire"
+    );
+    // A few more collector runs (one per second with these timeouts) after the expiry: a
+    // bounded wait is the point here, the property is that no run fails.
+    let failed = wait_until(Duration::from_secs(5), || {
+        !cluster
+            .agent_log_lines("k8s-worker-2", &["expiring NAT entries failed"])
+            .is_empty()
+    });
+    assert!(
+        !failed,
+        "the garbage collector failed: {:#?}",
+        cluster.agent_log_lines("k8s-worker-2", &["expiring NAT entries failed"])
+    );
+}
+
+#[test]
 fn nat_port_exhaustion_fails_cleanly_and_recovers() {
     skip_unless_root!();
     // 10 ports, well below the namespace's ephemeral range (32768-60999).
