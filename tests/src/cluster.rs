@@ -783,6 +783,13 @@ impl Cluster {
     pub fn delete_pod(&mut self, pod: &Pod) -> Result<()> {
         self.manifests.delete_pod(&pod.namespace, &pod.name)?;
         self.pods.retain(|existing| existing.netns != pod.netns);
+        // The veth first: deleting it is synchronous (its /32 route goes with it), while a
+        // deleted namespace releases its interfaces later, so a new pod reusing the IP could
+        // find the old route still there.
+        let node_netns = self.node(&pod.node)?.netns.clone();
+        if let Err(error) = ip_in(&node_netns, &["link", "del", &pod.host_veth]) {
+            eprintln!("deleting {} of pod {}: {error:#}", pod.host_veth, pod.name);
+        }
         delete_netns(&pod.netns);
         lock(&self.resources)
             .namespaces

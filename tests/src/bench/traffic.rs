@@ -48,6 +48,7 @@ pub fn run(params: &Params, bins: &Binaries) -> Result<ClusterResults> {
         agent_bin: bins.agent.clone(),
         peer_bin: bins.peer.clone(),
         start_peer: true,
+        ..ClusterConfig::default()
     })?;
     let _servers = start_servers(&cluster, bins)?;
 
