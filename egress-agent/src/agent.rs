@@ -518,7 +518,10 @@ impl Reconciler<'_> {
                 fit.dropped_pods
             );
         } else if self.last_fit.dropped > 0 {
-            info!(entries = fit.wanted, "all policy entries fit in the policy map again");
+            info!(
+                entries = fit.wanted,
+                "all policy entries fit in the policy map again"
+            );
         }
         self.last_fit = fit;
     }
@@ -589,6 +592,7 @@ fn local_network(snapshot: &netlink::Snapshot) -> LocalNetwork {
                 name: link.name.clone(),
                 ifindex: link.index,
                 ipv4: link.ipv4.clone(),
+                up: link.up,
             })
             .collect(),
         default_route_ifindex: snapshot.default_route_ifindex(),

@@ -29,6 +29,8 @@ pub struct LocalInterface {
     pub name: String,
     pub ifindex: u32,
     pub ipv4: Vec<Ipv4Addr>,
+    /// Up with carrier; traffic redirected to a down interface would vanish uncounted.
+    pub up: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -137,6 +139,8 @@ pub enum PolicyProblem {
     GatewaySpecWithoutNode(usize),
     #[error("interface {0} not found on the gateway")]
     InterfaceNotFound(String),
+    #[error("interface {0} is down")]
+    InterfaceDown(String),
     #[error("interface {0} has no IPv4 address")]
     InterfaceHasNoIpv4(String),
     #[error("egress IP {ip} is not an address of node {node}")]
@@ -362,7 +366,15 @@ fn resolve_egress(
     local: &LocalNetwork,
     node_name: &str,
 ) -> Result<(Ipv4Addr, u32), PolicyProblem> {
+    fn usable(iface: &LocalInterface) -> Result<&LocalInterface, PolicyProblem> {
+        if iface.up {
+            Ok(iface)
+        } else {
+            Err(PolicyProblem::InterfaceDown(iface.name.clone()))
+        }
+    }
     let first_ip = |iface: &LocalInterface| {
+        let iface = usable(iface)?;
         iface
             .ipv4
             .first()
@@ -380,11 +392,12 @@ fn resolve_egress(
             .interfaces
             .iter()
             .find(|i| i.ipv4.contains(ip))
-            .map(|i| (*ip, i.ifindex))
             .ok_or_else(|| PolicyProblem::EgressIpNotLocal {
                 ip: *ip,
                 node: node_name.to_owned(),
-            }),
+            })
+            .and_then(usable)
+            .map(|i| (*ip, i.ifindex)),
         EgressSource::DefaultRoute => {
             let ifindex = local
                 .default_route_ifindex
@@ -459,6 +472,7 @@ mod tests {
                     name: name.to_string(),
                     ifindex: *ifindex,
                     ipv4: ips.iter().map(|s| ip(s)).collect(),
+                    up: true,
                 })
                 .collect(),
             default_route_ifindex: default_route,

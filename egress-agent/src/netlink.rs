@@ -7,7 +7,7 @@ use futures_util::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
     address::AddressAttribute,
-    link::{InfoKind, LinkAttribute, LinkInfo},
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo},
     route::{RouteAddress, RouteAttribute, RouteHeader},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkVxlan, RouteMessageBuilder};
@@ -38,6 +38,8 @@ pub struct Link {
     pub index: u32,
     pub name: String,
     pub mtu: u32,
+    /// Administratively up and with carrier: packets sent through it can leave.
+    pub up: bool,
     pub kind: Option<String>,
     pub ipv4: Vec<Ipv4Addr>,
 }
@@ -101,6 +103,10 @@ impl Netlink {
                 index: message.header.index,
                 name: String::new(),
                 mtu: 0,
+                up: message
+                    .header
+                    .flags
+                    .contains(LinkFlags::Up | LinkFlags::Running),
                 kind: None,
                 ipv4: Vec::new(),
             };

@@ -413,8 +413,6 @@ fn egress_interface_down_drops_traffic_without_leaking_and_recovers() {
 }
 
 #[test]
-#[ignore = "agent gap: a down egress interface is not noticed (no drop_no_egress_ip, no log); \
-            the kernel drops the redirected packets silently"]
 fn egress_interface_down_is_counted_and_logged_once() {
     skip_unless_root!();
     let (mut cluster, pod) = served_through_secondary_ip();

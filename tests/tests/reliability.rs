@@ -472,10 +472,6 @@ fn nat_entries_expire_idle_udp_and_closed_tcp_but_not_open_tcp() {
 }
 
 #[test]
-#[ignore = "agent bug: the NAT garbage collector deletes an expired flow's reverse entry twice \
-            (as its twin and as an orphan); aya reports the second ENOENT as SyscallError, which \
-            ignore_missing does not catch, so every such run logs `expiring NAT entries failed` \
-            and stops before expiring the flow-tracking maps"]
 fn nat_garbage_collector_runs_without_errors() {
     skip_unless_root!();
     let mut cluster = cluster_with(

@@ -352,6 +352,7 @@ fn local_network() -> LocalNetwork {
             name: "eth0".into(),
             ifindex: 2,
             ipv4: vec![node_ip(0)],
+            up: true,
         }],
         default_route_ifindex: Some(2),
     }

@@ -101,21 +101,23 @@ impl Datapath {
         }
         let mut reverse: HashMap<&mut MapData, FlowKey, NatReverse> =
             self.map_mut(map_names::NAT_REVERSE)?;
-        let orphans: Vec<FlowKey> = reverse
+        // Every reverse entry without a live forward twin: the expired pairs' and those whose
+        // forward entry the LRU evicted (once idle for the closing grace period). One set,
+        // so no key is deleted twice.
+        let expired_replies: std::collections::BTreeSet<FlowKey> =
+            expired_forward.iter().map(|(_, reply)| *reply).collect();
+        let doomed: Vec<FlowKey> = reverse
             .iter()
             .filter_map(Result::ok)
             .filter(|(reply, entry)| {
-                !live_replies.contains(reply)
-                    && now_ns.saturating_sub(entry.last_seen_ns)
-                        > timeouts.tcp_closing.as_nanos() as u64
+                expired_replies.contains(reply)
+                    || (!live_replies.contains(reply)
+                        && now_ns.saturating_sub(entry.last_seen_ns)
+                            > timeouts.tcp_closing.as_nanos() as u64)
             })
             .map(|(reply, _)| reply)
             .collect();
-        for reply in expired_forward
-            .iter()
-            .map(|(_, reply)| reply)
-            .chain(&orphans)
-        {
+        for reply in &doomed {
             ignore_missing(reverse.remove(reply)).map_err(map_err(map_names::NAT_REVERSE))?;
         }
         stats.nat_expired = expired_forward.len();

@@ -49,6 +49,7 @@ pub enum Reason {
     Programmed,
     NoGatewayNode,
     InterfaceNotFound,
+    InterfaceDown,
     NoEgressIp,
     InvalidSpec,
 }
@@ -59,6 +60,7 @@ impl Reason {
             Reason::Programmed => "Programmed",
             Reason::NoGatewayNode => "NoGatewayNode",
             Reason::InterfaceNotFound => "InterfaceNotFound",
+            Reason::InterfaceDown => "InterfaceDown",
             Reason::NoEgressIp => "NoEgressIP",
             Reason::InvalidSpec => "InvalidSpec",
         }
@@ -77,6 +79,7 @@ pub fn readiness(problem: Option<&PolicyProblem>) -> (bool, Reason) {
         Some(
             PolicyProblem::InterfaceNotFound(_) | PolicyProblem::DefaultRouteInterfaceNotFound(_),
         ) => (false, Reason::InterfaceNotFound),
+        Some(PolicyProblem::InterfaceDown(_)) => (false, Reason::InterfaceDown),
         Some(
             PolicyProblem::InterfaceHasNoIpv4(_)
             | PolicyProblem::EgressIpNotLocal { .. }
