@@ -245,6 +245,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         last_summary: String::new(),
         last_problems: BTreeMap::new(),
         last_unwired: BTreeSet::new(),
+        node_missing: false,
         last_programmed: None,
         last_fit: PolicyMapFit::default(),
     };
@@ -350,6 +351,8 @@ struct Reconciler<'a> {
     last_config: Option<Config>,
     last_network: Option<netlink::Snapshot>,
     last_summary: String,
+    /// This node was missing from the inventory at the last reconcile (logged once).
+    node_missing: bool,
     /// Local pods without a host interface yet, as last logged.
     last_unwired: BTreeSet<Ipv4Addr>,
     /// Each policy's problem as last logged, so changes are logged once, not per reconcile.
@@ -379,12 +382,19 @@ impl Reconciler<'_> {
             .get(&args.node_name)
             .and_then(|node| node.internal_ip);
         let Some(node_ip) = node_ip else {
-            warn!(
-                node = args.node_name,
-                "this node is not in the inventory (or has no InternalIP): nothing programmed"
-            );
+            if !self.node_missing {
+                warn!(
+                    node = args.node_name,
+                    "this node is not in the inventory (or has no InternalIP): the datapath \
+                     keeps its last programming until it is"
+                );
+                self.node_missing = true;
+            }
             return;
         };
+        if std::mem::take(&mut self.node_missing) {
+            info!(node = args.node_name, "this node is back in the inventory");
+        }
         let config = Config {
             node_ip: node_ip.octets(),
             tunnel_ifindex: self.tunnel_ifindex,
