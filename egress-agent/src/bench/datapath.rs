@@ -31,25 +31,12 @@ use serde::Serialize;
 use super::{BenchError, ensure_root, stats::Summary};
 use crate::datapath::{
     OBJECT,
-    packets::{ACK, L4, SYN, packet},
+    packets::{ACK, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, packet, scenario::*},
 };
 
-const TC_ACT_NEXT: u32 = u32::MAX;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 /// A pod whose policy has no gateway node.
 const POD_NO_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
-const POD_NODE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
-const EGRESS_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
-const DEST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const EXCLUDED_DEST: Ipv4Addr = Ipv4Addr::new(198, 51, 200, 10);
-const OTHER_DEST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
-const TUNNEL_IFINDEX: u32 = 41;
-const EGRESS_IFINDEX: u32 = 42;
-const POD_IFINDEX: u32 = 43;
 const POD_PORT: u16 = 45000;
 const NAT_PORT: u16 = 20000;
 /// NAT maps big enough for the largest fill level plus the new flows of every run.

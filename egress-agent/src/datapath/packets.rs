@@ -5,6 +5,28 @@ use std::net::Ipv4Addr;
 
 use egress_common::flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
+/// TC verdicts as BPF_PROG_TEST_RUN returns them.
+pub const TC_ACT_NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): TCX "next", packet untouched
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// The addresses and interfaces of the scenario the tests and the benchmark share: a pod on
+/// `POD_NODE` whose policy sends its traffic to `DEST` through `GATEWAY`.
+pub mod scenario {
+    use std::net::Ipv4Addr;
+
+    pub const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+    pub const POD_NODE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
+    pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
+    pub const EGRESS_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+    pub const DEST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+    /// A destination no policy covers.
+    pub const OTHER_DEST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+    pub const TUNNEL_IFINDEX: u32 = 41;
+    pub const EGRESS_IFINDEX: u32 = 42;
+    pub const POD_IFINDEX: u32 = 43;
+}
+
 #[derive(Clone, Copy)]
 #[cfg_attr(
     not(test),

@@ -22,22 +22,12 @@ use egress_common::{
 
 use super::{
     OBJECT,
-    packets::{ACK, FIN, L4, SYN, checksum, packet, pseudo_sum, seen},
+    packets::{
+        ACK, FIN, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, checksum, packet, pseudo_sum,
+        scenario::*, seen,
+    },
 };
 
-const TC_ACT_OK_NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): TCX "next", packet untouched
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
-const POD_NODE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
-const EGRESS_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
-const DEST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-const OTHER_DEST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
-const TUNNEL_IFINDEX: u32 = 41;
-const EGRESS_IFINDEX: u32 = 42;
-const POD_IFINDEX: u32 = 43;
 const NAT_MIN: u16 = 1024;
 const NAT_MAX: u16 = 32767;
 const TUNNEL_MSS: u16 = 1410;
@@ -234,7 +224,7 @@ fn no_match_is_untouched() {
     node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
     let input = packet(POD, 40000, OTHER_DEST, 443, L4::Tcp { flags: SYN });
     let (verdict, output) = node.run(program_names::FROM_POD, &input);
-    assert_eq!(verdict, TC_ACT_OK_NEXT);
+    assert_eq!(verdict, TC_ACT_NEXT);
     assert_eq!(output, input);
     assert_eq!(node.counter(reason::PASS_NO_MATCH), 1);
 }
@@ -249,7 +239,7 @@ fn excluded_cidr_is_untouched() {
     node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY_EXCLUDED));
     let input = packet(POD, 40000, DEST, 443, L4::Tcp { flags: SYN });
     let (verdict, output) = node.run(program_names::FROM_POD, &input);
-    assert_eq!(verdict, TC_ACT_OK_NEXT);
+    assert_eq!(verdict, TC_ACT_NEXT);
     assert_eq!(output, input);
     assert_eq!(node.counter(reason::PASS_EXCLUDED), 1);
     assert!(node.steered().is_empty());
@@ -285,7 +275,7 @@ fn connection_opened_before_the_policy_keeps_its_path() {
     for flags in [ACK, SYN | ACK] {
         let input = packet(POD, 40000, DEST, 443, L4::Tcp { flags });
         let (verdict, output) = node.run(program_names::FROM_POD, &input);
-        assert_eq!(verdict, TC_ACT_OK_NEXT);
+        assert_eq!(verdict, TC_ACT_NEXT);
         assert_eq!(output, input);
     }
     assert_eq!(node.counter(reason::PASS_EXISTING_FLOW), 2);
@@ -299,9 +289,9 @@ fn replies_of_inbound_udp_keep_their_path() {
     let mut node = Node::new(POD_NODE);
     node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
     let inbound = packet(DEST, 5353, POD, 53, L4::Udp);
-    assert_eq!(node.run(program_names::TO_POD, &inbound).0, TC_ACT_OK_NEXT);
+    assert_eq!(node.run(program_names::TO_POD, &inbound).0, TC_ACT_NEXT);
     let reply = packet(POD, 53, DEST, 5353, L4::Udp);
-    assert_eq!(node.run(program_names::FROM_POD, &reply).0, TC_ACT_OK_NEXT);
+    assert_eq!(node.run(program_names::FROM_POD, &reply).0, TC_ACT_NEXT);
     assert_eq!(node.counter(reason::PASS_EXISTING_FLOW), 1);
     // A new UDP flow from the pod is steered.
     let outbound = packet(POD, 53000, DEST, 53, L4::Udp);
@@ -612,7 +602,7 @@ fn gateway_nodes_own_traffic_is_untouched() {
     let node = gateway_node();
     let input = packet(DEST, 443, EGRESS_IP, 40000, L4::Tcp { flags: ACK });
     let (verdict, output) = node.run(program_names::FROM_EGRESS, &input);
-    assert_eq!(verdict, TC_ACT_OK_NEXT);
+    assert_eq!(verdict, TC_ACT_NEXT);
     assert_eq!(output, input);
 }
 
@@ -788,10 +778,7 @@ fn icmp_error_about_a_translated_flow_reaches_the_pod_translated() {
         3,
         &packet(EGRESS_IP, 999, DEST, 53, L4::Udp),
     );
-    assert_eq!(
-        node.run(program_names::FROM_EGRESS, &stray).0,
-        TC_ACT_OK_NEXT
-    );
+    assert_eq!(node.run(program_names::FROM_EGRESS, &stray).0, TC_ACT_NEXT);
 }
 
 #[test]
@@ -803,7 +790,7 @@ fn icmp_errors_a_pod_sends_keep_their_path() {
     node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
     let inbound = packet(DEST, 5353, POD, 9, L4::Udp);
     let error = icmp_error(POD, DEST, 3, 3, &inbound);
-    assert_eq!(node.run(program_names::FROM_POD, &error).0, TC_ACT_OK_NEXT);
+    assert_eq!(node.run(program_names::FROM_POD, &error).0, TC_ACT_NEXT);
     assert_eq!(node.counter(reason::PASS_EXISTING_FLOW), 1);
 }
 
@@ -984,7 +971,7 @@ fn in_cluster_destinations_are_never_steered() {
     for dst in [other_pod, GATEWAY] {
         let input = packet(POD, 40000, dst, 8080, L4::Tcp { flags: SYN });
         let (verdict, output) = node.run(program_names::FROM_POD, &input);
-        assert_eq!(verdict, TC_ACT_OK_NEXT, "{dst} is in the cluster");
+        assert_eq!(verdict, TC_ACT_NEXT, "{dst} is in the cluster");
         assert_eq!(output, input);
     }
     assert_eq!(node.counter(reason::PASS_IN_CLUSTER), 2);
