@@ -67,6 +67,19 @@ fn apply_howto_policy(cluster: &mut Cluster) -> String {
         .expect("applying seed-example.yaml")
 }
 
+/// The how-to's cluster, running: my-app on k8s-worker-1, the how-to policy applied, agents
+/// on every node, and the pod's traffic programmed through gateway k8s-worker-2.
+fn howto_cluster() -> (Cluster, Pod) {
+    let mut cluster = new_cluster();
+    let pod = add_my_app(&mut cluster, "k8s-worker-1");
+    apply_howto_policy(&mut cluster);
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+    (cluster, pod)
+}
+
 /// Gives k8s-worker-2 eth1 with 192.0.2.200 and makes it the gateway of a policy using that egressIP.
 fn apply_secondary_egress_ip_policy(cluster: &mut Cluster) {
     cluster.add_secondary_interface("k8s-worker-2").unwrap();
@@ -311,13 +324,7 @@ fn policy_without_gateway_node_drops_traffic_and_counts_it() {
 #[test]
 fn deleting_a_pod_removes_its_entries() {
     skip_unless_root!();
-    let mut cluster = new_cluster();
-    let pod = add_my_app(&mut cluster, "k8s-worker-1");
-    apply_howto_policy(&mut cluster);
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
-        .unwrap();
+    let (mut cluster, pod) = howto_cluster();
 
     cluster.delete_pod(&pod).unwrap();
     cluster.wait_for_pod_unprogrammed(&pod, PROGRAMMED).unwrap();
@@ -384,13 +391,7 @@ fn egress_ip_on_a_second_interface_is_used() {
 #[test]
 fn udp_through_the_policy_leaves_with_the_egress_ip() {
     skip_unless_root!();
-    let mut cluster = new_cluster();
-    let pod = add_my_app(&mut cluster, "k8s-worker-1");
-    apply_howto_policy(&mut cluster);
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
-        .unwrap();
+    let (cluster, pod) = howto_cluster();
 
     // 4 s per reply: longer than an ARP retry, so a late first reply is not mistaken for a lost one.
     let output = cluster
@@ -526,13 +527,7 @@ fn transfer_survives_agent_restarts_on_pod_node_and_gateway() {
     skip_unless_root!();
     // ~12 s at 1 MB/s: long enough to kill and restart both agents mid-transfer.
     const BODY_BYTES: u64 = 12_000_000;
-    let mut cluster = new_cluster();
-    let pod = add_my_app(&mut cluster, "k8s-worker-1");
-    apply_howto_policy(&mut cluster);
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
-        .unwrap();
+    let (cluster, pod) = howto_cluster();
 
     let url = peer_url(&format!("/bytes/{BODY_BYTES}"));
     let curl = [
@@ -701,13 +696,7 @@ fn all_destinations_policy_leaves_pod_to_pod_and_node_traffic_alone() {
 #[test]
 fn icmp_echo_and_full_size_packets_go_through_the_tunnel() {
     skip_unless_root!();
-    let mut cluster = new_cluster();
-    let pod = add_my_app(&mut cluster, "k8s-worker-1");
-    apply_howto_policy(&mut cluster);
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
-        .unwrap();
+    let (mut cluster, pod) = howto_cluster();
     cluster.start_capture().unwrap();
     // 1472 + 28 = 1500 bytes with DF: more than the tunnel's 1450-byte MTU. The tunnel
     // fragments its outer packet instead (the inner one stays whole), so non-TCP traffic
