@@ -245,9 +245,12 @@ pub fn spawn_status_writer(
                         written.insert(name.to_owned(), desired);
                     }
                     Err(kube::Error::Api(response)) if response.code == 404 => {
+                        // Deleted meanwhile, or a CRD without the status subresource
+                        // (Cilium's own): nothing to write to, and not worth a warning.
                         debug!(
                             policy = name,
-                            "policy deleted before its status was written"
+                            "no status to write: the policy is gone or its CRD has no status \
+                             subresource (apply deploy/crd.yaml)"
                         );
                     }
                     Err(error) => warn!(policy = name, %error, "cannot write the policy status"),
