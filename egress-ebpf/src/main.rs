@@ -330,6 +330,7 @@ fn snat_and_send(
     let ifindex = egress.ifindex;
     let closing = packet.is_tcp_closing();
     let (translation, verdict) = match nat::translate(
+        ctx,
         &packet.flow,
         policy.egress_ip,
         pod_node_ip,

@@ -1,12 +1,20 @@
 //! Gateway SNAT: find or create a flow's translation, keeping forward and reverse entries
 //! consistent even when two CPUs see the flow's first packets at once.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+    },
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    programs::TcContext,
+};
 use egress_common::{
     Ipv4, Port,
     config::{Config, NAT_PORT_RETRIES},
     counters::reason,
-    flow::{FLOW_CLOSING, FlowKey},
+    flow::{FLOW_CLOSING, FlowKey, PROTO_TCP, PROTO_UDP},
     nat::{NatForward, NatReverse},
 };
 
@@ -26,6 +34,7 @@ pub enum Translation {
 /// a port is never handed to two flows.
 #[inline(always)]
 pub fn translate(
+    ctx: &TcContext,
     flow: &FlowKey,
     egress_ip: Ipv4,
     pod_node_ip: Ipv4,
@@ -76,13 +85,15 @@ pub fn translate(
             min + offset
         };
         let port = (port as u16).to_be_bytes();
-        if NAT_REVERSE
-            .insert(
-                &reply_key(flow, egress_ip, port),
-                &reverse,
-                BPF_NOEXIST as u64,
-            )
-            .is_ok()
+        let claimable = !port_taken_by_host(ctx, flow, egress_ip, port);
+        if claimable
+            && NAT_REVERSE
+                .insert(
+                    &reply_key(flow, egress_ip, port),
+                    &reverse,
+                    BPF_NOEXIST as u64,
+                )
+                .is_ok()
         {
             claimed = Some(port);
             break;
@@ -128,4 +139,38 @@ fn reply_key(flow: &FlowKey, nat_ip: Ipv4, nat_port: Port) -> FlowKey {
         protocol: flow.protocol,
         _pad: [0; 3],
     }
+}
+
+/// Whether a socket of the node itself would receive the replies of `flow` translated to
+/// (`egress_ip`, `port`): a listener on that port, or one of the node's own connections to the
+/// same remote. Such ports are skipped, so translated flows never steal the node's traffic.
+#[inline(always)]
+fn port_taken_by_host(ctx: &TcContext, flow: &FlowKey, egress_ip: Ipv4, port: Port) -> bool {
+    if flow.protocol != PROTO_TCP && flow.protocol != PROTO_UDP {
+        return false;
+    }
+    // SAFETY: plain data, every field set below.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // The lookup sees the reply as it would arrive: from the remote to the egress IP.
+    tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+        saddr: u32::from_ne_bytes(flow.dst_ip),
+        daddr: u32::from_ne_bytes(egress_ip),
+        sport: u16::from_ne_bytes(flow.dst_port),
+        dport: u16::from_ne_bytes(port),
+    };
+    let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    let skb = ctx.skb.skb as *mut c_void;
+    // SAFETY: tuple and size describe an IPv4 tuple; a found socket is released at once.
+    unsafe {
+        let socket = if flow.protocol == PROTO_TCP {
+            bpf_sk_lookup_tcp(skb, &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0)
+        } else {
+            bpf_sk_lookup_udp(skb, &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0)
+        };
+        if socket.is_null() {
+            return false;
+        }
+        bpf_sk_release(socket as *mut c_void);
+    }
+    true
 }

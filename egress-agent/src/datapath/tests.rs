@@ -981,3 +981,40 @@ fn in_cluster_destinations_are_never_steered() {
         TC_ACT_REDIRECT
     );
 }
+
+#[test]
+fn ports_the_node_itself_listens_on_are_never_allocated() {
+    if !root() {
+        return;
+    }
+    // A listener of the node on the egress IP (loopback here: BPF_PROG_TEST_RUN looks sockets
+    // up in the test's own network namespace), on a port inside the NAT range.
+    let egress = Ipv4Addr::LOCALHOST;
+    let listener = (20000..30000)
+        .find_map(|port| std::net::TcpListener::bind((egress, port)).ok())
+        .expect("a free port in the NAT range");
+    let taken = listener.local_addr().unwrap().port();
+    let mut node = Node::new(GATEWAY);
+    node.policy(POD, "198.51.100.0/24", to_gateway(egress));
+    node.egress_ip(egress, EGRESS_IFINDEX);
+    // The pod's own port would be kept if free; the node's listener holds it.
+    let (verdict, output) = from_pod_node(
+        &node,
+        &packet(POD, taken, DEST, 443, L4::Tcp { flags: SYN }),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let translated = seen(&output);
+    assert_eq!(translated.src, egress);
+    assert_ne!(
+        translated.sport, taken,
+        "the node's listening port was handed to a flow"
+    );
+    assert!(node.counter(reason::NAT_PORT_RETRY) >= 1);
+    // Without the listener, the same flow keeps the pod's port.
+    drop(listener);
+    let (_, output) = from_pod_node(
+        &node,
+        &packet(POD, taken, DEST, 444, L4::Tcp { flags: SYN }),
+    );
+    assert_eq!(seen(&output).sport, taken);
+}
