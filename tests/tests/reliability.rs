@@ -37,6 +37,42 @@ fn cluster_with(extra_peer_ports: &[u16], agent_args: &[&str]) -> Cluster {
     .expect("building the test cluster")
 }
 
+/// my-app on k8s-worker-1 under the how-to-style policy, agents on every node, and its
+/// traffic programmed through gateway k8s-worker-2.
+fn serve_my_app(cluster: &mut Cluster) -> Pod {
+    let pod = cluster
+        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
+        .unwrap();
+    howto_gateway(cluster);
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+    pod
+}
+
+/// One UDP datagram from `pod` to the destination, answered (a NAT entry is created).
+fn send_one_udp_datagram(cluster: &Cluster, pod: &Pod) {
+    let udp = cluster
+        .peer_client(
+            pod,
+            &[
+                "udp",
+                "198.51.100.10:8081",
+                "--count",
+                "1",
+                "--timeout-ms",
+                "4000",
+            ],
+        )
+        .unwrap();
+    assert!(
+        udp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&udp.stderr)
+    );
+}
+
 /// The how-to's gateway: k8s-worker-2 labelled egress-node=true, egress IP from eth0.
 fn howto_gateway(cluster: &mut Cluster) -> SimplePolicy {
     cluster
@@ -401,35 +437,11 @@ fn nat_entries_expire_idle_udp_and_closed_tcp_but_not_open_tcp() {
         &[],
         &["--udp-idle-timeout", "3", "--tcp-closing-timeout", "2"],
     );
-    let pod = cluster
-        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
-        .unwrap();
-    howto_gateway(&mut cluster);
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
-        .unwrap();
+    let pod = serve_my_app(&mut cluster);
 
     let mut tcp = cluster.start_long_flow(&pod, FlowKind::Tcp, 8080).unwrap();
     tcp.wait_connected(Duration::from_secs(30)).unwrap();
-    let udp = cluster
-        .peer_client(
-            &pod,
-            &[
-                "udp",
-                "198.51.100.10:8081",
-                "--count",
-                "1",
-                "--timeout-ms",
-                "4000",
-            ],
-        )
-        .unwrap();
-    assert!(
-        udp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&udp.stderr)
-    );
+    send_one_udp_datagram(&cluster, &pod);
     assert_eq!(
         nat_entries(&cluster, &pod, "UDP").len(),
         1,
@@ -478,32 +490,8 @@ fn nat_garbage_collector_runs_without_errors() {
         &[],
         &["--udp-idle-timeout", "2", "--tcp-closing-timeout", "2"],
     );
-    let pod = cluster
-        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
-        .unwrap();
-    howto_gateway(&mut cluster);
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
-        .unwrap();
-    let udp = cluster
-        .peer_client(
-            &pod,
-            &[
-                "udp",
-                "198.51.100.10:8081",
-                "--count",
-                "1",
-                "--timeout-ms",
-                "4000",
-            ],
-        )
-        .unwrap();
-    assert!(
-        udp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&udp.stderr)
-    );
+    let pod = serve_my_app(&mut cluster);
+    send_one_udp_datagram(&cluster, &pod);
     assert!(
         wait_until(Duration::from_secs(60), || nat_entries(
             &cluster, &pod, "UDP"
@@ -543,14 +531,7 @@ fn nat_port_exhaustion_fails_cleanly_and_recovers() {
             ],
         )
         .unwrap();
-    let pod = cluster
-        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
-        .unwrap();
-    howto_gateway(&mut cluster);
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
-        .unwrap();
+    let pod = serve_my_app(&mut cluster);
     cluster.start_capture().unwrap();
 
     let stop_file = cluster.work_dir().join("exhaustion.stop");
@@ -666,14 +647,7 @@ fn hundred_megabytes_cross_the_tunnel_with_1500_byte_pods() {
     skip_unless_root!();
     const BODY_BYTES: u64 = 100_000_000;
     let mut cluster = cluster_with(&[], &[]);
-    let pod = cluster
-        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
-        .unwrap();
-    howto_gateway(&mut cluster);
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
-        .unwrap();
+    let pod = serve_my_app(&mut cluster);
     let node = cluster.node("k8s-worker-1").unwrap().netns.clone();
     assert_eq!(link_mtu(&cluster, &pod.netns, "eth0"), 1500, "pod MTU");
     assert_eq!(link_mtu(&cluster, &node, "eth0"), 1500, "underlay MTU");
@@ -723,14 +697,7 @@ fn icmp_port_unreachable_reaches_the_pod_reverse_translated() {
     skip_unless_root!();
     const CLOSED_PORT: u16 = 9999;
     let mut cluster = cluster_with(&[], &[]);
-    let pod = cluster
-        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
-        .unwrap();
-    howto_gateway(&mut cluster);
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
-        .unwrap();
+    let pod = serve_my_app(&mut cluster);
 
     cluster.start_capture().unwrap();
     let server = format!("198.51.100.10:{CLOSED_PORT}");
@@ -796,14 +763,7 @@ fn capability_set(status: &str, name: &str) -> u64 {
 fn pins_are_root_only_and_the_agent_keeps_only_bpf_and_net_admin() {
     skip_unless_root!();
     let mut cluster = cluster_with(&[], &[]);
-    let pod = cluster
-        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
-        .unwrap();
-    howto_gateway(&mut cluster);
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
-        .unwrap();
+    serve_my_app(&mut cluster);
 
     let wanted = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN);
     for node in cluster.nodes.clone() {
