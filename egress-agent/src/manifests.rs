@@ -632,7 +632,8 @@ mod tests {
 
     use super::*;
 
-    const POLICIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/policies");
+    /// The project's example policies: valid ones at the top, refused ones in `invalid/`.
+    const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
 
     /// A scratch directory removed on drop.
     struct TempDir(PathBuf);
@@ -668,28 +669,44 @@ mod tests {
         r.errors.iter().map(ToString::to_string).collect()
     }
 
+    /// The manifests directly in `examples/` (not those of `invalid/`).
+    fn valid_examples() -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs::read_dir(EXAMPLES)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.is_file() && is_manifest(path))
+            .collect();
+        files.sort();
+        files
+    }
+
     #[test]
-    fn every_valid_fixture_loads() {
-        let r = load_dir(&Path::new(POLICIES).join("valid"));
+    fn every_valid_example_loads() {
+        let t = TempDir::new();
+        for file in valid_examples() {
+            fs::copy(&file, t.0.join(file.file_name().unwrap())).unwrap();
+        }
+        let r = load_dir(&t.0);
         assert!(r.errors.is_empty(), "{:#?}", messages(&r));
         let names: Vec<&str> = r.inventory.policies.keys().map(String::as_str).collect();
         assert_eq!(
             names,
             [
-                "all-pods-in-ns-build",
-                "crawler-fleet",
+                "ci-runners-to-registry",
+                "crawlers",
                 "egress-sample",
-                "monitoring-scrapers",
-                "payments-to-bank"
+                "payments-to-bank",
+                "reports-to-partner",
+                "scrapers-to-saas",
             ]
         );
         // egressGateways wins over egressGateway.
-        assert_eq!(r.inventory.policies["crawler-fleet"].gateways.len(), 2);
+        assert_eq!(r.inventory.policies["crawlers"].gateways.len(), 2);
     }
 
     #[test]
-    fn every_invalid_fixture_is_refused_with_file_policy_and_field() {
-        let dir = Path::new(POLICIES).join("invalid");
+    fn every_invalid_example_is_refused_with_file_policy_and_field() {
+        let dir = Path::new(EXAMPLES).join("invalid");
         let r = load_dir(&dir);
         assert!(
             r.inventory.policies.is_empty(),
@@ -704,7 +721,7 @@ mod tests {
             ),
             (
                 "bad-cidr.yaml",
-                r#"CiliumEgressGatewayPolicy "bad-cidr": spec.destinationCIDRs[1]: invalid CIDR "not-a-cidr""#,
+                r#"CiliumEgressGatewayPolicy "bad-cidr": spec.destinationCIDRs[1]: invalid CIDR "partner-network""#,
             ),
             (
                 "bad-operator.yaml",
@@ -712,15 +729,15 @@ mod tests {
             ),
             (
                 "interface-and-egress-ip.yaml",
-                r#"CiliumEgressGatewayPolicy "both-interface-and-ip": spec.egressGateway: interface and egressIP are mutually exclusive"#,
+                r#"CiliumEgressGatewayPolicy "interface-and-egress-ip": spec.egressGateway: interface and egressIP are mutually exclusive"#,
             ),
             (
                 "missing-gateway.yaml",
-                r#"CiliumEgressGatewayPolicy "no-gateway-block": spec.egressGateway: is required"#,
+                r#"CiliumEgressGatewayPolicy "missing-gateway": spec.egressGateway: is required"#,
             ),
             (
                 "not-yaml.yaml",
-                r#"CiliumEgressGatewayPolicy "broken": invalid YAML: did not find expected ',' or '}' at line 4 "#,
+                r#"CiliumEgressGatewayPolicy "broken": invalid YAML: did not find expected ',' or '}' at line 5 "#,
             ),
         ];
         assert_eq!(msgs.len(), expect.len(), "{msgs:#?}");
@@ -736,15 +753,15 @@ mod tests {
     #[test]
     fn invalid_policies_do_not_stop_valid_ones() {
         let t = TempDir::new();
-        for dir in ["valid", "invalid"] {
-            for entry in fs::read_dir(Path::new(POLICIES).join(dir)).unwrap() {
-                let entry = entry.unwrap();
-                let text = fs::read_to_string(entry.path()).unwrap();
-                t.write(
-                    &format!("{dir}-{}", entry.file_name().to_string_lossy()),
-                    &text,
-                );
-            }
+        let invalid = fs::read_dir(Path::new(EXAMPLES).join("invalid"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path());
+        for file in valid_examples().into_iter().chain(invalid) {
+            let name = file.file_name().unwrap().to_string_lossy();
+            t.write(
+                &format!("example-{name}"),
+                &fs::read_to_string(&file).unwrap(),
+            );
         }
         // A valid policy after a broken document in the same file still loads.
         t.write(
@@ -752,7 +769,7 @@ mod tests {
             "kind: CiliumEgressGatewayPolicy\nmetadata: {name: [\n---\napiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata: {name: after-broken}\nspec: {selectors: [{}], destinationCIDRs: [10.0.0.0/8], egressGateway: {nodeSelector: {}}}\n",
         );
         let r = load_dir(&t.0);
-        assert_eq!(r.inventory.policies.len(), 6, "{:#?}", messages(&r));
+        assert_eq!(r.inventory.policies.len(), 7, "{:#?}", messages(&r));
         assert!(r.inventory.policies.contains_key("after-broken"));
         assert_eq!(r.errors.len(), 7, "{:#?}", messages(&r));
         let mixed = r

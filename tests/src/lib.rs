@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod bench;
+pub mod binaries;
 pub mod capture;
 pub mod cluster;
 pub mod expected;
@@ -32,10 +33,10 @@ pub use peer::{DESTINATION_IP, PEER_HTTP_PORT, PEER_UDP_PORT, PeerProtocol, Peer
 pub use process::{Background, Finished, Signal};
 pub use traffic::{FlowKind, FlowSummary, LongFlow};
 
-/// `<repo>/../shared/policies/valid/<name>`: the shared example policies (read, never copied).
-pub fn shared_policy(name: &str) -> PathBuf {
+/// `<repo>/examples/<name>`: the example policies shipped with the project.
+pub fn example_policy(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/policies/valid")
+        .join("../examples")
         .join(name);
     path.canonicalize().unwrap_or(path)
 }

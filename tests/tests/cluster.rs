@@ -9,7 +9,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use egress_tests::{
     Cluster, ClusterConfig, GATEWAY_EXCLUDED, GATEWAY_NOT_FOUND, IpProtocol, PeerProtocol, Pod,
-    Signal, peer_url, shared_policy, skip_unless_root, wait_for_value, wait_until,
+    Signal, example_policy, peer_url, skip_unless_root, wait_for_value, wait_until,
 };
 
 const WORKER_1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
@@ -57,14 +57,14 @@ fn policy(name: &str, excluded: &[&str], gateway: &str) -> String {
     yaml
 }
 
-/// The how-to, steps 1-2: label k8s-worker-2 `egress-node=true`, apply seed-example.yaml.
+/// The how-to, steps 1-2: label k8s-worker-2 `egress-node=true`, apply how-to.yaml.
 fn apply_howto_policy(cluster: &mut Cluster) -> String {
     cluster
         .label_node("k8s-worker-2", "egress-node", "true")
         .unwrap();
     cluster
-        .apply_policy_file(shared_policy("seed-example.yaml"))
-        .expect("applying seed-example.yaml")
+        .apply_policy_file(example_policy("how-to.yaml"))
+        .expect("applying how-to.yaml")
 }
 
 /// The how-to's cluster, running: my-app on k8s-worker-1, the how-to policy applied, agents

@@ -1,6 +1,6 @@
 //! The manifests under `deploy/`: every object parses into its k8s-openapi type with no field
 //! left over, and the pieces fit together — the pod mounts what the agent opens, the RBAC
-//! covers exactly what the agent watches and patches, the CRD accepts the shared example
+//! covers exactly what the agent watches and patches, the CRD accepts the example
 //! policies. No cluster needed.
 
 use std::{
@@ -598,12 +598,15 @@ fn validation_errors(object: &Value) -> Vec<String> {
     errors
 }
 
-/// Every document of the files in `/work/shared/policies/valid` (read, never copied).
-fn shared_valid_policies() -> Vec<(String, Value)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/policies/valid");
+/// Every document of the valid example policies (the files directly in `examples/`).
+fn valid_example_policies() -> Vec<(String, Value)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let mut policies = Vec::new();
     for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.unwrap().path();
+        if path.extension().is_none_or(|ext| ext != "yaml") {
+            continue;
+        }
         let text = fs::read_to_string(&path).unwrap();
         let file = path.display().to_string();
         for doc in yaml_documents(&text, &file) {
@@ -637,8 +640,8 @@ fn crd_is_cluster_scoped_cilium_v2_with_a_status_subresource() {
 }
 
 #[test]
-fn crd_accepts_every_shared_valid_policy() {
-    for (file, policy) in shared_valid_policies() {
+fn crd_accepts_every_valid_example_policy() {
+    for (file, policy) in valid_example_policies() {
         let errors = validation_errors(&policy);
         assert!(
             errors.is_empty(),
@@ -731,7 +734,7 @@ fn crd_rejects_malformed_policies() {
 
 #[test]
 fn crd_status_schema_holds_what_the_agent_reports() {
-    let mut policy = shared_valid_policies().remove(0).1;
+    let mut policy = valid_example_policies().remove(0).1;
     policy["metadata"]["generation"] = serde_json::json!(3);
     policy["status"] = serde_json::json!({
         "observedGeneration": 3,

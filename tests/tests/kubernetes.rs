@@ -13,7 +13,7 @@ use std::{
 
 use egress_tests::{
     AgentSource, ApiServer, Cluster, ClusterConfig, Pod, WatchBreak, apiserver::Kind,
-    shared_policy, skip_unless_root, wait_for_value, wait_until,
+    example_policy, skip_unless_root, wait_for_value, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -21,7 +21,7 @@ const WORKER_1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
 const WORKER_2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
 /// How long an agent may take to program a change.
 const PROGRAMMED: Duration = Duration::from_secs(30);
-/// seed-example.yaml's name.
+/// how-to.yaml's name.
 const POLICY: &str = "egress-sample";
 
 /// A cluster, its API server, and a kubeconfig for the agents.
@@ -32,7 +32,7 @@ struct Setup {
 }
 
 impl Setup {
-    /// The how-to's state: k8s-worker-2 labelled egress-node=true, seed-example.yaml applied.
+    /// The how-to's state: k8s-worker-2 labelled egress-node=true, how-to.yaml applied.
     fn new() -> Setup {
         let mut cluster = Cluster::new(ClusterConfig::with_peer_bin(env!(
             "CARGO_BIN_EXE_egress-peer"
@@ -47,7 +47,7 @@ impl Setup {
             .label_node("k8s-worker-2", "egress-node", "true")
             .unwrap();
         cluster
-            .apply_policy_file(shared_policy("seed-example.yaml"))
+            .apply_policy_file(example_policy("how-to.yaml"))
             .unwrap();
         let setup = Setup {
             cluster,

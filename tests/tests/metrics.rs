@@ -5,7 +5,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use egress_tests::{Cluster, ClusterConfig, shared_policy, skip_unless_root, wait_for_value};
+use egress_tests::{Cluster, ClusterConfig, example_policy, skip_unless_root, wait_for_value};
 
 const WORKER_2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
 const PROGRAMMED: Duration = Duration::from_secs(30);
@@ -75,7 +75,7 @@ fn metrics_count_redirected_and_translated_traffic() {
         .label_node("k8s-worker-2", "egress-node", "true")
         .unwrap();
     cluster
-        .apply_policy_file(shared_policy("seed-example.yaml"))
+        .apply_policy_file(example_policy("how-to.yaml"))
         .unwrap();
     cluster.start_agent("k8s-worker-1").unwrap();
     cluster.start_agent("k8s-worker-2").unwrap();
