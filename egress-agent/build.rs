@@ -16,9 +16,9 @@ mod ebpf {
     use anyhow::{Context as _, anyhow};
     use aya_build::{Package, Toolchain};
 
-    /// Builds the eBPF object with the nightly toolchain and bpf-linker. `cargo xtask setup`
-    /// installs bpf-linker into the project's `.tools/bin`; that folder goes first on PATH so
-    /// a plain `cargo build` finds it too.
+    /// Builds the eBPF object with the nightly toolchain (`$EGRESS_NIGHTLY`, else `nightly`)
+    /// and bpf-linker. `cargo xtask setup` installs bpf-linker into the project's `.tools/bin`;
+    /// that folder goes first on PATH so a plain `cargo build` finds it too.
     pub fn build() -> anyhow::Result<()> {
         let workspace = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?)
             .parent()
@@ -26,6 +26,14 @@ mod ebpf {
             .to_path_buf();
         let tools_bin = workspace.join(".tools/bin");
         println!("cargo:rerun-if-changed={}", tools_bin.display());
+        println!("cargo:rerun-if-env-changed=EGRESS_NIGHTLY");
+        let nightly = env::var("EGRESS_NIGHTLY")
+            .ok()
+            .filter(|name| !name.is_empty());
+        let toolchain = match &nightly {
+            Some(name) if name != "nightly" => Toolchain::Custom(name),
+            _ => Toolchain::Nightly,
+        };
         if tools_bin.is_dir() {
             let path = env::var_os("PATH").unwrap_or_default();
             let joined =
@@ -43,7 +51,7 @@ mod ebpf {
                 root_dir: ebpf_root,
                 ..Default::default()
             }],
-            Toolchain::Nightly,
+            toolchain,
         )
         .context("building the eBPF object (run `cargo xtask setup` if bpf-linker is missing)")
     }

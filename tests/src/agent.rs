@@ -1,11 +1,6 @@
-//! The egress agent as the harness sees it: where its binary is and what its CLI prints.
+//! The egress agent as the harness sees it: what its CLI prints.
 
-use std::{
-    collections::BTreeMap,
-    env,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::Deserialize;
 
@@ -49,41 +44,6 @@ pub struct Counter {
 }
 
 pub type Counters = BTreeMap<String, Counter>;
-
-/// The agent binary: `$EGRESS_AGENT_BIN`, else `egress-agent` in the cargo target folder.
-pub fn agent_binary() -> PathBuf {
-    locate_binary("EGRESS_AGENT_BIN", "egress-agent")
-}
-
-/// The peer binary: `$EGRESS_PEER_BIN`, else `egress-peer` in the cargo target folder.
-/// Integration tests pass `env!("CARGO_BIN_EXE_egress-peer")` instead.
-pub fn peer_binary() -> PathBuf {
-    locate_binary("EGRESS_PEER_BIN", "egress-peer")
-}
-
-/// Finds a workspace binary: explicit env var, `$CARGO_TARGET_DIR/debug`, next to the running
-/// executable (tests live in `<target>/debug/deps`), then `<workspace>/target/debug`.
-fn locate_binary(env_var: &str, name: &str) -> PathBuf {
-    if let Some(path) = env::var_os(env_var) {
-        return PathBuf::from(path);
-    }
-    let mut candidates = Vec::new();
-    if let Some(target) = env::var_os("CARGO_TARGET_DIR") {
-        candidates.push(PathBuf::from(target).join("debug").join(name));
-    }
-    if let Ok(exe) = env::current_exe() {
-        for dir in exe.ancestors().skip(1).take(2) {
-            candidates.push(dir.join(name));
-        }
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    candidates.push(workspace.join("target").join("debug").join(name));
-    candidates
-        .iter()
-        .find(|path| path.is_file())
-        .cloned()
-        .unwrap_or_else(|| candidates.last().cloned().unwrap())
-}
 
 #[cfg(test)]
 mod tests {

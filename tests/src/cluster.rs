@@ -27,7 +27,8 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::{
-    agent::{Counters, EgressEntry, agent_binary, peer_binary},
+    agent::{Counters, EgressEntry},
+    binaries,
     capture::{Capture, CapturedPacket},
     manifests::{Labels, Manifests, NodeObject, PodObject, labels},
     peer::{self, PeerRecord},
@@ -68,8 +69,8 @@ impl Default for ClusterConfig {
             nodes: ["k8s-worker-1", "k8s-worker-2", "k8s-worker-3"]
                 .map(String::from)
                 .to_vec(),
-            agent_bin: agent_binary(),
-            peer_bin: peer_binary(),
+            agent_bin: binaries::locate("egress-agent"),
+            peer_bin: binaries::locate("egress-peer"),
             start_peer: true,
             extra_peer_ports: Vec::new(),
             agent_args: Vec::new(),
@@ -221,6 +222,10 @@ impl Cluster {
         }
         if config.nodes.is_empty() || config.nodes.len() > 200 {
             bail!("a cluster needs 1..=200 nodes");
+        }
+        // Fail before building anything when a program the cluster starts was not built.
+        if config.start_peer {
+            binaries::ensure_built("egress-peer", &config.peer_bin)?;
         }
         remove_stale_clusters();
         static COUNTER: AtomicU32 = AtomicU32::new(0);

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::{
-    agent::agent_binary,
+    binaries,
     cluster::{BPFFS_ROOT, ensure_bpffs_mounted},
     process::run_with_timeout,
 };
@@ -101,34 +101,12 @@ pub struct Binaries {
 }
 
 impl Binaries {
-    /// `$EGRESS_AGENT_BIN` (else the target folder), and the tests crate's binaries next to
-    /// the running one (or `$EGRESS_LOAD_BIN` / `$EGRESS_PEER_BIN`).
+    /// The binaries `cargo xtask bench` built (see [`crate::binaries`]).
     pub fn locate() -> Result<Self> {
-        let sibling = |env: &str, name: &str| -> Result<PathBuf> {
-            if let Some(path) = std::env::var_os(env) {
-                return Ok(PathBuf::from(path));
-            }
-            let exe = std::env::current_exe()?;
-            let path = exe.with_file_name(name);
-            if !path.is_file() {
-                bail!(
-                    "{} not found (build the egress-tests binaries or set {env})",
-                    path.display()
-                );
-            }
-            Ok(path)
-        };
-        let agent = agent_binary();
-        if !agent.is_file() {
-            bail!(
-                "agent binary {} not found (set EGRESS_AGENT_BIN)",
-                agent.display()
-            );
-        }
         Ok(Binaries {
-            agent,
-            load: sibling("EGRESS_LOAD_BIN", "egress-load")?,
-            peer: sibling("EGRESS_PEER_BIN", "egress-peer")?,
+            agent: binaries::require("egress-agent")?,
+            load: binaries::require("egress-load")?,
+            peer: binaries::require("egress-peer")?,
         })
     }
 }

@@ -1,11 +1,14 @@
-//! The newcomer demo (`cargo xtask demo`): the how-to, end to end, on a namespace cluster.
+//! The newcomer demo (`cargo xtask demo`): the how-to's story, end to end, on a namespace cluster.
 //!
-//! Builds k8s-worker-1..3 and an external destination, starts the agents, shows the source IP the
-//! destination sees before and after applying the how-to's policy, prints the agents' egress
-//! tables, and tears everything down (also on Ctrl-C or an error).
+//! Builds k8s-worker-1..3 and an external destination, starts the agents, and shows the source
+//! IP the destination sees: before the policy (the pod's node IP), with the policy (the
+//! gateway's egress IP), and after the pod was rescheduled to another node (still the egress
+//! IP). Prints the agents' egress tables and a summary, and tears everything down (also on
+//! Ctrl-C or an error). Exits non-zero if the destination saw anything else.
 
 use std::{
     io::Write,
+    net::Ipv4Addr,
     path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
@@ -14,19 +17,31 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use egress_tests::{
-    Cluster, ClusterConfig, is_root, peer_url, shared_policy, teardown_all_clusters,
+    Cluster, ClusterConfig, Pod, example_policy, is_root, peer_url, teardown_all_clusters,
 };
 
 #[derive(Parser)]
 #[command(about = "Egress gateway demo on a throw-away namespace cluster (needs root)")]
 struct Args {
-    /// Policy to apply (default: the how-to's seed-example.yaml from shared/policies).
+    /// Policy to apply (default: the how-to's policy, examples/how-to.yaml).
     #[arg(long)]
     policy: Option<PathBuf>,
 }
 
 const GATEWAY: &str = "k8s-worker-2";
-const CLIENT_NODE: &str = "k8s-worker-1";
+const FIRST_NODE: &str = "k8s-worker-1";
+const SECOND_NODE: &str = "k8s-worker-3";
+const PROGRAMMED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One line of the summary: where the pod ran and what the destination saw.
+struct Step {
+    what: &'static str,
+    node: String,
+    pod_ip: Ipv4Addr,
+    seen: Ipv4Addr,
+    expected: Ipv4Addr,
+    meaning: String,
+}
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -49,16 +64,17 @@ fn run(args: Args) -> Result<()> {
     if !is_root() {
         bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
     }
+    let started = Instant::now();
     let config = ClusterConfig::default();
     if !config.agent_bin.is_file() {
         bail!(
-            "agent binary {} not found: run `cargo build -p egress-agent` first",
+            "agent binary {} not found: run `cargo xtask demo`, which builds it",
             config.agent_bin.display()
         );
     }
-    let policy = args
-        .policy
-        .unwrap_or_else(|| shared_policy("seed-example.yaml"));
+    let policy = args.policy.unwrap_or_else(|| example_policy("how-to.yaml"));
+    let policy_text = std::fs::read_to_string(&policy)
+        .with_context(|| format!("reading {}", policy.display()))?;
 
     heading("Building a test cluster in network namespaces");
     let mut cluster = Cluster::new(config).context("building the cluster")?;
@@ -72,31 +88,31 @@ fn run(args: Args) -> Result<()> {
         "  {:<14} 198.51.100.10 (answers every request with the caller's source IP)",
         "destination"
     );
-    let pod = cluster.add_pod(CLIENT_NODE, "default", "my-app", &[("app", "my-app")])?;
-    println!(
-        "  pod default/my-app (app=my-app) on {CLIENT_NODE}, IP {}",
-        pod.ip
-    );
+    let pod = cluster.add_pod(FIRST_NODE, "default", "my-app", &[("app", "my-app")])?;
+    println!("$ kubectl get pod my-app -o wide");
+    print_pod(&pod);
 
     heading("Starting egress-agent on every node");
     cluster.start_all_agents()?;
     println!("  logs: {}/agent-<node>.log", cluster.work_dir().display());
 
-    heading("Before the policy: which source IP does the destination see?");
-    let url = peer_url("/");
-    println!("$ kubectl exec my-app -- curl -s {url}");
-    let before = cluster.curl_from_pod(&pod, &url)?;
-    println!("{before}");
-    println!(
-        "  -> {CLIENT_NODE}'s own IP: the pod's address changes whenever it moves to another node."
-    );
+    let mut steps = Vec::new();
+    heading("1. Before the policy: which source IP does the destination see?");
+    let first_node_ip = cluster.node(FIRST_NODE)?.ip;
+    steps.push(Step {
+        what: "before the policy",
+        node: pod.node.clone(),
+        pod_ip: pod.ip,
+        seen: curl_source_ip(&cluster, &pod)?,
+        expected: first_node_ip,
+        meaning: format!("{FIRST_NODE}'s node IP"),
+    });
+    println!("  -> {FIRST_NODE}'s own IP: it changes whenever the pod moves to another node.");
 
-    heading("Choosing the gateway node and applying the how-to's policy");
+    heading("2. Choosing the gateway node and applying the how-to's policy");
     println!("$ kubectl label nodes {GATEWAY} egress-node=true");
     cluster.label_node(GATEWAY, "egress-node", "true")?;
     println!("$ kubectl apply -f {}", policy.display());
-    let policy_text = std::fs::read_to_string(&policy)
-        .with_context(|| format!("reading {}", policy.display()))?;
     for line in policy_text
         .lines()
         .filter(|line| !line.trim_start().starts_with('#'))
@@ -105,21 +121,18 @@ fn run(args: Args) -> Result<()> {
     }
     cluster.apply_policy_file(&policy)?;
     let gateway_ip = cluster.node(GATEWAY)?.ip;
-    print!("  waiting until the agents have programmed the policy ... ");
-    std::io::stdout().flush()?;
-    let started = Instant::now();
-    cluster.wait_for_pod_gateway(&pod, gateway_ip, Duration::from_secs(30))?;
-    println!("done in {:.1} s", started.elapsed().as_secs_f64());
-
-    heading("After the policy");
-    println!("$ kubectl exec my-app -- curl -s {url}");
-    let after = cluster.curl_from_pod(&pod, &url)?;
-    println!("{after}");
-    println!(
-        "  -> {GATEWAY}'s IP on eth0: my-app now leaves the cluster through the gateway, wherever it runs."
-    );
-
-    for node in [CLIENT_NODE, GATEWAY] {
+    wait_programmed(&cluster, &pod, gateway_ip)?;
+    let egress_ip = egress_ip_on_gateway(&cluster, &pod)?;
+    steps.push(Step {
+        what: "with the policy",
+        node: pod.node.clone(),
+        pod_ip: pod.ip,
+        seen: curl_source_ip(&cluster, &pod)?,
+        expected: egress_ip,
+        meaning: format!("egress IP of {GATEWAY}"),
+    });
+    println!("  -> {GATEWAY}'s egress IP: my-app now leaves the cluster through the gateway.");
+    for node in [FIRST_NODE, GATEWAY] {
         heading(&format!("egress-agent bpf egress list   (on {node})"));
         print!("{}", cluster.agent_cli(node, &["bpf", "egress", "list"])?);
     }
@@ -127,9 +140,120 @@ fn run(args: Args) -> Result<()> {
         "\n  The Egress IP is 0.0.0.0 everywhere except on the gateway, as with `cilium-dbg bpf egress list`."
     );
 
+    heading(&format!(
+        "3. The pod is rescheduled: deleted on {FIRST_NODE}, recreated on {SECOND_NODE}"
+    ));
+    println!("$ kubectl delete pod my-app");
+    cluster.delete_pod(&pod)?;
+    println!(
+        "$ kubectl apply -f my-app.yaml   # nodeSelector: kubernetes.io/hostname: {SECOND_NODE}"
+    );
+    let moved = cluster.add_pod(SECOND_NODE, "default", "my-app", &[("app", "my-app")])?;
+    println!("$ kubectl get pod my-app -o wide");
+    print_pod(&moved);
+    wait_programmed(&cluster, &moved, gateway_ip)?;
+    steps.push(Step {
+        what: "after the move",
+        node: moved.node.clone(),
+        pod_ip: moved.ip,
+        seen: curl_source_ip(&cluster, &moved)?,
+        expected: egress_ip,
+        meaning: format!("egress IP of {GATEWAY}"),
+    });
+    println!(
+        "  -> a new node and a new pod IP, and still {GATEWAY}'s egress IP: the allow-list keeps working."
+    );
+    heading(&format!(
+        "egress-agent bpf egress list   (on {SECOND_NODE})"
+    ));
+    print!(
+        "{}",
+        cluster.agent_cli(SECOND_NODE, &["bpf", "egress", "list"])?
+    );
+
     heading("Tearing the cluster down");
     drop(cluster);
     println!("  done.");
+
+    summarize(&steps, started.elapsed())
+}
+
+/// `kubectl exec my-app -- curl`: the source IP the destination answered with.
+fn curl_source_ip(cluster: &Cluster, pod: &Pod) -> Result<Ipv4Addr> {
+    let url = peer_url("/");
+    println!("$ kubectl exec {} -- curl -s {url}", pod.name);
+    let body = cluster.curl_from_pod(pod, &url)?;
+    println!("{body}");
+    body.parse()
+        .with_context(|| format!("the destination answered {body:?}, not an IP"))
+}
+
+fn wait_programmed(cluster: &Cluster, pod: &Pod, gateway_ip: Ipv4Addr) -> Result<()> {
+    print!(
+        "  waiting until the agents have programmed the policy for {} ... ",
+        pod.ip
+    );
+    std::io::stdout().flush()?;
+    let started = Instant::now();
+    cluster.wait_for_pod_gateway(pod, gateway_ip, PROGRAMMED_TIMEOUT)?;
+    println!("done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The egress IP the gateway's agent programmed for the pod (the Egress IP column there).
+fn egress_ip_on_gateway(cluster: &Cluster, pod: &Pod) -> Result<Ipv4Addr> {
+    cluster
+        .egress_list(GATEWAY)?
+        .iter()
+        .find(|entry| entry.source() == Some(pod.ip))
+        .and_then(|entry| entry.egress())
+        .with_context(|| format!("{GATEWAY} has no egress entry for {}", pod.ip))
+}
+
+fn print_pod(pod: &Pod) {
+    println!("  {:<8} {:<8} {:<12} {}", "NAME", "STATUS", "IP", "NODE");
+    println!(
+        "  {:<8} {:<8} {:<12} {}",
+        pod.name, "Running", pod.ip, pod.node
+    );
+}
+
+/// The one-screen summary; fails if the destination saw a source other than expected.
+fn summarize(steps: &[Step], took: Duration) -> Result<()> {
+    heading("Summary: the source IP the destination saw");
+    println!(
+        "  {:<20} {:<14} {:<12} destination saw",
+        "step", "pod on", "pod IP"
+    );
+    for step in steps {
+        let verdict = if step.seen == step.expected {
+            step.meaning.clone()
+        } else {
+            format!("WRONG: expected {} ({})", step.expected, step.meaning)
+        };
+        println!(
+            "  {:<20} {:<14} {:<12} {:<15} {verdict}",
+            step.what,
+            step.node,
+            step.pod_ip.to_string(),
+            step.seen.to_string()
+        );
+    }
+    println!("  ({:.0} s)", took.as_secs_f64());
+    if let Some(wrong) = steps.iter().find(|step| step.seen != step.expected) {
+        bail!(
+            "{}: the destination saw {}, expected {} ({})",
+            wrong.what,
+            wrong.seen,
+            wrong.expected,
+            wrong.meaning
+        );
+    }
+    let egress = steps
+        .last()
+        .map(|step| step.seen)
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    println!("\nThe destination saw the egress IP {egress} wherever my-app ran.");
     Ok(())
 }
 
