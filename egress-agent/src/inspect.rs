@@ -11,12 +11,12 @@ use egress_common::{
     nat::NatForward,
     policy::{GATEWAY_EXCLUDED, GATEWAY_NONE},
 };
+use egress_control::desired::{self, LocalNetwork};
 use serde::Serialize;
 
 use crate::{
     datapath::{PinLayout, pinned},
-    desired::{self, LocalNetwork},
-    manifests,
+    source::manifests,
 };
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]

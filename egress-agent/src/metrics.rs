@@ -32,8 +32,8 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
 
 use crate::{
-    agent::Report,
     datapath::{PinLayout, pinned},
+    report::Report,
 };
 
 /// Every metric name starts with this, followed by `_`.
@@ -398,11 +398,10 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 mod tests {
     use std::net::Ipv4Addr;
 
+    use egress_control::desired::{PolicyProblem, PolicySummary};
+
     use super::*;
-    use crate::{
-        desired::{PolicyProblem, PolicySummary},
-        source::Refusal,
-    };
+    use crate::source::Refusal;
 
     fn report() -> Report {
         Report {

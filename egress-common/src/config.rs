@@ -25,7 +25,7 @@ pub const NAT_PORT_RETRIES: u32 = 32;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Config {
+pub struct DatapathConfig {
     /// This node's address on the underlay (its Kubernetes InternalIP).
     pub node_ip: Ipv4,
     /// Interface index of the agent's VXLAN device in external (collect_md) mode.

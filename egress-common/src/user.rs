@@ -1,7 +1,7 @@
 //! The agent's half: lets aya read and write these types in maps.
 
 use crate::{
-    config::Config,
+    config::DatapathConfig,
     counters::Counter,
     flow::{FlowKey, InboundFlow, SteeredFlow},
     nat::{NatForward, NatReverse},
@@ -18,7 +18,7 @@ macro_rules! impl_pod {
 }
 
 impl_pod!(
-    Config,
+    DatapathConfig,
     Counter,
     FlowKey,
     InboundFlow,

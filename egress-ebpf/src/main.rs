@@ -18,6 +18,9 @@
 mod maps;
 mod nat;
 mod packet;
+// Programs for BPF_PROG_TEST_RUN only: not in the object the agent ships.
+#[cfg(feature = "test-programs")]
+mod test_programs;
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_tunnel_key},
@@ -30,7 +33,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     Ipv4,
-    config::{Config, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
+    config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
     counters::reason,
     flow::{FLOW_CLOSING, InboundFlow, PROTO_UDP, SteeredFlow},
     nat::NatReverse,
@@ -46,8 +49,8 @@ use crate::{
     packet::{End, Packet, clamp_mss, parse, quoted_packet, rewrite, rewrite_icmp_error},
 };
 
-const PASS: i32 = TC_ACT_UNSPEC;
-const DROP: i32 = TC_ACT_SHOT;
+pub(crate) const PASS: i32 = TC_ACT_UNSPEC;
+pub(crate) const DROP: i32 = TC_ACT_SHOT;
 const TUNNEL_TTL: u8 = 64;
 
 #[inline(always)]
@@ -212,47 +215,8 @@ pub fn from_tunnel(mut ctx: TcContext) -> i32 {
     from_tunnel_peer(&mut ctx, remote, key.tunnel_id)
 }
 
-/// Test-only twin of `from_tunnel`: BPF_PROG_TEST_RUN cannot attach tunnel metadata, so the
-/// outer source (network byte order) comes from `cb[0]` and the VNI from `cb[1]`. The agent
-/// never attaches this program.
-#[classifier]
-pub fn test_from_tunnel(mut ctx: TcContext) -> i32 {
-    let cb = ctx.skb.cb();
-    let (remote, vni) = (cb[0].to_ne_bytes(), cb[1]);
-    from_tunnel_peer(&mut ctx, remote, vni)
-}
-
-/// Bench-only floor: does nothing. `cargo xtask bench` measures it through
-/// BPF_PROG_TEST_RUN as the cost of running any TC program; the agent never attaches it.
-#[classifier]
-pub fn bench_empty(_ctx: TcContext) -> i32 {
-    PASS
-}
-
-/// Bench-only floor: parses Ethernet/IPv4/L4 like every datapath program, then passes.
-/// The verdict depends on every parsed field so the compiler cannot drop the parsing; the
-/// agent never attaches it.
-#[classifier]
-pub fn bench_parse_only(ctx: TcContext) -> i32 {
-    let Some(packet) = parse(&ctx) else {
-        return PASS;
-    };
-    let flow = &packet.flow;
-    let folded = u32::from_ne_bytes(flow.src_ip)
-        ^ u32::from_ne_bytes(flow.dst_ip)
-        ^ u32::from(u16::from_ne_bytes(flow.src_port))
-        ^ (u32::from(u16::from_ne_bytes(flow.dst_port)) << 16)
-        ^ u32::from(flow.protocol)
-        ^ u32::from(packet.tcp_flags)
-        ^ u32::from(packet.icmp_type)
-        ^ packet.l4_off as u32
-        ^ u32::from(packet.translatable);
-    // Never true for real traffic; only there to keep the parse alive.
-    if folded == 0x5a5a_5a5a { DROP } else { PASS }
-}
-
 #[inline(always)]
-fn from_tunnel_peer(ctx: &mut TcContext, remote: Ipv4, vni: u32) -> i32 {
+pub(crate) fn from_tunnel_peer(ctx: &mut TcContext, remote: Ipv4, vni: u32) -> i32 {
     let Some(packet) = parse(ctx) else {
         count(reason::DROP_UNSUPPORTED, ctx.len());
         return DROP;
@@ -274,7 +238,12 @@ fn from_tunnel_peer(ctx: &mut TcContext, remote: Ipv4, vni: u32) -> i32 {
 /// A pod's request arriving at its gateway: translate only what a policy naming this node
 /// allows, for a pod of the node that sent it. Anything else is dropped: no open relay.
 #[inline(always)]
-fn gateway_request(ctx: &mut TcContext, packet: &Packet, remote: Ipv4, config: &Config) -> i32 {
+fn gateway_request(
+    ctx: &mut TcContext,
+    packet: &Packet,
+    remote: Ipv4,
+    config: &DatapathConfig,
+) -> i32 {
     let Some(policy) = policy_for(packet.flow.src_ip, packet.flow.dst_ip) else {
         return drop(reason::DROP_NOT_ALLOWED, packet);
     };
@@ -291,7 +260,7 @@ fn gateway_request(ctx: &mut TcContext, packet: &Packet, remote: Ipv4, config: &
 /// A reply coming back from a gateway: only to a local pod, only for a flow this node
 /// steered (for an ICMP error, the flow of the packet it quotes).
 #[inline(always)]
-fn deliver_reply(ctx: &mut TcContext, packet: &Packet, config: &Config) -> i32 {
+fn deliver_reply(ctx: &mut TcContext, packet: &Packet, config: &DatapathConfig) -> i32 {
     // SAFETY: plain lookups.
     let Some(pod) = (unsafe { LOCAL_PODS.get(&packet.flow.dst_ip) }) else {
         return drop(reason::DROP_UNKNOWN_REPLY, packet);
@@ -317,7 +286,7 @@ fn snat_and_send(
     packet: &Packet,
     policy: &PolicyValue,
     pod_node_ip: Ipv4,
-    config: &Config,
+    config: &DatapathConfig,
     now: u64,
 ) -> i32 {
     if policy.egress_ip == GATEWAY_NONE {
@@ -412,7 +381,12 @@ pub fn from_egress(mut ctx: TcContext) -> i32 {
 /// Sends a reverse-translated packet to the pod: directly when it runs here, else through
 /// the tunnel to its node.
 #[inline(always)]
-fn send_back(ctx: &TcContext, packet: &Packet, reverse: &NatReverse, config: &Config) -> i32 {
+fn send_back(
+    ctx: &TcContext,
+    packet: &Packet,
+    reverse: &NatReverse,
+    config: &DatapathConfig,
+) -> i32 {
     if reverse.pod_node_ip == config.node_ip {
         // SAFETY: plain lookup.
         let Some(pod) = (unsafe { LOCAL_PODS.get(&reverse.pod_ip) }) else {
@@ -437,7 +411,7 @@ fn tunnel_to(
     packet: &Packet,
     remote: Ipv4,
     vni: u32,
-    config: &Config,
+    config: &DatapathConfig,
     verdict: u32,
 ) -> i32 {
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };

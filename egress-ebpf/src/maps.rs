@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     Ipv4,
-    config::Config,
+    config::DatapathConfig,
     counters::{Counter, reason},
     flow::{FlowKey, InboundFlow, SteeredFlow},
     nat::{NatForward, NatReverse},
@@ -51,13 +51,13 @@ pub static CLUSTER_CIDRS: LpmTrie<Ipv4, ClusterCidr, 1024> = LpmTrie::new();
 pub static EGRESS_IPS: HashMap<Ipv4, EgressIp, 1024> = HashMap::new();
 
 #[btf_map]
-pub static CONFIG: Array<Config, 1> = Array::new();
+pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<Counter, { reason::MAX as usize }> = PerCpuArray::new();
 
 #[inline(always)]
-pub fn config() -> Option<&'static Config> {
+pub fn config() -> Option<&'static DatapathConfig> {
     CONFIG.get(0)
 }
 

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     Ipv4, Port,
-    config::{Config, NAT_PORT_RETRIES},
+    config::{DatapathConfig, NAT_PORT_RETRIES},
     counters::reason,
     flow::{FLOW_CLOSING, FlowKey, PROTO_TCP, PROTO_UDP},
     nat::{NatForward, NatReverse},
@@ -38,7 +38,7 @@ pub fn translate(
     flow: &FlowKey,
     egress_ip: Ipv4,
     pod_node_ip: Ipv4,
-    config: &Config,
+    config: &DatapathConfig,
     now: u64,
     closing: bool,
 ) -> Translation {

@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
-use egress_agent::{
+use egress_control::{
     desired::{LocalNetwork, desired_state},
-    manifests,
+    parse,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let loaded = manifests::load_text(Path::new("fuzz.yaml"), text);
+    let loaded = parse::load_text(Path::new("fuzz.yaml"), text);
     for error in &loaded.errors {
         assert!(!error.to_string().is_empty());
     }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use arbitrary::Arbitrary;
-use egress_agent::inventory::Selector;
+use egress_control::inventory::Selector;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use libfuzzer_sys::fuzz_target;
 

@@ -60,8 +60,7 @@ pub fn require(name: &str) -> Result<PathBuf> {
 pub fn ensure_built(name: &str, path: &Path) -> Result<()> {
     if !path.is_file() {
         bail!(
-            "{name} not found at {}: `cargo xtask demo`, `test` and `bench` build it \
-             (with plain cargo: `cargo build -p egress-agent -p egress-tests --bins`), or set {}",
+            "{name} not found at {}: `cargo xtask demo`, `test` and `bench` build it, or set {}",
             path.display(),
             env_var(name)
         );
@@ -82,7 +81,7 @@ mod tests {
     #[test]
     fn every_spawned_binary_is_a_bin_target_of_the_workspace() {
         // egress-agent's binary is its package's src/main.rs; the others are [[bin]]s of this
-        // package. Cargo refuses `--bin X` for any other name, so xtask's build would fail.
+        // package (xtask builds them with `--package egress-tests`).
         let manifest =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
         for name in SPAWNED.iter().filter(|name| **name != "egress-agent") {

@@ -8,7 +8,6 @@
 
 pub mod agent;
 pub mod apiserver;
-pub mod bench;
 pub mod binaries;
 pub mod capture;
 pub mod cluster;

@@ -26,6 +26,15 @@ use crate::{
 /// Every workspace binary the test harness starts (clusters, demo, benchmarks).
 const SPAWNED: &[&str] = include!("../../tests/src/spawned-binaries.in");
 
+/// The package of each binary the tasks build.
+const BINARY_PACKAGES: &[(&str, &str)] = &[
+    ("egress-agent", "egress-agent"),
+    ("egress-peer", "egress-tests"),
+    ("egress-demo", "egress-tests"),
+    ("egress-bench", "egress-bench"),
+    ("egress-load", "egress-bench"),
+];
+
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
@@ -52,7 +61,8 @@ enum Task {
     Test {
         #[command(flatten)]
         profile: Profile,
-        /// Only the unit tests of egress-agent and egress-common (no test clusters).
+        /// Only the unit tests of egress-agent, egress-control and egress-common (no test
+        /// clusters, no BPF programs).
         #[arg(long)]
         quick: bool,
         /// Extra arguments for `cargo test` (a further `--` separates test-binary arguments).
@@ -104,9 +114,18 @@ impl Profile {
 }
 
 /// The binaries a task builds before it runs: everything the harness starts, and the task's
-/// own runner (`egress-demo`, `egress-bench`), if any.
-fn binaries_for(runner: Option<&'static str>) -> Vec<&'static str> {
-    SPAWNED.iter().copied().chain(runner).collect()
+/// own programs (`egress-demo`; `egress-bench` and the `egress-load` it starts).
+fn binaries_for(own: &[&'static str]) -> Vec<&'static str> {
+    SPAWNED.iter().chain(own).copied().collect()
+}
+
+/// The package that has binary `name`.
+fn package_of(name: &str) -> Result<&'static str> {
+    BINARY_PACKAGES
+        .iter()
+        .find(|(binary, _)| *binary == name)
+        .map(|(_, package)| *package)
+        .with_context(|| format!("xtask does not know the package of binary {name}"))
 }
 
 fn main() -> ExitCode {
@@ -143,7 +162,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
         } => {
             ensure_root("the tests load BPF programs and create network namespaces")?;
             setup(&ws.root, &ws.tools, Needs::Everything)?;
-            let built = ws.build(profile, &binaries_for(None))?;
+            let built = ws.build(profile, &binaries_for(&[]))?;
             let mut cmd = test_command(&ws, profile, quick, args);
             built.add_env(&mut cmd);
             run(&mut cmd)?;
@@ -156,7 +175,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
         Task::Demo { profile, args } => {
             ensure_root("the demo loads BPF programs and creates network namespaces")?;
             setup(&ws.root, &ws.tools, Needs::Clusters)?;
-            let built = ws.build(profile, &binaries_for(Some("egress-demo")))?;
+            let built = ws.build(profile, &binaries_for(&["egress-demo"]))?;
             let mut demo = Command::new(built.path("egress-demo"));
             built.add_env(&mut demo);
             return exit_code_of(demo.args(args));
@@ -166,7 +185,7 @@ fn run_task(task: Task) -> Result<ExitCode> {
             setup(&ws.root, &ws.tools, Needs::Clusters)?;
             let built = ws.build(
                 Profile { release: true },
-                &binaries_for(Some("egress-bench")),
+                &binaries_for(&["egress-bench", "egress-load"]),
             )?;
             let out = if quick {
                 ws.root.join("bench/results/quick")
@@ -253,10 +272,17 @@ impl Workspace {
         cmd
     }
 
-    /// Builds the named binaries of egress-agent and egress-tests and checks each is there.
+    /// Builds the named binaries and checks each is there.
     fn build(&self, profile: Profile, names: &[&'static str]) -> Result<Built> {
         let mut cmd = self.cargo("build");
-        cmd.args(["--package", "egress-agent", "--package", "egress-tests"]);
+        let mut packages = Vec::new();
+        for name in names {
+            let package = package_of(name)?;
+            if !packages.contains(&package) {
+                packages.push(package);
+                cmd.args(["--package", package]);
+            }
+        }
         for name in names {
             cmd.args(["--bin", name]);
         }
@@ -290,9 +316,9 @@ fn test_command(ws: &Workspace, profile: Profile, quick: bool, args: Vec<OsStrin
     if selects_packages {
         // `--workspace` would override the user's `--package`.
     } else if quick {
-        // Unit tests only: not the CLI and fuzz tests in egress-agent/tests.
+        // Unit tests only: not the CLI, datapath and fuzz tests under <crate>/tests.
         cmd.args(["--package", "egress-agent", "--package", "egress-common"])
-            .args(["--lib", "--bins"]);
+            .args(["--package", "egress-control", "--lib", "--bins"]);
     } else {
         // egress-ebpf builds only for the BPF target (through egress-agent's build script).
         cmd.args(["--workspace", "--exclude", "egress-ebpf"]);
@@ -325,13 +351,11 @@ mod tests {
 
     #[test]
     fn demo_test_and_bench_build_every_binary_the_harness_starts() {
-        for runner in [None, Some("egress-demo"), Some("egress-bench")] {
-            let built = binaries_for(runner);
-            for name in SPAWNED {
-                assert!(built.contains(name), "{runner:?} does not build {name}");
-            }
-            if let Some(runner) = runner {
-                assert!(built.contains(&runner));
+        for own in [&[][..], &["egress-demo"], &["egress-bench", "egress-load"]] {
+            let built = binaries_for(own);
+            for name in SPAWNED.iter().chain(own) {
+                assert!(built.contains(name), "{own:?}: {name} is not built");
+                assert!(package_of(name).is_ok(), "{name} has no package");
             }
         }
         // The demo's first failure on a fresh clone: egress-peer was not built.
@@ -342,7 +366,7 @@ mod tests {
     fn the_env_of_a_build_names_every_binary() {
         let built = Built {
             dir: PathBuf::from("/t/debug"),
-            names: binaries_for(Some("egress-demo")),
+            names: binaries_for(&["egress-demo"]),
         };
         let mut cmd = Command::new("true");
         built.add_env(&mut cmd);

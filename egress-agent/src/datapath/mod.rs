@@ -2,10 +2,9 @@
 //! writes map contents by diff.
 
 mod gc;
-pub mod packets;
 mod pins;
-#[cfg(test)]
-mod tests;
+#[cfg(feature = "test-programs")]
+pub mod testing;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,22 +24,21 @@ use aya::{
     },
 };
 use egress_common::{
-    config::Config,
+    config::DatapathConfig,
     counters::{Counter, reason},
     map_names,
     nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
     program_names,
 };
+use egress_control::desired::diff::{Diff, diff_maps};
 pub use gc::{Timeouts, monotonic_now_ns};
 use ipnet::Ipv4Net;
 pub use pins::{DEFAULT_BPFFS, PinError, PinLayout};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::desired::diff::{Diff, diff_maps};
-
-/// The compiled datapath, built by build.rs.
+/// The compiled datapath, built by build.rs: the programs the agent attaches, nothing else.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-ebpf"));
 
 #[derive(Debug, Error)]
@@ -248,8 +246,8 @@ impl Datapath {
         }
     }
 
-    pub fn write_config(&mut self, config: Config) -> Result<()> {
-        let mut array: Array<&mut MapData, Config> = self.map_mut(map_names::CONFIG)?;
+    pub fn write_config(&mut self, config: DatapathConfig) -> Result<()> {
+        let mut array: Array<&mut MapData, DatapathConfig> = self.map_mut(map_names::CONFIG)?;
         array
             .set(0, config, 0)
             .map_err(|source| DatapathError::Map {

@@ -1,134 +1,96 @@
-//! Loads a folder of manifests, as `kubectl get -o yaml` prints them, into an [`Inventory`].
+//! The manifests folder source: reads every `*.yaml` / `*.yml` file below a folder, as
+//! `kubectl get -o yaml` prints them, and publishes a new [`Snapshot`] whenever one changes.
 //!
-//! Every `*.yaml` / `*.yml` file in the folder and its subfolders is read (symlinks are
-//! followed; entries whose name starts with `.` are skipped, which also skips the `..data`
-//! indirection of ConfigMap volumes while still reading the files they link). Errors are
-//! collected, never fatal: one bad object does not stop the others from loading.
-//!
-//! Bad input is refused with an error naming the file and object, and the rest still loads:
-//! files over [`MAX_FILE_SIZE`] (refused from their size, never read whole), symlink loops,
-//! dangling links and unreadable files, non-regular files named `*.yaml` (a FIFO must not
-//! block the agent), documents without a kind, kinds that look like a typo of one we read,
-//! wrong apiVersions and duplicate names. Other kinds (Deployments, Services, ...) are
-//! ignored, so a whole `kubectl get -o yaml` dump can be dropped in.
+//! Symlinks are followed; entries whose name starts with `.` are skipped, which also skips the
+//! `..data` indirection of ConfigMap volumes while still reading the files they link. Files
+//! over [`MAX_FILE_SIZE`] are refused from their size (never read whole), and so are symlink
+//! loops, dangling links, unreadable files and non-regular files named `*.yaml` (a FIFO must
+//! not block the agent); the rest still loads.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt, fs,
+    fs,
     io::Read,
     path::{Path, PathBuf},
-    time::SystemTime,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
-use k8s_openapi::api::core::v1 as k8s;
-use serde_yaml::Value;
-
-use crate::inventory::{
-    Inventory, Namespace, Node, Pod,
-    policy::{self, PolicyError, RawPolicy},
+use egress_control::parse::{
+    LoadResult, Loader, MAX_FILE_SIZE, ManifestError, ManifestErrorKind, ObjectRef,
 };
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
 
-/// Larger files are refused: manifests that big are a mistake, and reading them would stall
-/// the agent.
-pub const MAX_FILE_SIZE: u64 = 4 << 20;
+use super::{Refusal, Snapshot};
 
-#[derive(Debug, Default)]
-pub struct LoadResult {
-    pub inventory: Inventory,
-    pub errors: Vec<ManifestError>,
-}
+/// Safety net behind inotify: how often the manifests folder is compared anyway (inotify
+/// misses changes behind symlinks that point out of the folder, or when its queue overflows).
+const MANIFEST_POLL: Duration = Duration::from_millis(500);
+/// Editors write a file in several steps; wait this long after an event before reading.
+const SETTLE: Duration = Duration::from_millis(5);
 
-/// One problem in one file, with the object it concerns when known.
-#[derive(Debug)]
-pub struct ManifestError {
-    pub file: PathBuf,
-    /// `Kind "name"` when known, else `document N`.
-    pub object: ObjectRef,
-    pub error: ManifestErrorKind,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ObjectRef {
-    pub kind: Option<String>,
-    /// `name`, or `namespace/name` for pods.
-    pub name: Option<String>,
-    /// 1-based document number in the file; 0 for problems with the file itself.
-    pub document: usize,
-    /// Index in the `items` of a `kind: List`.
-    pub item: Option<usize>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ManifestErrorKind {
-    #[error("cannot read: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("file is {0} bytes, larger than the {MAX_FILE_SIZE} bytes allowed; not read")]
-    TooLarge(u64),
-    #[error("not a regular file ({0}); skipped")]
-    NotRegular(&'static str),
-    /// `message` names the (file-relative) line when the parser knows it.
-    #[error("invalid YAML: {message}")]
-    Yaml {
-        line: Option<usize>,
-        message: String,
-    },
-    #[error("cannot decode: {0}")]
-    Decode(String),
-    #[error("not a Kubernetes object: {0}")]
-    NotAnObject(&'static str),
-    #[error("unknown kind {found:?}: did you mean {expected}?")]
-    MisspelledKind {
-        found: String,
-        expected: &'static str,
-    },
-    #[error("unsupported apiVersion {found:?} for {kind} (expected {expected:?})")]
-    ApiVersion {
-        kind: String,
-        found: String,
-        expected: &'static str,
-    },
-    #[error("metadata.name is required")]
-    MissingName,
-    #[error("duplicate name: already defined in {}; this one is ignored", .0.display())]
-    Duplicate(PathBuf),
-    #[error("{field}: {error}")]
-    Policy { field: String, error: PolicyError },
-}
-
-impl fmt::Display for ObjectRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.kind, &self.name) {
-            (Some(kind), Some(name)) => return write!(f, "{kind} {name:?}"),
-            (Some(kind), None) => write!(f, "{kind} in document {}", self.document)?,
-            (None, Some(name)) => write!(f, "{name:?} in document {}", self.document)?,
-            (None, None) => write!(f, "document {}", self.document)?,
+/// Watches a manifests folder: a new snapshot whenever a file changes (path, size, mtime),
+/// noticed through inotify within milliseconds.
+pub fn watch(dir: PathBuf) -> watch::Receiver<Arc<Snapshot>> {
+    let first = load(&dir);
+    let (sender, receiver) = watch::channel(Arc::new(first));
+    let (wake, mut woken) = mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |_event| {
+        // A full channel already holds a wake-up: nothing is lost.
+        let _ = wake.try_send(());
+    })
+    .and_then(|mut watcher| {
+        watcher.watch(&dir, RecursiveMode::Recursive)?;
+        Ok(watcher)
+    });
+    let watcher = match watcher {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            warn!(%error, dir = %dir.display(), "no inotify watch; polling the folder instead");
+            None
         }
-        match self.item {
-            Some(i) => write!(f, " items[{i}]"),
-            None => Ok(()),
+    };
+    tokio::spawn(async move {
+        // Dropping the watcher would stop the events.
+        let _watcher = watcher;
+        let mut last = fingerprint(&dir);
+        loop {
+            tokio::select! {
+                _ = woken.recv() => tokio::time::sleep(SETTLE).await,
+                _ = tokio::time::sleep(MANIFEST_POLL) => {}
+            }
+            let current = fingerprint(&dir);
+            if current == last {
+                continue;
+            }
+            last = current;
+            if sender.send(Arc::new(load(&dir))).is_err() {
+                return;
+            }
         }
-    }
+    });
+    receiver
 }
 
-impl fmt::Display for ManifestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Document 0: the problem is the file itself (unreadable, too large, ...).
-        if self.object == ObjectRef::default() {
-            return write!(f, "{}: {}", self.file.display(), self.error);
-        }
-        write!(
-            f,
-            "{}: {}: {}",
-            self.file.display(),
-            self.object,
-            self.error
-        )
-    }
-}
-
-impl std::error::Error for ManifestError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.error)
+fn load(dir: &Path) -> Snapshot {
+    let loaded = load_dir(dir);
+    let refused = loaded
+        .errors
+        .iter()
+        .map(|error| Refusal {
+            policy: (error.object.kind.as_deref() == Some("CiliumEgressGatewayPolicy"))
+                .then(|| error.object.name.clone())
+                .flatten(),
+            message: error.to_string(),
+        })
+        .collect();
+    Snapshot {
+        inventory: loaded.inventory,
+        refused,
+        policy_generations: BTreeMap::new(),
+        published: Some(Instant::now()),
     }
 }
 
@@ -136,27 +98,17 @@ impl std::error::Error for ManifestError {
 pub fn load_dir(dir: &Path) -> LoadResult {
     let mut loader = Loader::default();
     let (files, walk_errors) = walk(dir);
-    loader.errors.extend(walk_errors);
+    for error in walk_errors {
+        loader.refuse_file(&error.file, error.error);
+    }
     for file in files {
-        loader.load_file(&file.path);
+        match read_limited(&file.path) {
+            Ok(text) => loader.load_text(&file.path, &text),
+            Err(error) => loader.refuse_file(&file.path, error),
+        }
     }
-    // In path order, walk and read errors mixed; stable, so documents keep their order.
-    loader.errors.sort_by(|a, b| a.file.cmp(&b.file));
-    LoadResult {
-        inventory: loader.inventory,
-        errors: loader.errors,
-    }
-}
-
-/// Loads the manifests of one file's text, as if read from `file` (which is only used in
-/// error messages). For tests and the fuzz targets.
-pub fn load_text(file: &Path, text: &str) -> LoadResult {
-    let mut loader = Loader::default();
-    loader.load_text(file, text);
-    LoadResult {
-        inventory: loader.inventory,
-        errors: loader.errors,
-    }
+    // In path order, walk and read errors mixed.
+    loader.finish()
 }
 
 /// A cheap summary of the folder (paths, link targets, sizes, mtimes) to poll for changes.
@@ -302,236 +254,6 @@ fn file_type_name(metadata: &fs::Metadata) -> &'static str {
     }
 }
 
-#[derive(Default)]
-struct Loader {
-    inventory: Inventory,
-    errors: Vec<ManifestError>,
-    /// (kind, name) -> file that defined it first.
-    seen: BTreeMap<(&'static str, String), PathBuf>,
-}
-
-/// Kinds we read, with the apiVersion each must have.
-const KNOWN_KINDS: [(&str, &str); 4] = [
-    ("Node", "v1"),
-    ("Namespace", "v1"),
-    ("Pod", "v1"),
-    (policy::KIND, policy::API_VERSION),
-];
-
-impl Loader {
-    fn load_file(&mut self, path: &Path) {
-        match read_limited(path) {
-            Ok(text) => self.load_text(path, &text),
-            Err(error) => self.errors.push(ManifestError {
-                file: path.to_owned(),
-                object: ObjectRef::default(),
-                error,
-            }),
-        }
-    }
-
-    fn load_text(&mut self, path: &Path, text: &str) {
-        for (i, (first_line, doc)) in split_documents(text).into_iter().enumerate() {
-            let document = i + 1;
-            match serde_yaml::from_str::<Value>(doc) {
-                Ok(Value::Null) => {}
-                Ok(value) => self.load_value(path, document, None, value),
-                Err(e) => {
-                    let line = e.location().map(|l| first_line + l.line() - 1);
-                    self.errors.push(ManifestError {
-                        file: path.to_owned(),
-                        object: ObjectRef {
-                            kind: scan_field(doc, "kind"),
-                            name: scan_field(doc, "name"),
-                            document,
-                            item: None,
-                        },
-                        error: ManifestErrorKind::Yaml {
-                            line,
-                            message: yaml_message(&e, first_line),
-                        },
-                    });
-                }
-            }
-        }
-    }
-
-    fn load_value(&mut self, path: &Path, document: usize, item: Option<usize>, mut value: Value) {
-        let kind = value.get("kind").and_then(Value::as_str).map(str::to_owned);
-        let api_version = value
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        let name = value
-            .get("metadata")
-            .and_then(|m| m.get("name"))
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        let mut object = ObjectRef {
-            kind: kind.clone(),
-            name: name.clone(),
-            document,
-            item,
-        };
-        let Some(kind) = kind else {
-            let problem = if value.is_mapping() {
-                "no kind"
-            } else {
-                "expected a mapping with apiVersion, kind and metadata"
-            };
-            return self.errors.push(ManifestError {
-                file: path.to_owned(),
-                object,
-                error: ManifestErrorKind::NotAnObject(problem),
-            });
-        };
-
-        // `kubectl get -o yaml` of several objects prints a `List`; API lists are `<Kind>List`
-        // and their items carry no kind.
-        if item.is_none()
-            && let Some(items) = value.get_mut("items").and_then(Value::as_sequence_mut)
-        {
-            let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
-            if kind == "List" || item_kind.is_some_and(|k| KNOWN_KINDS.iter().any(|(n, _)| *n == k))
-            {
-                for (i, mut v) in std::mem::take(items).into_iter().enumerate() {
-                    if let (Some(k), Some(map)) = (item_kind, v.as_mapping_mut()) {
-                        map.entry("kind".into()).or_insert_with(|| k.into());
-                        map.entry("apiVersion".into())
-                            .or_insert_with(|| api_version.clone().into());
-                    }
-                    self.load_value(path, document, Some(i), v);
-                }
-                return;
-            }
-        }
-
-        let Some(&(kind, expected)) = KNOWN_KINDS.iter().find(|(k, _)| *k == kind) else {
-            if let Some(expected) = misspelled_kind(&kind) {
-                return self.errors.push(ManifestError {
-                    file: path.to_owned(),
-                    object,
-                    error: ManifestErrorKind::MisspelledKind {
-                        found: kind,
-                        expected,
-                    },
-                });
-            }
-            tracing::debug!(file = %path.display(), kind, api_version, "unknown kind ignored");
-            return;
-        };
-        let fail = |object: ObjectRef, error| ManifestError {
-            file: path.to_owned(),
-            object,
-            error,
-        };
-        if api_version != expected {
-            return self.errors.push(fail(
-                object,
-                ManifestErrorKind::ApiVersion {
-                    kind: kind.to_owned(),
-                    found: api_version,
-                    expected,
-                },
-            ));
-        }
-        if name.as_deref().is_none_or(str::is_empty) {
-            return self
-                .errors
-                .push(fail(object, ManifestErrorKind::MissingName));
-        }
-        let decode = |e: serde_yaml::Error| ManifestErrorKind::Decode(e.to_string());
-        // Decode first so the duplicate key of a pod includes its namespace.
-        let decoded = match kind {
-            "Node" => {
-                serde_yaml::from_value::<k8s::Node>(value).map(|n| Decoded::Node(Node::from(&n)))
-            }
-            "Namespace" => serde_yaml::from_value::<k8s::Namespace>(value)
-                .map(|n| Decoded::Namespace(Namespace::from(&n))),
-            "Pod" => serde_yaml::from_value::<k8s::Pod>(value).map(|p| Decoded::Pod(Pod::from(&p))),
-            _ => serde_yaml::from_value::<RawPolicy>(value).map(|p| Decoded::Policy(Box::new(p))),
-        };
-        let decoded = match decoded {
-            Ok(d) => d,
-            Err(e) => return self.errors.push(fail(object, decode(e))),
-        };
-        let key = match &decoded {
-            Decoded::Pod(p) => format!("{}/{}", p.namespace, p.name),
-            _ => name.clone().unwrap_or_default(),
-        };
-        object.name = Some(key.clone());
-        // The first definition wins, even if it turns out invalid: which one the user meant
-        // is unknown, so neither silently replaces the other.
-        if let Some(first) = self.seen.get(&(kind, key.clone())) {
-            let error = ManifestErrorKind::Duplicate(first.clone());
-            return self.errors.push(fail(object, error));
-        }
-        self.seen.insert((kind, key), path.to_owned());
-
-        match decoded {
-            Decoded::Node(n) => {
-                self.inventory.upsert_node(n);
-            }
-            Decoded::Namespace(n) => {
-                self.inventory.upsert_namespace(n);
-            }
-            Decoded::Pod(p) => {
-                self.inventory.upsert_pod(p);
-            }
-            Decoded::Policy(raw) => match policy::validate(&raw) {
-                Ok(p) => {
-                    self.inventory.upsert_policy(p);
-                }
-                Err(errors) => {
-                    self.errors.extend(errors.into_iter().map(|e| {
-                        let error = ManifestErrorKind::Policy {
-                            field: e.field,
-                            error: e.error,
-                        };
-                        fail(object.clone(), error)
-                    }));
-                }
-            },
-        }
-    }
-}
-
-enum Decoded {
-    Node(Node),
-    Namespace(Namespace),
-    Pod(Pod),
-    Policy(Box<RawPolicy>),
-}
-
-/// The known kind `kind` is probably a typo of: same letters in another case, or one or two
-/// edits away (one for short kinds, so `Job` is not taken for `Pod`).
-fn misspelled_kind(kind: &str) -> Option<&'static str> {
-    KNOWN_KINDS.iter().map(|(k, _)| *k).find(|known| {
-        let allowed = if known.len() >= 8 { 2 } else { 1 };
-        known.eq_ignore_ascii_case(kind)
-            || edit_distance(&known.to_ascii_lowercase(), &kind.to_ascii_lowercase()) <= allowed
-    })
-}
-
-/// Levenshtein distance, stopping early for strings of very different lengths.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len().abs_diff(b.len()) > 2 {
-        return a.len().abs_diff(b.len());
-    }
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut current = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let substitution = previous[j] + usize::from(ca != cb);
-            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
-        }
-        previous = current;
-    }
-    previous[b.len()]
-}
-
 fn read_limited(path: &Path) -> Result<String, ManifestErrorKind> {
     use std::os::unix::fs::OpenOptionsExt as _;
     // Non-blocking, so a file replaced by a FIFO after the walk cannot hang the agent.
@@ -555,72 +277,6 @@ fn read_limited(path: &Path) -> Result<String, ManifestErrorKind> {
         return Err(ManifestErrorKind::TooLarge(text.len() as u64));
     }
     Ok(text)
-}
-
-/// Splits a multi-document stream at `---` lines, returning each document with the 1-based
-/// line it starts on, so a broken document does not hide the others and errors keep
-/// file-relative line numbers.
-fn split_documents(text: &str) -> Vec<(usize, &str)> {
-    let mut docs = Vec::new();
-    let mut start = 0;
-    let mut start_line = 1;
-    let mut offset = 0;
-    for (i, line) in text.split_inclusive('\n').enumerate() {
-        let bare = line.trim_end_matches(['\n', '\r']);
-        let is_marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
-        if is_marker && offset > start {
-            docs.push((start_line, &text[start..offset]));
-            start = offset;
-            start_line = i + 1;
-        }
-        offset += line.len();
-    }
-    docs.push((start_line, &text[start..]));
-    docs
-}
-
-/// serde_yaml's message with its line numbers, which count from the start of the document,
-/// shifted to count from the start of the file.
-fn yaml_message(e: &serde_yaml::Error, first_line: usize) -> String {
-    let text = e.to_string();
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text.as_str();
-    while let Some(pos) = rest.find("line ") {
-        let (head, tail) = rest.split_at(pos + "line ".len());
-        out.push_str(head);
-        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
-        match tail[..digits].parse::<usize>() {
-            Ok(n) => out.push_str(&(n + first_line - 1).to_string()),
-            Err(_) => out.push_str(&tail[..digits]),
-        }
-        rest = &tail[digits..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Best-effort recovery of `kind:` or `name:` from a document that does not parse.
-fn scan_field(doc: &str, field: &str) -> Option<String> {
-    let pattern = format!("{field}:");
-    doc.lines().find_map(|line| {
-        let pos = line.find(&pattern)?;
-        // Only a whole key: at line start (after indentation) or after `{` / `,`.
-        let before = line[..pos].trim_end();
-        if !(before.is_empty() || before.ends_with('{') || before.ends_with(',')) {
-            return None;
-        }
-        let rest = line[pos + pattern.len()..].trim_start();
-        let value: String = rest
-            .chars()
-            .take_while(|c| !matches!(c, ',' | '}' | '#') && !c.is_whitespace())
-            .collect();
-        let value = value.trim_matches(['"', '\'']);
-        let plausible = !value.is_empty()
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        plausible.then(|| value.to_owned())
-    })
 }
 
 #[cfg(test)]
@@ -678,76 +334,6 @@ mod tests {
             .collect();
         files.sort();
         files
-    }
-
-    #[test]
-    fn every_valid_example_loads() {
-        let t = TempDir::new();
-        for file in valid_examples() {
-            fs::copy(&file, t.0.join(file.file_name().unwrap())).unwrap();
-        }
-        let r = load_dir(&t.0);
-        assert!(r.errors.is_empty(), "{:#?}", messages(&r));
-        let names: Vec<&str> = r.inventory.policies.keys().map(String::as_str).collect();
-        assert_eq!(
-            names,
-            [
-                "ci-runners-to-registry",
-                "crawlers",
-                "egress-sample",
-                "payments-to-bank",
-                "reports-to-partner",
-                "scrapers-to-saas",
-            ]
-        );
-        // egressGateways wins over egressGateway.
-        assert_eq!(r.inventory.policies["crawlers"].gateways.len(), 2);
-    }
-
-    #[test]
-    fn every_invalid_example_is_refused_with_file_policy_and_field() {
-        let dir = Path::new(EXAMPLES).join("invalid");
-        let r = load_dir(&dir);
-        assert!(
-            r.inventory.policies.is_empty(),
-            "{:?}",
-            r.inventory.policies.keys()
-        );
-        let msgs = messages(&r);
-        let expect = [
-            (
-                "bad-cidr.yaml",
-                r#"CiliumEgressGatewayPolicy "bad-cidr": spec.destinationCIDRs[0]: invalid CIDR "198.51.100.0/33": "#,
-            ),
-            (
-                "bad-cidr.yaml",
-                r#"CiliumEgressGatewayPolicy "bad-cidr": spec.destinationCIDRs[1]: invalid CIDR "partner-network""#,
-            ),
-            (
-                "bad-operator.yaml",
-                r#"CiliumEgressGatewayPolicy "bad-operator": spec.selectors[0].podSelector.matchExpressions[0].operator: unknown operator "Equals""#,
-            ),
-            (
-                "interface-and-egress-ip.yaml",
-                r#"CiliumEgressGatewayPolicy "interface-and-egress-ip": spec.egressGateway: interface and egressIP are mutually exclusive"#,
-            ),
-            (
-                "missing-gateway.yaml",
-                r#"CiliumEgressGatewayPolicy "missing-gateway": spec.egressGateway: is required"#,
-            ),
-            (
-                "not-yaml.yaml",
-                r#"CiliumEgressGatewayPolicy "broken": invalid YAML: did not find expected ',' or '}' at line 5 "#,
-            ),
-        ];
-        assert_eq!(msgs.len(), expect.len(), "{msgs:#?}");
-        for (msg, (file, text)) in msgs.iter().zip(expect) {
-            let prefix = format!("{}: {text}", dir.join(file).display());
-            assert!(
-                msg.starts_with(&prefix),
-                "{msg}\ndoes not start with\n{prefix}"
-            );
-        }
     }
 
     #[test]
@@ -1166,18 +752,5 @@ metadata: {resourceVersion: ""}
         let fp3 = fingerprint(&t.0);
         t.write("notes.txt", "ignored");
         assert_eq!(fp3, fingerprint(&t.0));
-    }
-
-    #[test]
-    fn scan_field_recovers_names() {
-        assert_eq!(
-            scan_field("metadata: {name: broken\n", "name").as_deref(),
-            Some("broken")
-        );
-        assert_eq!(
-            scan_field("metadata:\n  name: \"x\"\n", "name").as_deref(),
-            Some("x")
-        );
-        assert_eq!(scan_field("metadata:\n  nodename: x\n", "name"), None);
     }
 }

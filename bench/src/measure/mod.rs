@@ -1,6 +1,6 @@
-//! `egress-agent bench ...`: the measurements of `cargo xtask bench` that need the agent's
-//! internals. Each prints one JSON document on stdout; `egress-bench` (tests crate) runs
-//! them, adds the traffic measurements and writes the report.
+//! `egress-bench measure ...`: the measurements of the agent's pieces, each run in its own
+//! process (peak memory is per process). Each prints one JSON document on stdout; the
+//! benchmark run (`crate::run_all`) collects them with the traffic measurements.
 //!
 //! - `datapath`: per-packet cost of every verdict path through BPF_PROG_TEST_RUN.
 //! - `control-plane`: reconcile time and peak memory on synthetic inventories.
@@ -18,13 +18,13 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 #[derive(Debug, Args)]
-pub struct BenchArgs {
+pub struct MeasureArgs {
     #[command(subcommand)]
-    command: BenchCommand,
+    command: Measure,
 }
 
 #[derive(Debug, Subcommand)]
-enum BenchCommand {
+enum Measure {
     /// Nanoseconds per packet of each program and verdict path (needs root).
     Datapath(datapath::DatapathArgs),
     /// Reconcile time and peak memory for pods x policies (needs root: writes real maps).
@@ -55,12 +55,12 @@ pub enum BenchError {
     },
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: MeasureArgs) -> anyhow::Result<ExitCode> {
     match args.command {
-        BenchCommand::Datapath(args) => print_json(&datapath::run(&args)?),
-        BenchCommand::ControlPlane(args) => print_json(&control_plane::run(&args)?),
-        BenchCommand::ControlPlaneOne(args) => print_json(&control_plane::run_one(&args)?),
-        BenchCommand::ManifestLatency(args) => print_json(&manifest_latency::run(&args)?),
+        Measure::Datapath(args) => print_json(&datapath::run(&args)?),
+        Measure::ControlPlane(args) => print_json(&control_plane::run(&args)?),
+        Measure::ControlPlaneOne(args) => print_json(&control_plane::run_one(&args)?),
+        Measure::ManifestLatency(args) => print_json(&manifest_latency::run(&args)?),
     }
 }
 

@@ -7,8 +7,7 @@
 use std::{fs, net::Ipv4Addr};
 
 use anyhow::Result;
-
-use crate::{
+use egress_tests::{
     Cluster, Node, Pod,
     process::{ip_in, netns_command, run_checked},
 };

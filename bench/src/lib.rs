@@ -1,9 +1,10 @@
-//! The benchmarks of `cargo xtask bench`, run by the `egress-bench` binary: the agent's own
-//! measurements (`egress-agent bench ...`: BPF cost, control plane), real traffic through
-//! three paths of one namespace cluster, NAT under pressure and manifest-to-datapath delay;
-//! then the report (`latest.json`, `latest.md`, `latest.svg`).
+//! The benchmarks of `cargo xtask bench`, run by the `egress-bench` binary: measurements of
+//! the agent's pieces ([`measure`]: BPF cost, control plane, manifest latency; each in its own
+//! process), real traffic through three paths of one namespace cluster, NAT under pressure;
+//! then the report (`latest.json`, `latest.md`, `latest.svg`). See `bench/README.md`.
 
 mod kernel_way;
+pub mod measure;
 pub mod report;
 mod traffic;
 
@@ -14,13 +15,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
-
-use crate::{
+use egress_tests::{
     binaries,
     cluster::{BPFFS_ROOT, ensure_bpffs_mounted},
     process::run_with_timeout,
 };
+use serde_json::{Value, json};
 
 /// How much of everything to do.
 #[derive(Clone, Debug)]
@@ -96,16 +96,25 @@ impl Params {
 /// Binaries the benchmarks run.
 pub struct Binaries {
     pub agent: PathBuf,
+    /// `egress-bench` itself: its `measure` subcommands run each measurement in its own
+    /// process.
+    pub bench: PathBuf,
     pub load: PathBuf,
     pub peer: PathBuf,
 }
 
 impl Binaries {
-    /// The binaries `cargo xtask bench` built (see [`crate::binaries`]).
+    /// The harness's binaries (see [`egress_tests::binaries`]), this one, and `egress-load`
+    /// beside it (`$EGRESS_LOAD_BIN` overrides).
     pub fn locate() -> Result<Self> {
+        let bench = std::env::current_exe().context("locating egress-bench")?;
+        let load = std::env::var_os("EGRESS_LOAD_BIN")
+            .map_or_else(|| bench.with_file_name("egress-load"), PathBuf::from);
+        binaries::ensure_built("egress-load", &load)?;
         Ok(Binaries {
             agent: binaries::require("egress-agent")?,
-            load: binaries::require("egress-load")?,
+            bench,
+            load,
             peer: binaries::require("egress-peer")?,
         })
     }
@@ -115,10 +124,10 @@ impl Binaries {
 pub fn run_all(params: &Params, bins: &Binaries) -> Result<Value> {
     let started = Instant::now();
     eprintln!("== BPF per-packet cost");
-    let datapath = agent_json(
-        &bins.agent,
+    let datapath = measure_json(
+        &bins.bench,
         &[
-            "bench",
+            "measure",
             "datapath",
             "--reps",
             &params.bpf_reps.to_string(),
@@ -135,10 +144,10 @@ pub fn run_all(params: &Params, bins: &Binaries) -> Result<Value> {
     eprintln!("== control plane");
     ensure_bpffs_mounted()?;
     let bpffs = Path::new(BPFFS_ROOT).join(format!("egt{}-bench", std::process::id()));
-    let control_plane = agent_json(
-        &bins.agent,
+    let control_plane = measure_json(
+        &bins.bench,
         &[
-            "bench",
+            "measure",
             "control-plane",
             "--bpffs",
             &bpffs.to_string_lossy(),
@@ -167,20 +176,20 @@ pub fn run_all(params: &Params, bins: &Binaries) -> Result<Value> {
     }))
 }
 
-/// Runs `egress-agent <args>` and parses the JSON it prints.
-fn agent_json(agent: &Path, args: &[&str]) -> Result<Value> {
-    let mut command = Command::new(agent);
+/// Runs `egress-bench <args>` (a `measure` subcommand) and parses the JSON it prints.
+fn measure_json(bench: &Path, args: &[&str]) -> Result<Value> {
+    let mut command = Command::new(bench);
     command.args(args);
     let output = run_with_timeout(command, std::time::Duration::from_secs(3600))?;
     if !output.status.success() {
         bail!(
-            "egress-agent {} failed: {}",
+            "egress-bench {} failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&output.stderr)
         );
     }
     serde_json::from_slice(&output.stdout)
-        .with_context(|| format!("parsing the output of egress-agent {}", args.join(" ")))
+        .with_context(|| format!("parsing the output of egress-bench {}", args.join(" ")))
 }
 
 /// Kernel, CPU model and core count: the report names the machine.

@@ -5,8 +5,6 @@
 //! publishes it as a complete [`Snapshot`]: the reconcile loop syncs the maps by mark and
 //! sweep against it, so a delete event lost before a relist cannot leave stale entries.
 
-pub mod status;
-
 use std::{
     collections::BTreeMap,
     fmt::Debug,
@@ -18,6 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use egress_control::inventory::{
+    Inventory, Namespace, Node, Pod,
+    policy::{self, RawPolicy},
+};
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1 as k8s;
 use kube::{
@@ -34,14 +36,7 @@ use serde::{Deserialize as _, de::DeserializeOwned};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
-pub use self::status::spawn_status_writer;
-use crate::{
-    inventory::{
-        Inventory, Namespace, Node, Pod,
-        policy::{self, RawPolicy},
-    },
-    source::{Refusal, Snapshot},
-};
+use super::{Refusal, Snapshot};
 
 /// Plural resource name of CiliumEgressGatewayPolicy in the API paths.
 pub const POLICY_PLURAL: &str = "ciliumegressgatewaypolicies";

@@ -1,5 +1,5 @@
 //! Building Ethernet/IPv4 frames for BPF_PROG_TEST_RUN, shared by the datapath tests and
-//! `egress-agent bench` (which measures the same programs with the same packets).
+//! the benchmarks (which measure the same programs with the same packets).
 
 use std::net::Ipv4Addr;
 
@@ -28,13 +28,6 @@ pub mod scenario {
 }
 
 #[derive(Clone, Copy)]
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the benchmarks send plain TCP only; the tests use every kind"
-    )
-)]
 pub enum L4 {
     Tcp {
         flags: u8,
@@ -50,7 +43,6 @@ pub enum L4 {
     },
 }
 
-#[cfg(test)]
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
@@ -149,7 +141,6 @@ pub fn packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, l4: L4) -> V
 }
 
 /// Addresses and ports of a frame built by `packet` (or rewritten by a program).
-#[cfg(test)]
 pub struct Seen {
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
@@ -157,7 +148,6 @@ pub struct Seen {
     pub dport: u16,
 }
 
-#[cfg(test)]
 pub fn seen(frame: &[u8]) -> Seen {
     let ip = &frame[14..];
     let l4 = &ip[(ip[0] & 0x0f) as usize * 4..];

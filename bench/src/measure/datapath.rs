@@ -16,8 +16,12 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
+use egress_agent::datapath::testing::{
+    OBJECT,
+    packets::{ACK, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, packet, scenario::*},
+};
 use egress_common::{
-    config::{Config, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
+    config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
     counters::{Counter, reason},
     flow::{FlowKey, PROTO_TCP},
     map_names,
@@ -29,10 +33,6 @@ use egress_common::{
 use serde::Serialize;
 
 use super::{BenchError, ensure_root, stats::Summary};
-use crate::datapath::{
-    OBJECT,
-    packets::{ACK, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, packet, scenario::*},
-};
 
 /// A pod whose policy has no gateway node.
 const POD_NO_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
@@ -394,11 +394,11 @@ impl BenchNode {
             program.load()?;
         }
         let mut node = Self { ebpf };
-        let mut config: Array<&mut MapData, Config> =
+        let mut config: Array<&mut MapData, DatapathConfig> =
             Array::try_from(node.map_mut(map_names::CONFIG)?)?;
         config.set(
             0,
-            Config {
+            DatapathConfig {
                 node_ip: node_ip.octets(),
                 tunnel_ifindex: TUNNEL_IFINDEX,
                 nat_port_min: 1024,

@@ -6,7 +6,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    sync::Mutex,
 };
 
 use egress_common::{
@@ -49,6 +48,19 @@ pub struct DesiredState {
     /// Pod IP -> index, in name order, of the first policy that gives it entries: the
     /// priority of its entries when they do not all fit (see [`DesiredState::fit_policy_map`]).
     pub pod_priority: BTreeMap<Ipv4Addr, usize>,
+    /// Pairs of policies that select the same pods and destinations with different values,
+    /// in (winner, loser) order; the caller decides how to report them.
+    pub conflicts: Vec<PolicyConflict>,
+}
+
+/// Two policies program the same (pod, destination) entries differently; `winner`'s
+/// entries are kept (the first by name, or an exclusion).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PolicyConflict {
+    pub winner: String,
+    pub loser: String,
+    /// How many entries the two disagree on.
+    pub entries: usize,
 }
 
 /// What [`DesiredState::fit_policy_map`] left out.
@@ -282,8 +294,12 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
         state.policies.insert(policy.name.clone(), summary);
     }
 
-    for (&(winner, loser), &count) in &conflicts {
-        warn_conflict_once(winner, loser, count);
+    for (&(winner, loser), &entries) in &conflicts {
+        state.conflicts.push(PolicyConflict {
+            winner: winner.to_owned(),
+            loser: loser.to_owned(),
+            entries,
+        });
         if let Some(s) = state.policies.get_mut(loser) {
             s.problem
                 .get_or_insert(PolicyProblem::OverriddenBy(winner.to_owned()));
@@ -321,20 +337,6 @@ fn merge<'a>(
     }
     if replace {
         *current = new;
-    }
-}
-
-/// The reconcile loop calls this every second: warn about each pair of policies only once.
-fn warn_conflict_once(winner: &str, loser: &str, entries: usize) {
-    static WARNED: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
-    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
-    if warned.insert((winner.to_owned(), loser.to_owned())) {
-        tracing::warn!(
-            winner,
-            loser,
-            entries,
-            "policies select the same pods and destinations; policy {winner} wins"
-        );
     }
 }
 
@@ -718,6 +720,15 @@ mod tests {
             Some(PolicyProblem::OverriddenBy("a-first".into()))
         );
         assert_eq!(s.policies["a-first"].problem, None);
+        // Returned, not logged: the agent says each conflict once per change.
+        assert_eq!(
+            s.conflicts,
+            [PolicyConflict {
+                winner: "a-first".into(),
+                loser: "b-second".into(),
+                entries: 1
+            }]
+        );
 
         let s = desired_state(&inventory(&[&a, &b, c]), "w1", &LocalNetwork::default());
         assert_eq!(s.policy_entries[&key].gateway_ip, GATEWAY_EXCLUDED);

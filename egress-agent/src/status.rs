@@ -7,6 +7,10 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
+use egress_control::{
+    desired::{PolicyProblem, PolicySummary},
+    inventory::Node,
+};
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
@@ -20,12 +24,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::policy_resource;
 use crate::{
-    agent::Report,
-    desired::{PolicyProblem, PolicySummary},
-    inventory::Node,
-    source::Refusal,
+    report::Report,
+    source::{Refusal, kubernetes::policy_resource},
 };
 
 pub const READY: &str = "Ready";
@@ -284,8 +285,10 @@ fn now() -> Timestamp {
 mod tests {
     use std::net::Ipv4Addr;
 
+    use egress_control::inventory::test_support::node;
+
     use super::*;
-    use crate::{inventory::test_support::node, source::Snapshot};
+    use crate::source::Snapshot;
 
     fn nodes(names: &[&str]) -> BTreeMap<String, Node> {
         names
@@ -321,7 +324,7 @@ mod tests {
     #[test]
     fn exactly_one_node_writes_each_policy() {
         let snapshot = Snapshot {
-            inventory: crate::inventory::Inventory {
+            inventory: egress_control::inventory::Inventory {
                 nodes: nodes(&["w1", "w2", "w3"]),
                 ..Default::default()
             },

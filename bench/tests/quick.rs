@@ -16,7 +16,10 @@ fn quick_benchmark_writes_every_section() {
         .arg("--out")
         .arg(&out)
         .env("EGRESS_LOAD_BIN", env!("CARGO_BIN_EXE_egress-load"))
-        .env("EGRESS_PEER_BIN", env!("CARGO_BIN_EXE_egress-peer"))
+        .env(
+            "EGRESS_PEER_BIN",
+            egress_tests::binaries::require("egress-peer").expect("egress-peer"),
+        )
         .status()
         .expect("running egress-bench");
     assert!(status.success(), "egress-bench --quick failed ({status})");

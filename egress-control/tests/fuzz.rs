@@ -30,7 +30,9 @@ fn cargo_nightly(fuzz_dir: &Path) -> Command {
     let path = env::var_os("PATH").unwrap_or_default();
     let dirs = std::iter::once(workspace().join(".tools/bin")).chain(env::split_paths(&path));
     let mut cmd = Command::new("cargo");
-    cmd.arg("+nightly")
+    // The nightly xtask builds with (`EGRESS_NIGHTLY`), as for the eBPF programs.
+    let nightly = env::var("EGRESS_NIGHTLY").unwrap_or_else(|_| "nightly".to_owned());
+    cmd.arg(format!("+{nightly}"))
         .current_dir(fuzz_dir)
         .env("PATH", env::join_paths(dirs).unwrap());
     for var in [

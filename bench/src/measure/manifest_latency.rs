@@ -13,11 +13,11 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::lpm_trie::Key;
+use egress_agent::datapath::{PinLayout, pinned};
 use egress_common::policy::{POLICY_LOOKUP_PREFIX, PolicyKey};
 use serde::Serialize;
 
 use super::stats::{Summary, quantile};
-use crate::datapath::{PinLayout, pinned};
 
 /// How often the pinned map is looked at.
 const POLL: Duration = Duration::from_millis(1);

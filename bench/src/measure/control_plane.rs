@@ -16,14 +16,14 @@ use std::{
 };
 
 use anyhow::Context as _;
-use serde::{Deserialize, Serialize};
-
-use super::stats::{Summary, peak_rss_bytes};
-use crate::{
-    datapath::{Datapath, MapContents, MapSizes, PinLayout},
+use egress_agent::datapath::{Datapath, MapContents, MapSizes, PinLayout};
+use egress_control::{
     desired::{self, DesiredState, LocalInterface, LocalNetwork},
     inventory::{Inventory, Namespace, Node, Pod, policy},
 };
+use serde::{Deserialize, Serialize};
+
+use super::stats::{Summary, peak_rss_bytes};
 
 const NODES: u32 = 100;
 const NAMESPACES: u32 = 10;
@@ -117,7 +117,7 @@ impl From<Summary> for SummaryJson {
 
 pub fn run(args: &ControlPlaneArgs) -> anyhow::Result<ControlPlaneReport> {
     super::ensure_root()?;
-    let exe = std::env::current_exe().context("locating egress-agent")?;
+    let exe = std::env::current_exe().context("locating egress-bench")?;
     let mut results = Vec::new();
     let mut skipped = Vec::new();
     for &pods in &args.pods {
@@ -137,7 +137,7 @@ pub fn run(args: &ControlPlaneArgs) -> anyhow::Result<ControlPlaneReport> {
             }
             eprintln!("control plane: {pods} pods x {policies} policies");
             let output = Command::new(&exe)
-                .args(["bench", "control-plane-one", "--bpffs"])
+                .args(["measure", "control-plane-one", "--bpffs"])
                 .arg(args.bpffs.join(format!("{pods}x{policies}")))
                 .args([
                     "--pods",

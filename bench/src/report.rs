@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde_json::{Value, json};
 
-use super::traffic::{METRICS, PATHS};
+use crate::traffic::{METRICS, PATHS};
 
 /// Median, min and max of values (NaN-free); `None` when empty.
 pub fn summary(values: &[f64]) -> Option<Value> {

@@ -13,14 +13,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use serde_json::{Value, json};
-
-use super::{Binaries, Params, kernel_way};
-use crate::{
-    Background, Cluster, ClusterConfig, Pod,
+use egress_tests::{
+    Background, Cluster, ClusterConfig, Pod, Signal,
     peer::DESTINATION_IP,
     process::{netns_command, run_with_timeout},
+    wait_until,
 };
+use serde_json::{Value, json};
+
+use crate::{Binaries, Params, kernel_way};
 
 const POD_NODE: &str = "k8s-worker-1";
 const GATEWAY: &str = "k8s-worker-2";
@@ -118,11 +119,11 @@ pub fn run(params: &Params, bins: &Binaries) -> Result<ClusterResults> {
     if let Some(range) = params.nat_port_range {
         // A small port space, so a few hundred connections exhaust it (the traffic runs
         // above keep the default range: it would throttle their short connections).
-        cluster.kill_agent(GATEWAY, crate::Signal::Term)?;
+        cluster.kill_agent(GATEWAY, Signal::Term)?;
         cluster.start_agent_with_args(GATEWAY, &["--nat-port-range", range])?;
         // The old agent's pinned entries are still there: wait for the new one to run its
         // first reconcile (which writes the new range) instead.
-        let synced = crate::wait_until(Duration::from_secs(30), || {
+        let synced = wait_until(Duration::from_secs(30), || {
             cluster
                 .agent_log(GATEWAY)
                 .matches("datapath in sync")
@@ -413,9 +414,9 @@ fn manifest_latency(
     pod: &Pod,
 ) -> Result<Value> {
     let node = cluster.node(POD_NODE)?;
-    let mut command = std::process::Command::new(&bins.agent);
+    let mut command = std::process::Command::new(&bins.bench);
     command
-        .args(["bench", "manifest-latency", "--bpffs"])
+        .args(["measure", "manifest-latency", "--bpffs"])
         .arg(&node.bpffs)
         .arg("--manifests")
         .arg(cluster.manifests_dir())

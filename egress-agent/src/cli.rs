@@ -1,0 +1,243 @@
+//! The command line: `egress-agent run|check|cleanup|bpf ...`, parsed with clap and handed to
+//! the module that does the work.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use egress_common::{
+    config::{DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN, DEFAULT_TUNNEL_PORT},
+    policy::DEFAULT_POLICY_MAP_SIZE,
+};
+use tracing_subscriber::EnvFilter;
+
+use crate::{
+    config::{AgentConfig, PortRange, SourceConfig},
+    datapath::{DEFAULT_BPFFS, MapSizes, Timeouts},
+    inspect::{self, Output},
+    run,
+};
+
+/// Name of the VXLAN device the agent creates.
+pub const DEFAULT_TUNNEL_DEVICE: &str = "egw0";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "egress-agent",
+    version,
+    about = "eBPF egress gateway agent: sends selected pods' traffic out through a gateway \
+             node with a fixed egress IP, as CiliumEgressGatewayPolicy objects describe"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent on this node.
+    Run(RunArgs),
+    /// Validate manifests without touching the kernel. Exits 1 when any object is refused,
+    /// 3 when the policy entries they imply exceed --policy-map-size (even if some are
+    /// refused too).
+    Check {
+        /// Folder of manifests (`kubectl get -o yaml` output), read recursively.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Capacity of the policy map to check against (as given to `run`).
+        #[arg(long, default_value_t = DEFAULT_POLICY_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
+        policy_map_size: u32,
+    },
+    /// Remove everything the agent installed: TCX links, pinned maps, the tunnel device.
+    Cleanup {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// Name of the agent's VXLAN device.
+        #[arg(long, default_value = DEFAULT_TUNNEL_DEVICE)]
+        tunnel_device: String,
+    },
+    /// Inspect the datapath's maps.
+    Bpf {
+        #[command(subcommand)]
+        command: BpfCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BpfCommand {
+    /// The egress policy map.
+    Egress {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// The gateway's NAT entries.
+    Nat {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Packet counters per verdict and drop reason.
+    Counters {
+        #[command(flatten)]
+        pins: PinArgs,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ListCommand {
+    /// List the entries.
+    List {
+        #[command(flatten)]
+        pins: PinArgs,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// This node's Kubernetes name (as in the Node object).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Folder of manifests (`kubectl get -o yaml` output: Nodes, Namespaces, Pods,
+    /// CiliumEgressGatewayPolicies), read recursively and watched for changes.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API instead of a manifests folder (in-cluster config, or
+    /// --kubeconfig).
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubeconfig file for --kubernetes outside a cluster.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// Address of the Prometheus metrics, /healthz and /readyz endpoint.
+    #[arg(long, default_value = "127.0.0.1:9964")]
+    metrics_address: std::net::SocketAddr,
+    #[command(flatten)]
+    pins: PinArgs,
+    /// Name of the VXLAN device the agent creates (external mode).
+    #[arg(long, default_value = DEFAULT_TUNNEL_DEVICE)]
+    tunnel_device: String,
+    /// UDP port of the tunnel; every node must use the same.
+    #[arg(long, default_value_t = DEFAULT_TUNNEL_PORT)]
+    tunnel_port: u16,
+    /// Source ports the gateway translates to, MIN-MAX; must not overlap the node's
+    /// ephemeral range (net.ipv4.ip_local_port_range).
+    #[arg(long, default_value_t = PortRange { min: DEFAULT_NAT_PORT_MIN, max: DEFAULT_NAT_PORT_MAX })]
+    nat_port_range: PortRange,
+    /// Pod CIDR of the cluster, never steered to a gateway (repeatable). Nodes'
+    /// `spec.podCIDRs` are used too; add this when the CNI does not fill them in.
+    #[arg(long = "cluster-cidr", value_name = "CIDR")]
+    cluster_cidrs: Vec<ipnet::Ipv4Net>,
+    /// Capacity of the policy map (entries = pods x CIDRs). When more are wanted, whole pods
+    /// are left out in a fixed order (see README, Reliability) and an error is logged.
+    #[arg(long, default_value_t = DEFAULT_POLICY_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
+    policy_map_size: u32,
+    /// Seconds a UDP or ICMP flow may stay idle before its NAT entry and port are freed.
+    #[arg(long, default_value_t = 60)]
+    udp_idle_timeout: u64,
+    /// Seconds an established TCP connection may stay idle before its NAT entry is freed.
+    #[arg(long, default_value_t = 6 * 3600)]
+    tcp_idle_timeout: u64,
+    /// Seconds a TCP connection that saw a FIN or RST keeps its NAT entry.
+    #[arg(long, default_value_t = 10)]
+    tcp_closing_timeout: u64,
+    /// Capacity of each NAT map (one entry per translated flow).
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
+    nat_map_size: u32,
+}
+
+impl RunArgs {
+    /// The configuration these flags describe (validated further by [`AgentConfig::validate`]).
+    fn into_config(self) -> AgentConfig {
+        AgentConfig {
+            node_name: self.node_name,
+            source: match self.manifests {
+                Some(dir) => SourceConfig::Manifests(dir),
+                None => SourceConfig::Kubernetes {
+                    kubeconfig: self.kubeconfig,
+                },
+            },
+            metrics_address: self.metrics_address,
+            bpffs: self.pins.bpffs,
+            tunnel_device: self.tunnel_device,
+            tunnel_port: self.tunnel_port,
+            nat_ports: self.nat_port_range,
+            cluster_cidrs: self.cluster_cidrs,
+            map_sizes: MapSizes {
+                policies: self.policy_map_size,
+                nat: self.nat_map_size,
+            },
+            timeouts: Timeouts {
+                tcp_closing: Duration::from_secs(self.tcp_closing_timeout),
+                tcp_idle: Duration::from_secs(self.tcp_idle_timeout),
+                other_idle: Duration::from_secs(self.udp_idle_timeout),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// Folder on bpffs holding this agent's pinned maps and links (mounted if needed).
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+}
+
+/// Parses the command line, runs the command and turns its result into the exit code.
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(&args.into_config()),
+        Command::Check {
+            manifests,
+            policy_map_size,
+        } => inspect::check(&manifests, policy_map_size),
+        Command::Cleanup {
+            pins,
+            tunnel_device,
+        } => run::cleanup(&pins.bpffs, &tunnel_device),
+        Command::Bpf { command } => match command {
+            BpfCommand::Egress {
+                command: ListCommand::List { pins, output },
+            } => inspect::egress_list(&pins.bpffs, output),
+            BpfCommand::Nat {
+                command: ListCommand::List { pins, output },
+            } => inspect::nat_list(&pins.bpffs, output),
+            BpfCommand::Counters { pins, output } => inspect::counters(&pins.bpffs, output),
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {}", error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, skipping a cause the message before it already quotes (many
+/// errors print their source themselves, and anyhow's `{:#}` would repeat it).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    let mut last = text.clone();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !last.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        last = cause;
+    }
+    text
+}

@@ -1,0 +1,360 @@
+//! One reconcile: the latest snapshot of the cluster and the node's interfaces in, the
+//! datapath's map contents and TCX attachments out, by diff, and a [`Report`] of what was done.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+    time::Instant,
+};
+
+use egress_common::{config::DatapathConfig, map_names};
+use egress_control::desired::{
+    self, DesiredState, LocalInterface, LocalNetwork, PolicyConflict, PolicyMapFit,
+};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::{
+    config::AgentConfig,
+    datapath::{Attachment, Datapath, Hook, MapContents, check_capacity},
+    netlink,
+    report::Report,
+    say_once::SayOnce,
+    source::{Refusal, Snapshot},
+};
+
+/// Turns snapshots into datapath state; keeps what it last wrote and last said.
+pub struct Reconciler<'a> {
+    config: &'a AgentConfig,
+    tunnel_ifindex: u32,
+    tunnel_mss: u16,
+    report: watch::Sender<Arc<Report>>,
+    snapshot: Arc<Snapshot>,
+    /// The node's interfaces at the last reconcile.
+    last_network: Option<netlink::Snapshot>,
+    /// The datapath config as last written.
+    written_config: Option<DatapathConfig>,
+    /// `published` of the last snapshot programmed, to time each snapshot only once.
+    last_programmed: Option<Instant>,
+    said: Said,
+}
+
+/// What was last logged about each kind of problem: each is said once per change.
+#[derive(Default)]
+struct Said {
+    refusals: SayOnce<Vec<Refusal>>,
+    node_missing: SayOnce<bool>,
+    /// Local pods without a host interface yet.
+    unwired_pods: SayOnce<BTreeSet<Ipv4Addr>>,
+    /// Each policy's problem.
+    policy_problems: SayOnce<BTreeMap<String, Option<String>>>,
+    conflicts: SayOnce<Vec<PolicyConflict>>,
+    policy_map_fit: SayOnce<PolicyMapFit>,
+    summary: SayOnce<String>,
+}
+
+impl<'a> Reconciler<'a> {
+    pub fn new(
+        config: &'a AgentConfig,
+        tunnel_ifindex: u32,
+        tunnel_mtu: u32,
+        report: watch::Sender<Arc<Report>>,
+        snapshot: Arc<Snapshot>,
+    ) -> Self {
+        let mut reconciler = Reconciler {
+            config,
+            tunnel_ifindex,
+            // IPv4 and TCP headers without options: 40 bytes.
+            tunnel_mss: u16::try_from(tunnel_mtu.saturating_sub(40)).unwrap_or(u16::MAX),
+            report,
+            snapshot: Arc::clone(&snapshot),
+            last_network: None,
+            written_config: None,
+            last_programmed: None,
+            said: Said::default(),
+        };
+        reconciler.set_snapshot(snapshot);
+        reconciler
+    }
+
+    /// Takes a new snapshot for the next reconcile; logs its refused objects once per change.
+    pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
+        if self
+            .said
+            .refusals
+            .update(snapshot.refused.clone())
+            .is_some()
+        {
+            for refusal in &snapshot.refused {
+                error!("{}", refusal.message);
+            }
+        }
+        self.snapshot = snapshot;
+    }
+
+    /// Whether the node's interfaces differ from those of the last reconcile.
+    pub fn network_changed(&self, network: &netlink::Snapshot) -> bool {
+        self.last_network.as_ref() != Some(network)
+    }
+
+    pub fn reconcile(&mut self, datapath: &mut Datapath, network: netlink::Snapshot) {
+        self.program(datapath, &network);
+        self.last_network = Some(network);
+    }
+
+    fn program(&mut self, datapath: &mut Datapath, network: &netlink::Snapshot) {
+        let started = Instant::now();
+        let config = self.config;
+        let inventory = &self.snapshot.inventory;
+        let node_ip = inventory
+            .nodes
+            .get(&config.node_name)
+            .and_then(|node| node.internal_ip);
+        let Some(node_ip) = node_ip else {
+            if self.said.node_missing.update(true).is_some() {
+                warn!(
+                    node = config.node_name,
+                    "this node is not in the inventory (or has no InternalIP): the datapath \
+                     keeps its last programming until it is"
+                );
+            }
+            return;
+        };
+        if self.said.node_missing.update(false).is_some() {
+            info!(
+                node = config.node_name,
+                "this node is back in the inventory"
+            );
+        }
+        let datapath_config = DatapathConfig {
+            node_ip: node_ip.octets(),
+            tunnel_ifindex: self.tunnel_ifindex,
+            nat_port_min: config.nat_ports.min,
+            nat_port_max: config.nat_ports.max,
+            tunnel_mss: self.tunnel_mss,
+            reserved: 0,
+        };
+        if self.written_config != Some(datapath_config) {
+            if let Err(error) = datapath.write_config(datapath_config) {
+                error!(%error, "cannot write the datapath config");
+                return;
+            }
+            self.written_config = Some(datapath_config);
+        }
+        let local = local_network(network);
+        let mut desired = desired::desired_state(inventory, &config.node_name, &local);
+        self.say_policy_problems(&desired);
+        let fit = desired.fit_policy_map(config.map_sizes.policies as usize);
+        self.say_policy_map_fit(fit);
+        let (contents, attachments) = self.plan(&desired, network);
+        let unwired: BTreeSet<Ipv4Addr> = desired
+            .local_pods
+            .iter()
+            .filter(|ip| !contents.local_pods.contains_key(ip))
+            .copied()
+            .collect();
+        if let Some(before) = self.said.unwired_pods.update(unwired.clone()) {
+            for pod_ip in unwired.difference(&before) {
+                warn!(%pod_ip, "no host interface routes to this local pod yet");
+            }
+        }
+        check_capacity(
+            "policies",
+            contents.policies.len(),
+            config.map_sizes.policies,
+        );
+        // Programs first, entries second: once `bpf egress list` shows a pod's entry, its
+        // traffic is already steered (a pod may start sending the moment it sees that).
+        let attach_errors = datapath.sync_attachments(&attachments);
+        for error in &attach_errors {
+            warn!(%error, "attachment failed");
+        }
+        let stats = match datapath.sync_maps(&contents) {
+            Ok(stats) => stats,
+            Err(error) => {
+                error!(%error, "cannot program the maps");
+                return;
+            }
+        };
+        if !self.report.borrow().synced && attach_errors.is_empty() {
+            datapath.retire_other_versions();
+        }
+        let map_entries = BTreeMap::from([
+            (map_names::POLICIES, contents.policies.len()),
+            (map_names::NODES, contents.nodes.len()),
+            (map_names::LOCAL_PODS, contents.local_pods.len()),
+            (map_names::EGRESS_IPS, contents.egress_ips.len()),
+        ]);
+        let published = self.snapshot.published;
+        let newly_programmed = published.filter(|_| published != self.last_programmed);
+        self.last_programmed = published;
+        self.report.send_modify(|report| {
+            let report = Arc::make_mut(report);
+            report.synced = true;
+            report.policies = desired.policies.clone();
+            report.refused = self.snapshot.refused.clone();
+            report.map_entries = map_entries;
+            report.reconciles += 1;
+            report.last_reconcile = started.elapsed();
+            report.last_event_to_programmed = newly_programmed.map(|at| at.elapsed());
+            report.snapshot = Arc::clone(&self.snapshot);
+            report.policy_entries_dropped = fit.dropped;
+        });
+        let summary = format!(
+            "{} policies, {} policy entries, {} local pods, {} egress IPs",
+            self.snapshot.inventory.policies.len(),
+            contents.policies.len(),
+            contents.local_pods.len(),
+            contents.egress_ips.len()
+        );
+        if self.said.summary.update(summary).is_some() || stats.written + stats.deleted > 0 {
+            info!(
+                written = stats.written,
+                deleted = stats.deleted,
+                took_us = started.elapsed().as_micros(),
+                "datapath in sync: {}",
+                self.said.summary.last()
+            );
+        }
+    }
+
+    /// Logs when a policy starts or stops failing (matched traffic is dropped meanwhile), and
+    /// each new conflict between policies.
+    fn say_policy_problems(&mut self, desired: &DesiredState) {
+        let problems: BTreeMap<String, Option<String>> = desired
+            .policies
+            .iter()
+            .map(|(name, summary)| {
+                (
+                    name.clone(),
+                    summary.problem.as_ref().map(ToString::to_string),
+                )
+            })
+            .collect();
+        if let Some(before) = self.said.policy_problems.update(problems) {
+            for (name, problem) in self.said.policy_problems.last() {
+                let previous = before.get(name);
+                if previous == Some(problem) {
+                    continue;
+                }
+                match problem {
+                    Some(problem) => {
+                        warn!(policy = name, "{problem}; its matched traffic is dropped");
+                    }
+                    None if previous.is_some_and(Option::is_some) => {
+                        info!(policy = name, "served again");
+                    }
+                    None => {}
+                }
+            }
+        }
+        if let Some(before) = self.said.conflicts.update(desired.conflicts.clone()) {
+            for conflict in desired.conflicts.iter().filter(|c| !before.contains(c)) {
+                warn!(
+                    winner = conflict.winner,
+                    loser = conflict.loser,
+                    entries = conflict.entries,
+                    "policies select the same pods and destinations; policy {} wins",
+                    conflict.winner
+                );
+            }
+        }
+    }
+
+    /// Logs a full policy map once per change, not on every reconcile.
+    fn say_policy_map_fit(&mut self, fit: PolicyMapFit) {
+        let Some(before) = self.said.policy_map_fit.update(fit) else {
+            return;
+        };
+        if fit.dropped > 0 {
+            error!(
+                wanted = fit.wanted,
+                capacity = self.config.map_sizes.policies,
+                dropped = fit.dropped,
+                dropped_pods = fit.dropped_pods,
+                "the policy map is full: {} policy entries of {} pods are not programmed and \
+                 their traffic is not steered; raise --policy-map-size",
+                fit.dropped,
+                fit.dropped_pods
+            );
+        } else if before.dropped > 0 {
+            info!(
+                entries = fit.wanted,
+                "all policy entries fit in the policy map again"
+            );
+        }
+    }
+
+    /// Turns the desired state into map contents and attachments for this node.
+    fn plan(
+        &self,
+        desired: &DesiredState,
+        network: &netlink::Snapshot,
+    ) -> (MapContents, BTreeSet<Attachment>) {
+        let mut contents = MapContents {
+            policies: desired
+                .policy_entries
+                .iter()
+                .map(|((pod, dest), value)| (desired::policy_map_key(*pod, *dest), *value))
+                .collect(),
+            nodes: desired.nodes.clone(),
+            cluster_cidrs: desired
+                .cluster_cidrs
+                .iter()
+                .chain(&self.config.cluster_cidrs)
+                .copied()
+                .collect(),
+            egress_ips: desired.egress_ips.clone(),
+            ..MapContents::default()
+        };
+        let mut attachments = BTreeSet::new();
+        let mut attach = |ifindex: u32, hook: Hook| {
+            if let Some(link) = network.link(ifindex) {
+                attachments.insert(Attachment {
+                    ifname: link.name.clone(),
+                    ifindex,
+                    hook,
+                });
+            }
+        };
+        attach(self.tunnel_ifindex, Hook::FromTunnel);
+        for pod_ip in &desired.local_pods {
+            match network.route_lookup(*pod_ip) {
+                Some(ifindex) if !is_underlay(network, ifindex) => {
+                    contents.local_pods.insert(*pod_ip, ifindex);
+                    attach(ifindex, Hook::FromPod);
+                    attach(ifindex, Hook::ToPod);
+                }
+                // Logged by the caller once per change: the CNI may still be wiring the pod.
+                _ => {}
+            }
+        }
+        for ifindex in desired.egress_ips.values() {
+            attach(*ifindex, Hook::FromEgress);
+        }
+        (contents, attachments)
+    }
+}
+
+/// A route to a pod through the default-route interface means the pod is not really here
+/// (a stale manifest): never attach pod programs to the node's uplink.
+fn is_underlay(network: &netlink::Snapshot, ifindex: u32) -> bool {
+    network.default_route_ifindex() == Some(ifindex)
+}
+
+fn local_network(network: &netlink::Snapshot) -> LocalNetwork {
+    LocalNetwork {
+        interfaces: network
+            .links
+            .iter()
+            .map(|link| LocalInterface {
+                name: link.name.clone(),
+                ifindex: link.index,
+                ipv4: link.ipv4.clone(),
+                up: link.up,
+            })
+            .collect(),
+        default_route_ifindex: network.default_route_ifindex(),
+    }
+}

@@ -1,0 +1,285 @@
+//! The test bench of the datapath tests: one node's programs with fresh, unpinned maps, the
+//! scenario's policy values and packet checks. The tests import everything with
+//! `use crate::support::*`.
+
+pub(crate) use std::net::Ipv4Addr;
+
+pub(crate) use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+pub(crate) use egress_agent::datapath::testing::{
+    OBJECT,
+    packets::{
+        ACK, FIN, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, checksum, packet, pseudo_sum,
+        scenario::*, seen,
+    },
+};
+pub(crate) use egress_common::{
+    config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
+    counters::{Counter, reason},
+    flow::{FlowKey, PROTO_ICMP, SteeredFlow},
+    map_names,
+    nat::{NatForward, NatReverse},
+    nodes::{EgressIp, LocalPod, NodeInfo},
+    policy::{GATEWAY_EXCLUDED, GATEWAY_NONE, PolicyKey, PolicyValue},
+    program_names,
+};
+
+pub(crate) const NAT_MIN: u16 = 1024;
+
+pub(crate) const NAT_MAX: u16 = 32767;
+
+pub(crate) const TUNNEL_MSS: u16 = 1410;
+
+pub(crate) fn root() -> bool {
+    // SAFETY: no arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
+    }
+    root
+}
+
+/// One node's datapath with fresh, unpinned maps.
+pub(crate) struct Node {
+    pub(crate) ebpf: Ebpf,
+}
+
+impl Node {
+    pub(crate) fn new(node_ip: Ipv4Addr) -> Self {
+        let mut ebpf = EbpfLoader::new().load(OBJECT).expect("load object");
+        for name in [
+            program_names::FROM_POD,
+            program_names::TO_POD,
+            program_names::FROM_TUNNEL,
+            program_names::FROM_EGRESS,
+            program_names::TEST_FROM_TUNNEL,
+        ] {
+            let program: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            program
+                .load()
+                .unwrap_or_else(|e| panic!("load {name}: {e:?}"));
+        }
+        let mut node = Self { ebpf };
+        let mut config: Array<&mut MapData, DatapathConfig> =
+            Array::try_from(node.ebpf.map_mut(map_names::CONFIG).unwrap()).unwrap();
+        config
+            .set(
+                0,
+                DatapathConfig {
+                    node_ip: node_ip.octets(),
+                    tunnel_ifindex: TUNNEL_IFINDEX,
+                    nat_port_min: NAT_MIN,
+                    nat_port_max: NAT_MAX,
+                    tunnel_mss: TUNNEL_MSS,
+                    reserved: 0,
+                },
+                0,
+            )
+            .unwrap();
+        for ip in [POD_NODE, GATEWAY] {
+            node.hash::<[u8; 4], NodeInfo>(map_names::NODES)
+                .insert(ip.octets(), NodeInfo::default(), 0)
+                .unwrap();
+        }
+        node
+    }
+
+    pub(crate) fn hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+    ) -> HashMap<&mut MapData, K, V> {
+        HashMap::try_from(self.ebpf.map_mut(name).unwrap()).unwrap()
+    }
+
+    pub(crate) fn policy(&mut self, pod: Ipv4Addr, dest: &str, value: PolicyValue) {
+        let net: ipnet::Ipv4Net = dest.parse().unwrap();
+        let mut trie: LpmTrie<&mut MapData, PolicyKey, PolicyValue> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICIES).unwrap()).unwrap();
+        let key = PolicyKey {
+            source_ip: pod.octets(),
+            dest_ip: net.network().octets(),
+        };
+        trie.insert(&Key::new(32 + net.prefix_len() as u32, key), value, 0)
+            .unwrap();
+    }
+
+    pub(crate) fn egress_ip(&mut self, ip: Ipv4Addr, ifindex: u32) {
+        self.hash::<[u8; 4], EgressIp>(map_names::EGRESS_IPS)
+            .insert(ip.octets(), EgressIp { ifindex, _pad: 0 }, 0)
+            .unwrap();
+    }
+
+    pub(crate) fn local_pod(&mut self, ip: Ipv4Addr, ifindex: u32) {
+        self.hash::<[u8; 4], LocalPod>(map_names::LOCAL_PODS)
+            .insert(ip.octets(), LocalPod { ifindex, _pad: 0 }, 0)
+            .unwrap();
+    }
+
+    pub(crate) fn run(&self, program: &str, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.run_with_cb(program, packet, [0; 2])
+    }
+
+    /// Runs `program`; `cb` feeds `test_from_tunnel` its outer source and VNI.
+    pub(crate) fn run_with_cb(&self, program: &str, packet: &[u8], cb: [u32; 2]) -> (u32, Vec<u8>) {
+        let program: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; packet.len() + 256];
+        // struct __sk_buff up to the end of cb[5]: cb starts at byte 48.
+        let mut ctx = [0u8; 68];
+        ctx[48..52].copy_from_slice(&cb[0].to_ne_bytes());
+        ctx[52..56].copy_from_slice(&cb[1].to_ne_bytes());
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .expect("test run");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    pub(crate) fn counter(&self, index: u32) -> u64 {
+        let array: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::COUNTERS).unwrap()).unwrap();
+        array
+            .get(&index, 0)
+            .unwrap()
+            .iter()
+            .map(|counter| counter.packets)
+            .sum()
+    }
+
+    pub(crate) fn nat_forward(&self) -> Vec<(FlowKey, NatForward)> {
+        let map: HashMap<&MapData, FlowKey, NatForward> =
+            HashMap::try_from(self.ebpf.map(map_names::NAT_FORWARD).unwrap()).unwrap();
+        map.iter().map(Result::unwrap).collect()
+    }
+
+    pub(crate) fn nat_reverse(&self) -> Vec<(FlowKey, NatReverse)> {
+        let map: HashMap<&MapData, FlowKey, NatReverse> =
+            HashMap::try_from(self.ebpf.map(map_names::NAT_REVERSE).unwrap()).unwrap();
+        map.iter().map(Result::unwrap).collect()
+    }
+
+    pub(crate) fn steered(&self) -> Vec<FlowKey> {
+        let map: HashMap<&MapData, FlowKey, SteeredFlow> =
+            HashMap::try_from(self.ebpf.map(map_names::STEERED_FLOWS).unwrap()).unwrap();
+        map.keys().map(Result::unwrap).collect()
+    }
+}
+
+pub(crate) fn to_gateway(egress_ip: Ipv4Addr) -> PolicyValue {
+    PolicyValue {
+        egress_ip: egress_ip.octets(),
+        gateway_ip: GATEWAY.octets(),
+        pod_node_ip: POD_NODE.octets(),
+        reserved: 0,
+    }
+}
+
+pub(crate) fn with_gateway(gateway: [u8; 4]) -> PolicyValue {
+    PolicyValue {
+        egress_ip: [0; 4],
+        gateway_ip: gateway,
+        pod_node_ip: POD_NODE.octets(),
+        reserved: 0,
+    }
+}
+
+// ---- packet checking ----
+
+/// Both checksums of a frame verify (a correct checksum sums to zero).
+pub(crate) fn assert_checksums(frame: &[u8]) {
+    let (ip_sum, l4_sum) = checksum_sums(frame);
+    assert_eq!(ip_sum, 0, "IPv4 header checksum");
+    assert_eq!(l4_sum, 0, "layer-4 checksum");
+}
+
+/// The IPv4 and layer-4 checksum sums of a frame: both zero when valid.
+pub(crate) fn checksum_sums(frame: &[u8]) -> (u16, u16) {
+    let ip = &frame[14..34];
+    let proto = ip[9];
+    let total = (u16::from_be_bytes([ip[2], ip[3]]) as usize).clamp(20, frame.len() - 14);
+    let l4 = &frame[34..14 + total];
+    let initial = if proto == PROTO_ICMP {
+        0
+    } else {
+        let mut src = [0; 4];
+        let mut dst = [0; 4];
+        src.copy_from_slice(&ip[12..16]);
+        dst.copy_from_slice(&ip[16..20]);
+        pseudo_sum(src, dst, proto, l4.len())
+    };
+    (checksum(ip, 0), checksum(l4, initial))
+}
+
+// ---- pod's node: policy lookup and steering ----
+
+pub(crate) fn gateway_node() -> Node {
+    let mut node = Node::new(GATEWAY);
+    node.policy(POD, "198.51.100.0/24", to_gateway(EGRESS_IP));
+    node.egress_ip(EGRESS_IP, EGRESS_IFINDEX);
+    node
+}
+
+pub(crate) fn from_pod_node(node: &Node, frame: &[u8]) -> (u32, Vec<u8>) {
+    node.run_with_cb(
+        program_names::TEST_FROM_TUNNEL,
+        frame,
+        [u32::from_ne_bytes(POD_NODE.octets()), VNI_TO_GATEWAY],
+    )
+}
+
+/// The MSS option's value in a frame built with `L4::TcpMss`.
+pub(crate) fn mss_of(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[34 + 24], frame[34 + 25]])
+}
+
+// ---- MTU: MSS clamping, ICMP errors ----
+
+/// An ICMP error from `from` to `to`, quoting `quoted` (a whole frame) as routers do.
+pub(crate) fn icmp_error(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    icmp_type: u8,
+    code: u8,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted[14..]);
+    let sum = checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = PROTO_ICMP;
+    ip[12..16].copy_from_slice(&from.octets());
+    ip[16..20].copy_from_slice(&to.octets());
+    let sum = checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// xorshift64*: reproducible randomness without a dependency.
+pub(crate) struct Random(pub(crate) u64);
+
+impl Random {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
