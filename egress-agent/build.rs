@@ -1,6 +1,11 @@
 //! Builds the eBPF object the `egress-agent` binary embeds (`$OUT_DIR/egress-ebpf`) and, with
-//! the `test-programs` feature, a second one that adds the programs only BPF_PROG_TEST_RUN
+//! the `test-programs` feature, a second one that adds the programs only `BPF_PROG_TEST_RUN`
 //! uses (`$OUT_DIR/test-programs/egress-ebpf`), for the datapath tests and the benchmarks.
+
+#![allow(
+    unused_crate_dependencies,
+    reason = "egress-ebpf is a build dependency only so that cargo rebuilds on its changes"
+)]
 
 use std::{env, path::PathBuf};
 

@@ -21,8 +21,8 @@ const TABLE: &str = "100";
 const POD_NODE_TUNNEL_IP: &str = "10.99.0.1";
 const GATEWAY_TUNNEL_IP: &str = "10.99.0.2";
 
-/// Steers `pod`'s traffic to `destination` through `gateway`, SNATed to the gateway's IP.
-pub fn build(
+/// Steers `pod`'s traffic to `destination` through `gateway`, `SNATed` to the gateway's IP.
+pub(crate) fn build(
     cluster: &Cluster,
     pod: &Pod,
     pod_node: &Node,

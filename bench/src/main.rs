@@ -1,6 +1,10 @@
 //! `egress-bench`: runs every benchmark of `cargo xtask bench` and writes the report
 //! (`latest.json`, `latest.md`, `latest.svg`) into `--out`. `egress-bench measure ...` runs one
 //! measurement of the agent's pieces; the benchmark run starts those itself.
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary links every dependency of its package; the library uses most of them"
+)]
 
 use std::{path::PathBuf, process::ExitCode};
 

@@ -17,8 +17,8 @@ pub fn summary(values: &[f64]) -> Option<Value> {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let mid = sorted.len() / 2;
-    let median = if sorted.len() % 2 == 0 {
-        (sorted[mid - 1] + sorted[mid]) / 2.0
+    let median = if sorted.len().is_multiple_of(2) {
+        f64::midpoint(sorted[mid - 1], sorted[mid])
     } else {
         sorted[mid]
     };
@@ -80,7 +80,7 @@ fn target(
     met: impl Fn(f64) -> bool,
 ) -> Value {
     json!({"target": name, "goal": goal, "measured": measured, "shown": shown,
-           "met": measured.map(|m| met(m))})
+           "met": measured.map(met)})
 }
 
 fn targets(doc: &Value) -> Value {
@@ -525,6 +525,7 @@ pub fn chart(doc: &Value, path: &Path) -> Result<()> {
         .disable_x_mesh()
         .x_labels(METRICS.len() * 2 + 1)
         .x_label_formatter(&|x| {
+            #[expect(clippy::cast_sign_loss, reason = "chart positions are not negative")]
             let i = x.floor() as usize;
             if (x - i as f64 - 0.5).abs() < 0.01 {
                 labels.get(i).copied().unwrap_or("").to_owned()
@@ -585,6 +586,7 @@ pub fn chart(doc: &Value, path: &Path) -> Result<()> {
         .disable_y_mesh()
         .y_labels(n * 2 + 1)
         .y_label_formatter(&|y| {
+            #[expect(clippy::cast_sign_loss, reason = "chart positions are not negative")]
             let i = y.floor() as usize;
             if (y - i as f64 - 0.5).abs() < 0.01 && i < names.len() {
                 names[names.len() - 1 - i].clone()

@@ -35,15 +35,15 @@ const PRESSURE_SERVERS: usize = 4;
 const OURS_LABEL: (&str, &str) = ("app", "bench-ours");
 const GATEWAY_LABEL: (&str, &str) = ("egress-node", "true");
 
-pub const PATHS: [&str; 3] = ["direct", "ours", "kernel"];
+pub(crate) const PATHS: [&str; 3] = ["direct", "ours", "kernel"];
 
-pub struct ClusterResults {
+pub(crate) struct ClusterResults {
     pub traffic: Value,
     pub nat_pressure: Value,
     pub manifest_latency: Value,
 }
 
-pub fn run(params: &Params, bins: &Binaries) -> Result<ClusterResults> {
+pub(crate) fn run(params: &Params, bins: &Binaries) -> Result<ClusterResults> {
     let mut cluster = Cluster::new(ClusterConfig {
         nodes: vec![POD_NODE.into(), GATEWAY.into()],
         agent_bin: bins.agent.clone(),
@@ -105,7 +105,10 @@ pub fn run(params: &Params, bins: &Binaries) -> Result<ClusterResults> {
     let paths = [("direct", &direct), ("ours", &ours), ("kernel", &kernel)];
     if let Some(seconds) = std::env::var_os("EGRESS_BENCH_PAUSE") {
         // For looking around the cluster by hand (`ip netns list`).
-        eprintln!("paused for {seconds:?} s (EGRESS_BENCH_PAUSE)");
+        eprintln!(
+            "paused for {} s (EGRESS_BENCH_PAUSE)",
+            seconds.to_string_lossy()
+        );
         thread::sleep(Duration::from_secs(
             seconds.to_string_lossy().parse().unwrap_or(300),
         ));
@@ -236,7 +239,7 @@ fn pod_json(pod: &Pod, args: &[&str], timeout: Duration) -> Result<Value> {
 }
 
 /// The metrics, in report order: (id, unit, higher is better).
-pub const METRICS: [(&str, &str, bool); 6] = [
+pub(crate) const METRICS: [(&str, &str, bool); 6] = [
     ("tcp_1_stream_gbps", "Gbit/s", true),
     ("tcp_4_streams_gbps", "Gbit/s", true),
     ("udp_64b_pps", "packets/s", true),
@@ -345,7 +348,7 @@ fn nat_pressure(
         ];
         clients.push(cluster.spawn_in_pod(pod, &format!("nat-pressure-{}", pod.name), &args)?);
     }
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + Duration::from_mins(10);
     while !clients.iter().all(|c| c.stdout().contains("\"attempted\"")) {
         if Instant::now() > deadline || clients.iter_mut().any(|c| !c.is_running()) {
             bail!(
@@ -369,7 +372,7 @@ fn nat_pressure(
     fs::write(&go, "")?;
     let mut per_client = Vec::new();
     for client in clients {
-        let finished = client.wait(Duration::from_secs(120))?;
+        let finished = client.wait(Duration::from_mins(2))?;
         let last = finished
             .stdout
             .lines()
@@ -427,7 +430,7 @@ fn manifest_latency(
             &format!("{}={}", GATEWAY_LABEL.0, GATEWAY_LABEL.1),
         ])
         .args(["--changes", &params.latency_changes.to_string()]);
-    let output = run_with_timeout(command, Duration::from_secs(1200))?;
+    let output = run_with_timeout(command, Duration::from_mins(20))?;
     if !output.status.success() {
         bail!(
             "manifest-latency failed: {}",

@@ -1,6 +1,10 @@
 //! `cargo xtask bench --quick` must keep working: runs `egress-bench --quick` (every section,
 //! tiny counts; about 20 s) and checks the report has every section and that the figures
 //! are the ones the benchmarks claim to measure. Timings themselves are never asserted.
+#![allow(
+    unused_crate_dependencies,
+    reason = "an integration test links every dependency of its package and uses a few"
+)]
 
 use std::{path::PathBuf, process::Command};
 

@@ -100,7 +100,7 @@ pub struct RunArgs {
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
     /// Folder of manifests (`kubectl get -o yaml` output: Nodes, Namespaces, Pods,
-    /// CiliumEgressGatewayPolicies), read recursively and watched for changes.
+    /// `CiliumEgressGatewayPolicies`), read recursively and watched for changes.
     #[arg(
         long,
         required_unless_present = "kubernetes",
@@ -126,7 +126,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_TUNNEL_PORT)]
     tunnel_port: u16,
     /// Source ports the gateway translates to, MIN-MAX; must not overlap the node's
-    /// ephemeral range (net.ipv4.ip_local_port_range).
+    /// ephemeral range (`net.ipv4.ip_local_port_range`).
     #[arg(long, default_value_t = PortRange { min: DEFAULT_NAT_PORT_MIN, max: DEFAULT_NAT_PORT_MAX })]
     nat_port_range: PortRange,
     /// Pod CIDR of the cluster, never steered to a gateway (repeatable). Nodes'

@@ -68,7 +68,7 @@ impl AgentConfig {
                 .map_err(|error| ConfigError::ManifestsFolder(dir.clone(), error))?;
         }
         if let Some(ephemeral) = ephemeral_port_range()
-            && self.nat_ports.overlaps(&ephemeral)
+            && self.nat_ports.overlaps(ephemeral)
         {
             return Err(ConfigError::NatPortsOverlapEphemeral {
                 nat: self.nat_ports,
@@ -125,14 +125,14 @@ impl fmt::Display for PortRange {
 }
 
 impl PortRange {
-    fn overlaps(&self, other: &PortRange) -> bool {
+    fn overlaps(self, other: PortRange) -> bool {
         self.min <= other.max && other.min <= self.max
     }
 }
 
 fn ephemeral_port_range() -> Option<PortRange> {
     let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>());
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
     Some(PortRange {
         min: parts.next()?.ok()?,
         max: parts.next()?.ok()?,
@@ -169,11 +169,11 @@ mod tests {
             min: 1024,
             max: 32767,
         };
-        assert!(!nat.overlaps(&PortRange {
+        assert!(!nat.overlaps(PortRange {
             min: 32768,
             max: 60999
         }));
-        assert!(nat.overlaps(&PortRange {
+        assert!(nat.overlaps(PortRange {
             min: 30000,
             max: 60999
         }));

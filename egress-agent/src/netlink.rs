@@ -142,7 +142,7 @@ impl Netlink {
         let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
         let mut stream = self.handle.route().get(filter).execute();
         while let Some(message) = stream.try_next().await.map_err(request("route dump"))? {
-            let mut table = message.header.table as u32;
+            let mut table = u32::from(message.header.table);
             let mut destination = Ipv4Addr::UNSPECIFIED;
             let mut oif = None;
             for attribute in &message.attributes {
@@ -153,7 +153,7 @@ impl Netlink {
                     _ => {}
                 }
             }
-            if table != RouteHeader::RT_TABLE_MAIN as u32 {
+            if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
                 continue;
             }
             if let Ok(destination) =
@@ -165,7 +165,7 @@ impl Netlink {
         Ok(Snapshot { links, routes })
     }
 
-    /// Creates the agent's VXLAN device in external (collect_md) mode if it is missing, and
+    /// Creates the agent's VXLAN device in external (`collect_md`) mode if it is missing, and
     /// returns its interface index. An existing VXLAN device of that name is adopted.
     pub async fn ensure_tunnel(&self, name: &str, port: u16, mtu: u32) -> Result<u32> {
         let snapshot = self.snapshot().await?;

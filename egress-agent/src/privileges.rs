@@ -1,5 +1,5 @@
 //! Least privilege: the agent needs root powers to load programs, mount bpffs and create
-//! its tunnel, but only CAP_BPF and CAP_NET_ADMIN afterwards (map updates, TCX attachments
+//! its tunnel, but only `CAP_BPF` and `CAP_NET_ADMIN` afterwards (map updates, TCX attachments
 //! for new pods, netlink). And whoever can write its inputs controls egress, so those must
 //! be root's alone.
 
@@ -46,7 +46,7 @@ pub fn check_private_dir(path: &Path) -> Result<(), PrivilegeError> {
 }
 
 /// Drops every capability but `KEPT` from the effective, permitted and inheritable sets,
-/// and from the bounding set when the agent may change it (CAP_SETPCAP, which a DaemonSet
+/// and from the bounding set when the agent may change it (`CAP_SETPCAP`, which a `DaemonSet`
 /// usually does not grant), so nothing it runs regains them.
 pub fn drop_capabilities() -> Result<Vec<Capability>, PrivilegeError> {
     let keep: CapsHashSet = KEPT.into_iter().collect();
@@ -63,7 +63,7 @@ pub fn drop_capabilities() -> Result<Vec<Capability>, PrivilegeError> {
     caps::set(None, CapSet::Effective, &kept)?;
     caps::set(None, CapSet::Permitted, &kept)?;
     let mut kept: Vec<Capability> = kept.into_iter().collect();
-    kept.sort_by_key(|capability| capability.index());
+    kept.sort_by_key(caps::Capability::index);
     Ok(kept)
 }
 

@@ -193,7 +193,7 @@ impl<'a> Reconciler<'a> {
             let report = Arc::make_mut(report);
             report.synced = true;
             report.policies = desired.policies.clone();
-            report.refused = self.snapshot.refused.clone();
+            report.refused.clone_from(&self.snapshot.refused);
             report.map_entries = map_entries;
             report.reconciles += 1;
             report.last_reconcile = started.elapsed();

@@ -1,4 +1,4 @@
-//! The `status` of CiliumEgressGatewayPolicies.
+//! The `status` of `CiliumEgressGatewayPolicies`.
 //!
 //! One writer per policy, so agents never fight: the agent on the policy's (first) gateway
 //! node, or, when the policy has no gateway node or is invalid, the agent on the node with the
@@ -145,8 +145,9 @@ pub fn status(
     let last_transition_time = previous
         .and_then(|previous| previous.conditions.iter().find(|c| c.type_ == READY))
         .filter(|condition| condition.status == status)
-        .map(|condition| condition.last_transition_time.clone())
-        .unwrap_or(Time(now));
+        .map_or(Time(now), |condition| {
+            condition.last_transition_time.clone()
+        });
     let summary = input.summary;
     let is_gateway = summary
         .and_then(|summary| summary.gateway_nodes.first())
@@ -171,7 +172,7 @@ pub fn status(
 }
 
 /// The statuses this node writes for `report`: one per policy object it is the writer of.
-pub fn statuses_to_write<'a>(report: &'a Report) -> Vec<(&'a str, StatusInput<'a>)> {
+pub fn statuses_to_write(report: &Report) -> Vec<(&str, StatusInput<'_>)> {
     let snapshot = &report.snapshot;
     snapshot
         .policy_generations
@@ -299,7 +300,10 @@ mod tests {
 
     fn summary(gateways: &[&str], problem: Option<PolicyProblem>) -> PolicySummary {
         PolicySummary {
-            gateway_nodes: gateways.iter().map(|g| g.to_string()).collect(),
+            gateway_nodes: gateways
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
             egress_ip: Some(Ipv4Addr::new(10, 0, 0, 12)),
             matched_pods: 2,
             problem,

@@ -1,5 +1,9 @@
 //! Bad command lines and `egress-agent check`, run through the real binary: clear errors,
 //! documented exit codes, nothing touched.
+#![allow(
+    unused_crate_dependencies,
+    reason = "an integration test links every dependency of its package and uses a few"
+)]
 
 use std::{
     fs,

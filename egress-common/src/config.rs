@@ -26,9 +26,9 @@ pub const NAT_PORT_RETRIES: u32 = 32;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DatapathConfig {
-    /// This node's address on the underlay (its Kubernetes InternalIP).
+    /// This node's address on the underlay (its Kubernetes `InternalIP`).
     pub node_ip: Ipv4,
-    /// Interface index of the agent's VXLAN device in external (collect_md) mode.
+    /// Interface index of the agent's VXLAN device in external (`collect_md`) mode.
     pub tunnel_ifindex: u32,
     /// NAT source port range, inclusive, host byte order.
     pub nat_port_min: u16,

@@ -11,9 +11,9 @@ pub mod reason {
     pub const PASS_EXISTING_FLOW: u32 = 2;
     /// Matched traffic sent through the tunnel to a remote gateway.
     pub const REDIRECT_TO_GATEWAY: u32 = 3;
-    /// A new flow was SNATed on this gateway.
+    /// A new flow was `SNATed` on this gateway.
     pub const SNAT_NEW_FLOW: u32 = 4;
-    /// A packet of a known flow was SNATed on this gateway.
+    /// A packet of a known flow was `SNATed` on this gateway.
     pub const SNAT_EXISTING_FLOW: u32 = 5;
     /// A reply was reverse-translated on this gateway.
     pub const REVERSE_SNAT: u32 = 6;

@@ -25,6 +25,11 @@ pub struct FlowKey {
 impl FlowKey {
     /// The same flow as seen from the other end.
     #[inline(always)]
+    #[expect(
+        clippy::inline_always,
+        reason = "the BPF programs call it on the packet path, where every call is inlined"
+    )]
+    #[must_use]
     pub fn reversed(&self) -> Self {
         Self {
             src_ip: self.dst_ip,

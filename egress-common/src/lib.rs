@@ -60,10 +60,10 @@ pub mod program_names {
     pub const TO_POD: &str = "to_pod";
     /// Ingress of the agent's VXLAN device: requests on a gateway, replies on a pod's node.
     pub const FROM_TUNNEL: &str = "from_tunnel";
-    /// Ingress of an interface holding an egress IP: replies to SNATed flows.
+    /// Ingress of an interface holding an egress IP: replies to `SNATed` flows.
     pub const FROM_EGRESS: &str = "from_egress";
     /// Test-only twin of `FROM_TUNNEL` that reads the outer source from `skb->cb[0]`, because
-    /// BPF_PROG_TEST_RUN cannot attach tunnel metadata. The agent never attaches it.
+    /// `BPF_PROG_TEST_RUN` cannot attach tunnel metadata. The agent never attaches it.
     pub const TEST_FROM_TUNNEL: &str = "test_from_tunnel";
     /// Bench-only floor: an empty TC program (`cargo xtask bench`); never attached.
     pub const BENCH_EMPTY: &str = "bench_empty";

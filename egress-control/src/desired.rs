@@ -36,7 +36,7 @@ pub struct LocalInterface {
 pub struct DesiredState {
     /// (pod IP, destination CIDR) -> value of the policy LPM trie.
     pub policy_entries: BTreeMap<(Ipv4Addr, Ipv4Net), PolicyValue>,
-    /// InternalIPs of all nodes.
+    /// `InternalIPs` of all nodes.
     pub nodes: BTreeSet<Ipv4Addr>,
     /// Pod CIDRs of all nodes: in-cluster destinations, never steered.
     pub cluster_cidrs: BTreeSet<Ipv4Net>,
@@ -807,7 +807,7 @@ mod tests {
         )]);
         inv.upsert_node(Node {
             name: "w1".into(),
-            labels: Default::default(),
+            labels: BTreeMap::default(),
             internal_ip: None,
             pod_cidrs: Vec::new(),
         });

@@ -396,7 +396,7 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
     docs
 }
 
-/// serde_yaml's message with its line numbers, which count from the start of the document,
+/// `serde_yaml`'s message with its line numbers, which count from the start of the document,
 /// shifted to count from the start of the file.
 fn yaml_message(e: &serde_yaml::Error, first_line: usize) -> String {
     let text = e.to_string();

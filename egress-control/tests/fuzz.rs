@@ -1,6 +1,10 @@
 //! Runs each fuzz target of `fuzz/` for a bounded time (20 s each) and fails on any crash,
 //! panic, timeout or leak libFuzzer reports. Needs the nightly toolchain and cargo-fuzz
 //! (`cargo xtask setup` installs it into `.tools/bin`); skipped, saying so, without them.
+#![allow(
+    unused_crate_dependencies,
+    reason = "an integration test links every dependency of its package and uses a few"
+)]
 
 use std::{
     env,

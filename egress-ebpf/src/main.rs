@@ -14,6 +14,14 @@
 //! other tools on the same hooks (a CNI's) still run.
 #![no_std]
 #![no_main]
+#![allow(
+    unused_crate_dependencies,
+    reason = "the library target of this package is empty; the programs are this binary"
+)]
+// The BPF packet path: every helper is inlined so each program stays one function for the
+// verifier, and map keys go by reference (a copy costs some of the 512-byte BPF stack).
+#![expect(clippy::inline_always, reason = "see above")]
+#![expect(clippy::needless_borrows_for_generic_args, reason = "see above")]
 
 mod maps;
 mod nat;
@@ -85,7 +93,7 @@ fn now() -> u64 {
 }
 
 #[classifier]
-pub fn from_pod(mut ctx: TcContext) -> i32 {
+pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
     let Some(packet) = parse(&ctx) else {
         return PASS;
     };
@@ -170,7 +178,7 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
 }
 
 #[classifier]
-pub fn to_pod(ctx: TcContext) -> i32 {
+pub(crate) fn to_pod(ctx: TcContext) -> i32 {
     let Some(packet) = parse(&ctx) else {
         return PASS;
     };
@@ -200,11 +208,16 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
-pub fn from_tunnel(mut ctx: TcContext) -> i32 {
+pub(crate) fn from_tunnel(mut ctx: TcContext) -> i32 {
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     // SAFETY: key is a valid bpf_tunnel_key of the size passed.
     let ret = unsafe {
-        bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0)
+        bpf_skb_get_tunnel_key(
+            ctx.skb.skb,
+            &raw mut key,
+            size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
     };
     if ret != 0 {
         count(reason::DROP_ERROR, ctx.len());
@@ -327,7 +340,7 @@ fn snat_and_send(
 }
 
 #[classifier]
-pub fn from_egress(mut ctx: TcContext) -> i32 {
+pub(crate) fn from_egress(mut ctx: TcContext) -> i32 {
     let Some(packet) = parse(&ctx) else {
         return PASS;
     };
@@ -420,7 +433,12 @@ fn tunnel_to(
     key.tunnel_ttl = TUNNEL_TTL;
     // SAFETY: key is a valid bpf_tunnel_key of the size passed.
     let ret = unsafe {
-        bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0)
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &raw mut key,
+            size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
     };
     if ret != 0 {
         return drop(reason::DROP_ERROR, packet);
@@ -440,7 +458,7 @@ fn send_to_pod(packet: &Packet, ifindex: u32, verdict: u32) -> i32 {
 fn redirect_neigh(packet: &Packet, ifindex: u32, verdict: u32) -> i32 {
     // SAFETY: no neighbour parameters: the helper does the FIB lookup itself.
     let ret = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32;
-    if ret != TC_ACT_REDIRECT as i32 {
+    if ret != TC_ACT_REDIRECT {
         return drop(reason::DROP_ERROR, packet);
     }
     count(verdict, packet.len);

@@ -16,58 +16,58 @@ use egress_common::{
 
 /// (source pod /32, destination CIDR) -> (egress IP, gateway IP); Cilium's layout.
 #[btf_map]
-pub static EGRESS_POLICIES: LpmTrie<PolicyKey, PolicyValue, 16384> = LpmTrie::new();
+pub(crate) static EGRESS_POLICIES: LpmTrie<PolicyKey, PolicyValue, 16384> = LpmTrie::new();
 
 /// Gateway: flow as the pod sent it -> translated source.
 #[btf_map]
-pub static NAT_FORWARD: LruHashMap<FlowKey, NatForward, 65536> = LruHashMap::new();
+pub(crate) static NAT_FORWARD: LruHashMap<FlowKey, NatForward, 65536> = LruHashMap::new();
 
 /// Gateway: reply flow as it arrives -> pod and its node.
 #[btf_map]
-pub static NAT_REVERSE: LruHashMap<FlowKey, NatReverse, 65536> = LruHashMap::new();
+pub(crate) static NAT_REVERSE: LruHashMap<FlowKey, NatReverse, 65536> = LruHashMap::new();
 
 /// Pod's node: flows this node steers through the tunnel.
 #[btf_map]
-pub static STEERED_FLOWS: LruHashMap<FlowKey, SteeredFlow, 65536> = LruHashMap::new();
+pub(crate) static STEERED_FLOWS: LruHashMap<FlowKey, SteeredFlow, 65536> = LruHashMap::new();
 
 /// Pod's node: UDP flows that came in to a local pod; the pod's replies are not steered.
 #[btf_map]
-pub static INBOUND_FLOWS: LruHashMap<FlowKey, InboundFlow, 65536> = LruHashMap::new();
+pub(crate) static INBOUND_FLOWS: LruHashMap<FlowKey, InboundFlow, 65536> = LruHashMap::new();
 
 /// Underlay addresses of every node of the cluster.
 #[btf_map]
-pub static NODES: HashMap<Ipv4, NodeInfo, 4096> = HashMap::new();
+pub(crate) static NODES: HashMap<Ipv4, NodeInfo, 4096> = HashMap::new();
 
 /// Pods on this node -> their host-side interface.
 #[btf_map]
-pub static LOCAL_PODS: HashMap<Ipv4, LocalPod, 4096> = HashMap::new();
+pub(crate) static LOCAL_PODS: HashMap<Ipv4, LocalPod, 4096> = HashMap::new();
 
 /// Pod CIDRs of the cluster: destinations that are never steered.
 #[btf_map]
-pub static CLUSTER_CIDRS: LpmTrie<Ipv4, ClusterCidr, 1024> = LpmTrie::new();
+pub(crate) static CLUSTER_CIDRS: LpmTrie<Ipv4, ClusterCidr, 1024> = LpmTrie::new();
 
 /// Egress IPs this node serves as a gateway -> interface they leave through.
 #[btf_map]
-pub static EGRESS_IPS: HashMap<Ipv4, EgressIp, 1024> = HashMap::new();
+pub(crate) static EGRESS_IPS: HashMap<Ipv4, EgressIp, 1024> = HashMap::new();
 
 #[btf_map]
-pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
+pub(crate) static CONFIG: Array<DatapathConfig, 1> = Array::new();
 
 #[btf_map]
-pub static COUNTERS: PerCpuArray<Counter, { reason::MAX as usize }> = PerCpuArray::new();
+pub(crate) static COUNTERS: PerCpuArray<Counter, { reason::MAX as usize }> = PerCpuArray::new();
 
 #[inline(always)]
-pub fn config() -> Option<&'static DatapathConfig> {
+pub(crate) fn config() -> Option<&'static DatapathConfig> {
     CONFIG.get(0)
 }
 
 #[inline(always)]
-pub fn count(reason: u32, bytes: u32) {
+pub(crate) fn count(reason: u32, bytes: u32) {
     if let Some(counter) = COUNTERS.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe {
             (*counter).packets += 1;
-            (*counter).bytes += bytes as u64;
+            (*counter).bytes += u64::from(bytes);
         }
     }
 }

@@ -20,7 +20,7 @@ use egress_common::{
 
 use crate::maps::{NAT_FORWARD, NAT_REVERSE, count};
 
-pub enum Translation {
+pub(crate) enum Translation {
     Existing(NatForward),
     New(NatForward),
     Exhausted,
@@ -33,7 +33,7 @@ pub enum Translation {
 /// at most `NAT_PORT_RETRIES` tries. The reverse entry is claimed first with BPF_NOEXIST, so
 /// a port is never handed to two flows.
 #[inline(always)]
-pub fn translate(
+pub(crate) fn translate(
     ctx: &TcContext,
     flow: &FlowKey,
     egress_ip: Ipv4,
@@ -58,8 +58,8 @@ pub fn translate(
         let _ = NAT_REVERSE.remove(&reply_key(flow, existing.nat_ip, existing.nat_port));
         let _ = NAT_FORWARD.remove(flow);
     }
-    let min = config.nat_port_min as u32;
-    let max = config.nat_port_max as u32;
+    let min = u32::from(config.nat_port_min);
+    let max = u32::from(config.nat_port_max);
     if min == 0 || max < min {
         return Translation::Error;
     }
@@ -72,7 +72,7 @@ pub fn translate(
         _pad2: 0,
         last_seen_ns: now,
     };
-    let own_port = u16::from_be_bytes(flow.src_port) as u32;
+    let own_port = u32::from(u16::from_be_bytes(flow.src_port));
     let mut claimed: Option<Port> = None;
     for attempt in 0..NAT_PORT_RETRIES {
         let port = if attempt == 0 && own_port >= min && own_port <= max {
@@ -91,7 +91,7 @@ pub fn translate(
                 .insert(
                     &reply_key(flow, egress_ip, port),
                     &reverse,
-                    BPF_NOEXIST as u64,
+                    u64::from(BPF_NOEXIST),
                 )
                 .is_ok()
         {
@@ -114,7 +114,7 @@ pub fn translate(
         last_seen_ns: now,
     };
     if NAT_FORWARD
-        .insert(flow, &forward, BPF_NOEXIST as u64)
+        .insert(flow, &forward, u64::from(BPF_NOEXIST))
         .is_ok()
     {
         return Translation::New(forward);
@@ -141,6 +141,13 @@ fn reply_key(flow: &FlowKey, nat_ip: Ipv4, nat_port: Port) -> FlowKey {
     }
 }
 
+/// `BPF_F_CURRENT_NETNS` (-1) as the socket lookups' u64 netns argument.
+#[expect(
+    clippy::cast_sign_loss,
+    reason = "sign-extended on purpose: the helper wants u64::MAX"
+)]
+const CURRENT_NETNS: u64 = BPF_F_CURRENT_NETNS as u64;
+
 /// Whether a socket of the node itself would receive the replies of `flow` translated to
 /// (`egress_ip`, `port`): a listener on that port, or one of the node's own connections to the
 /// same remote. Such ports are skipped, so translated flows never steal the node's traffic.
@@ -159,18 +166,18 @@ fn port_taken_by_host(ctx: &TcContext, flow: &FlowKey, egress_ip: Ipv4, port: Po
         dport: u16::from_ne_bytes(port),
     };
     let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
-    let skb = ctx.skb.skb as *mut c_void;
+    let skb = ctx.skb.skb.cast::<c_void>();
     // SAFETY: tuple and size describe an IPv4 tuple; a found socket is released at once.
     unsafe {
         let socket = if flow.protocol == PROTO_TCP {
-            bpf_sk_lookup_tcp(skb, &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0)
+            bpf_sk_lookup_tcp(skb, &raw mut tuple, size, CURRENT_NETNS, 0)
         } else {
-            bpf_sk_lookup_udp(skb, &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0)
+            bpf_sk_lookup_udp(skb, &raw mut tuple, size, CURRENT_NETNS, 0)
         };
         if socket.is_null() {
             return false;
         }
-        bpf_sk_release(socket as *mut c_void);
+        bpf_sk_release(socket.cast::<c_void>());
     }
     true
 }

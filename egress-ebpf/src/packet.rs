@@ -10,7 +10,7 @@ use egress_common::{
     flow::{FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
 };
 
-pub const ETH_HLEN: usize = 14;
+pub(crate) const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IP_CHECK_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
@@ -31,46 +31,46 @@ const TCP_OPTION_MSS: u8 = 2;
 const TCP_OPTION_STEPS: usize = 8;
 
 /// An IPv4 packet's flow and where its layer-4 fields are.
-pub struct Packet {
-    pub flow: FlowKey,
+pub(crate) struct Packet {
+    pub(crate) flow: FlowKey,
     /// Offset of the layer-4 header from the start of the frame.
-    pub l4_off: usize,
+    pub(crate) l4_off: usize,
     /// The flow can be translated: TCP, UDP or ICMP echo, not a fragment, headers complete.
-    pub translatable: bool,
-    pub fragment: bool,
-    pub tcp_flags: u8,
-    pub icmp_type: u8,
-    pub len: u32,
+    pub(crate) translatable: bool,
+    pub(crate) fragment: bool,
+    pub(crate) tcp_flags: u8,
+    pub(crate) icmp_type: u8,
+    pub(crate) len: u32,
 }
 
 impl Packet {
     /// A TCP SYN without ACK: the first packet of a connection this side opens.
     #[inline(always)]
-    pub fn is_tcp_open(&self) -> bool {
+    pub(crate) fn is_tcp_open(&self) -> bool {
         self.flow.protocol == PROTO_TCP
             && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
     }
 
     #[inline(always)]
-    pub fn is_tcp(&self) -> bool {
+    pub(crate) fn is_tcp(&self) -> bool {
         self.flow.protocol == PROTO_TCP
     }
 
     #[inline(always)]
-    pub fn is_tcp_syn(&self) -> bool {
+    pub(crate) fn is_tcp_syn(&self) -> bool {
         self.is_tcp() && self.tcp_flags & TCP_FLAG_SYN != 0
     }
 
     /// A TCP FIN or RST: the connection is ending.
     #[inline(always)]
-    pub fn is_tcp_closing(&self) -> bool {
+    pub(crate) fn is_tcp_closing(&self) -> bool {
         self.is_tcp() && self.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0
     }
 
     /// An ICMP error (destination unreachable, time exceeded, parameter problem), which
     /// quotes the packet it is about.
     #[inline(always)]
-    pub fn is_icmp_error(&self) -> bool {
+    pub(crate) fn is_icmp_error(&self) -> bool {
         self.flow.protocol == PROTO_ICMP
             && !self.fragment
             && matches!(
@@ -83,7 +83,7 @@ impl Packet {
 /// Parses an Ethernet + IPv4 frame. `None` for anything else (ARP, IPv6, truncated IPv4
 /// header): such packets are none of the datapath's business.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Option<Packet> {
+pub(crate) fn parse(ctx: &TcContext) -> Option<Packet> {
     let ether_type: [u8; 2] = ctx.load(12).ok()?;
     if u16::from_be_bytes(ether_type) != ETH_P_IP {
         return None;
@@ -135,10 +135,10 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
             packet.flow.src_port = [ports[0], ports[1]];
             packet.flow.dst_port = [ports[2], ports[3]];
             if protocol == PROTO_TCP {
-                let Ok(flags) = ctx.load::<u8>(l4_off + 13) else {
+                let Ok(tcp_flags) = ctx.load::<u8>(l4_off + 13) else {
                     return Some(packet);
                 };
-                packet.tcp_flags = flags;
+                packet.tcp_flags = tcp_flags;
             }
             packet.translatable = true;
         }
@@ -171,14 +171,14 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
 
 /// Which end of the flow a rewrite touches.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum End {
+pub(crate) enum End {
     Source,
     Destination,
 }
 
 /// Rewrites one end's address and port (or ICMP echo identifier) with checksums fixed.
 #[inline(always)]
-pub fn rewrite(
+pub(crate) fn rewrite(
     ctx: &mut TcContext,
     packet: &Packet,
     end: End,
@@ -194,19 +194,19 @@ pub fn rewrite(
         PROTO_TCP => (
             if end == End::Source { l4 } else { l4 + 2 },
             l4 + 16,
-            BPF_F_PSEUDO_HDR as u64,
+            u64::from(BPF_F_PSEUDO_HDR),
         ),
         // A zero UDP checksum means "none" and must stay zero.
         PROTO_UDP => (
             if end == End::Source { l4 } else { l4 + 2 },
             l4 + 6,
-            (BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0) as u64,
+            u64::from(BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0),
         ),
         // ICMP has no pseudo-header; only the identifier is in its checksum.
         _ => (l4 + 4, l4 + 2, 0),
     };
-    let old_ip_word = u32::from_ne_bytes(old_ip) as u64;
-    let new_ip_word = u32::from_ne_bytes(new_ip) as u64;
+    let old_ip_word = u64::from(u32::from_ne_bytes(old_ip));
+    let new_ip_word = u64::from(u32::from_ne_bytes(new_ip));
     if old_ip != new_ip {
         if packet.flow.protocol != PROTO_ICMP {
             ctx.l4_csum_replace(check_off, old_ip_word, new_ip_word, flags | 4)?;
@@ -215,13 +215,13 @@ pub fn rewrite(
         ctx.store(ip_off, &new_ip, 0)?;
     }
     if old_port != new_port {
-        let old_port_word = u16::from_ne_bytes(old_port) as u64;
-        let new_port_word = u16::from_ne_bytes(new_port) as u64;
+        let old_port_word = u64::from(u16::from_ne_bytes(old_port));
+        let new_port_word = u64::from(u16::from_ne_bytes(new_port));
         ctx.l4_csum_replace(
             check_off,
             old_port_word,
             new_port_word,
-            (flags & !(BPF_F_PSEUDO_HDR as u64)) | 2,
+            (flags & !u64::from(BPF_F_PSEUDO_HDR)) | 2,
         )?;
         ctx.store(port_off, &new_port, 0)?;
     }
@@ -230,7 +230,7 @@ pub fn rewrite(
 
 /// Lowers the MSS option of a TCP SYN to `mss` when it is larger.
 #[inline(always)]
-pub fn clamp_mss(ctx: &mut TcContext, packet: &Packet, mss: u16) -> Result<(), i64> {
+pub(crate) fn clamp_mss(ctx: &mut TcContext, packet: &Packet, mss: u16) -> Result<(), i64> {
     if mss == 0 || !packet.is_tcp_syn() {
         return Ok(());
     }
@@ -256,8 +256,8 @@ pub fn clamp_mss(ctx: &mut TcContext, packet: &Packet, mss: u16) -> Result<(), i
                     let clamped = mss.to_be_bytes();
                     ctx.l4_csum_replace(
                         l4 + 16,
-                        u16::from_ne_bytes(current) as u64,
-                        u16::from_ne_bytes(clamped) as u64,
+                        u64::from(u16::from_ne_bytes(current)),
+                        u64::from(u16::from_ne_bytes(clamped)),
                         2,
                     )?;
                     return ctx.store(off + 2, &clamped, 0);
@@ -273,15 +273,15 @@ pub fn clamp_mss(ctx: &mut TcContext, packet: &Packet, mss: u16) -> Result<(), i
 }
 
 /// The packet an ICMP error quotes: its flow (as the quoted packet was sent) and offsets.
-pub struct QuotedPacket {
-    pub flow: FlowKey,
-    pub ip_off: usize,
-    pub l4_off: usize,
+pub(crate) struct QuotedPacket {
+    pub(crate) flow: FlowKey,
+    pub(crate) ip_off: usize,
+    pub(crate) l4_off: usize,
 }
 
 /// Parses the IPv4 + TCP/UDP packet quoted by an ICMP error.
 #[inline(always)]
-pub fn quoted_packet(ctx: &TcContext, packet: &Packet) -> Option<QuotedPacket> {
+pub(crate) fn quoted_packet(ctx: &TcContext, packet: &Packet) -> Option<QuotedPacket> {
     if !packet.is_icmp_error() {
         return None;
     }
@@ -318,16 +318,16 @@ pub fn quoted_packet(ctx: &TcContext, packet: &Packet) -> Option<QuotedPacket> {
 /// only the port change touches the ICMP checksum. The quoted layer-4 checksum is left as
 /// is: receivers of ICMP errors do not verify it.
 #[inline(always)]
-pub fn rewrite_icmp_error(
+pub(crate) fn rewrite_icmp_error(
     ctx: &mut TcContext,
     packet: &Packet,
     quoted: &QuotedPacket,
     pod_ip: Ipv4,
     pod_port: Port,
 ) -> Result<(), i64> {
-    let old_outer = u32::from_ne_bytes(packet.flow.dst_ip) as u64;
-    let old_quoted = u32::from_ne_bytes(quoted.flow.src_ip) as u64;
-    let new_ip = u32::from_ne_bytes(pod_ip) as u64;
+    let old_outer = u64::from(u32::from_ne_bytes(packet.flow.dst_ip));
+    let old_quoted = u64::from(u32::from_ne_bytes(quoted.flow.src_ip));
+    let new_ip = u64::from(u32::from_ne_bytes(pod_ip));
     ctx.l3_csum_replace(IP_CHECK_OFF, old_outer, new_ip, 4)?;
     ctx.store(IP_DST_OFF, &pod_ip, 0)?;
     ctx.l3_csum_replace(quoted.ip_off + 10, old_quoted, new_ip, 4)?;
@@ -335,8 +335,8 @@ pub fn rewrite_icmp_error(
     if quoted.flow.src_port != pod_port {
         ctx.l4_csum_replace(
             packet.l4_off + 2,
-            u16::from_ne_bytes(quoted.flow.src_port) as u64,
-            u16::from_ne_bytes(pod_port) as u64,
+            u64::from(u16::from_ne_bytes(quoted.flow.src_port)),
+            u64::from(u16::from_ne_bytes(pod_port)),
             2,
         )?;
         ctx.store(quoted.l4_off, &pod_port, 0)?;

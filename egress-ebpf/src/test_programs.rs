@@ -10,7 +10,7 @@ use crate::{DROP, PASS, from_tunnel_peer, packet::parse};
 /// outer source (network byte order) comes from `cb[0]` and the VNI from `cb[1]`. The agent
 /// never attaches this program.
 #[classifier]
-pub fn test_from_tunnel(mut ctx: TcContext) -> i32 {
+pub(crate) fn test_from_tunnel(mut ctx: TcContext) -> i32 {
     let cb = ctx.skb.cb();
     let (remote, vni) = (cb[0].to_ne_bytes(), cb[1]);
     from_tunnel_peer(&mut ctx, remote, vni)
@@ -19,7 +19,7 @@ pub fn test_from_tunnel(mut ctx: TcContext) -> i32 {
 /// Bench-only floor: does nothing. `cargo xtask bench` measures it through
 /// BPF_PROG_TEST_RUN as the cost of running any TC program; the agent never attaches it.
 #[classifier]
-pub fn bench_empty(_ctx: TcContext) -> i32 {
+pub(crate) fn bench_empty(_ctx: TcContext) -> i32 {
     PASS
 }
 
@@ -27,7 +27,7 @@ pub fn bench_empty(_ctx: TcContext) -> i32 {
 /// The verdict depends on every parsed field so the compiler cannot drop the parsing; the
 /// agent never attaches it.
 #[classifier]
-pub fn bench_parse_only(ctx: TcContext) -> i32 {
+pub(crate) fn bench_parse_only(ctx: TcContext) -> i32 {
     let Some(packet) = parse(&ctx) else {
         return PASS;
     };

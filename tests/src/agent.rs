@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::Deserialize;
 
 /// Gateway value of a policy entry whose policy matched but found no gateway node.
-pub const GATEWAY_NOT_FOUND: Ipv4Addr = Ipv4Addr::new(0, 0, 0, 0);
+pub const GATEWAY_NOT_FOUND: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
 /// Gateway value of an excluded-CIDR entry.
 pub const GATEWAY_EXCLUDED: Ipv4Addr = Ipv4Addr::new(0, 0, 0, 1);
 

@@ -1,5 +1,5 @@
 //! A small Kubernetes API server for the tests: the real list and watch protocol for Nodes,
-//! Namespaces, Pods and CiliumEgressGatewayPolicies, served from fixtures over plain HTTP/1.1.
+//! Namespaces, Pods and `CiliumEgressGatewayPolicies`, served from fixtures over plain HTTP/1.1.
 //!
 //! - `GET <collection>`: a JSON list whose `metadata.resourceVersion` is the current version;
 //! - `GET <collection>?watch=true&resourceVersion=N`: a chunked stream of ADDED / MODIFIED /
@@ -172,7 +172,7 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -731,19 +731,16 @@ fn serve_watch(
         if state.breaks != breaks {
             let mode = state.break_mode;
             drop(state);
-            match mode {
-                Some(WatchBreak::Gone) => {
-                    let gone = status_object(410, "Expired", "too old resource version");
-                    let _ = write_chunk(stream, &watch_event("ERROR", &gone));
-                    let _ = stream.write_all(b"0\r\n\r\n");
-                }
-                _ => {
-                    // Half an event, then the connection drops.
-                    let event = watch_event("BOOKMARK", &json!({"metadata": {}}));
-                    let _ = write!(stream, "{:x}\r\n", event.len());
-                    let _ = stream.write_all(&event[..event.len() / 2]);
-                    let _ = stream.flush();
-                }
+            if let Some(WatchBreak::Gone) = mode {
+                let gone = status_object(410, "Expired", "too old resource version");
+                let _ = write_chunk(stream, &watch_event("ERROR", &gone));
+                let _ = stream.write_all(b"0\r\n\r\n");
+            } else {
+                // Half an event, then the connection drops.
+                let event = watch_event("BOOKMARK", &json!({"metadata": {}}));
+                let _ = write!(stream, "{:x}\r\n", event.len());
+                let _ = stream.write_all(&event[..event.len() / 2]);
+                let _ = stream.flush();
             }
             let _ = stream.shutdown(Shutdown::Both);
             return;
@@ -791,8 +788,7 @@ fn serve_watch(
         state = shared
             .changed
             .wait_timeout(state, Duration::from_millis(200))
-            .map(|(guard, _)| guard)
-            .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+            .map_or_else(|poisoned| poisoned.into_inner().0, |(guard, _)| guard);
     }
 }
 

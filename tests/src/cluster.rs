@@ -107,7 +107,7 @@ pub struct Node {
     pub netns: String,
     /// 1-based position in the cluster; picks the addresses.
     pub number: u8,
-    /// InternalIP, on eth0.
+    /// `InternalIP`, on eth0.
     pub ip: Ipv4Addr,
     pub pod_cidr: String,
     pub labels: Labels,
@@ -201,7 +201,7 @@ pub struct Cluster {
 fn lock(resources: &Mutex<Resources>) -> MutexGuard<'_, Resources> {
     resources
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// True when running as root; the cluster needs it.
@@ -303,7 +303,7 @@ impl Cluster {
             peer_bin: config.peer_bin,
             extra_peer_ports: config.extra_peer_ports,
             agent_args: config.agent_args,
-            unregistered: Default::default(),
+            unregistered: std::collections::BTreeSet::default(),
             resources,
         };
         cluster.build_underlay()?;
@@ -584,14 +584,14 @@ impl Cluster {
             &self.underlay,
             &["link", "set", &router_port, "master", "br1", "up"],
         )?;
-        self.add_secondary_route(&node.netns, interface)?;
+        Self::add_secondary_route(&node.netns, interface)?;
         Ok(())
     }
 
     /// `default via 192.0.2.1 dev <interface> table 100` (what a network manager restores
     /// when the link comes back up); eth1's has the lowest metric, so it is preferred unless
     /// a lookup asks for another interface.
-    fn add_secondary_route(&self, netns: &str, interface: &str) -> Result<()> {
+    fn add_secondary_route(netns: &str, interface: &str) -> Result<()> {
         let metric = format!(
             "{}",
             100 + interface
@@ -626,7 +626,7 @@ impl Cluster {
         let state = if up { "up" } else { "down" };
         ip_in(&node.netns, &["link", "set", interface, state])?;
         if up && interface != "eth0" && self.secondary_bridge {
-            self.add_secondary_route(&node.netns, interface)?;
+            Self::add_secondary_route(&node.netns, interface)?;
         }
         Ok(())
     }
@@ -686,26 +686,23 @@ impl Cluster {
             bail!("pod {namespace}/{name} already exists");
         }
         let number = self.nodes[index].number;
-        let host = match ip {
-            Some(ip) => {
-                let [a, b, c, host] = ip.octets();
-                if [a, b, c] != [10, 244, number] || host == 0 || host == 255 {
-                    bail!("{ip} is not in the pod CIDR of {node}");
-                }
-                if self.pods.iter().any(|pod| pod.ip == ip) {
-                    bail!("{ip} is in use by another pod");
-                }
-                host
+        let host = if let Some(ip) = ip {
+            let [a, b, c, host] = ip.octets();
+            if [a, b, c] != [10, 244, number] || host == 0 || host == 255 {
+                bail!("{ip} is not in the pod CIDR of {node}");
             }
-            None => {
-                let node = &mut self.nodes[index];
-                let host = node.next_pod_host;
-                if host == 255 {
-                    bail!("node {} has no pod addresses left", node.name);
-                }
-                node.next_pod_host += 1;
-                host
+            if self.pods.iter().any(|pod| pod.ip == ip) {
+                bail!("{ip} is in use by another pod");
             }
+            host
+        } else {
+            let node = &mut self.nodes[index];
+            let host = node.next_pod_host;
+            if host == 255 {
+                bail!("node {} has no pod addresses left", node.name);
+            }
+            node.next_pod_host += 1;
+            host
         };
         let node = self.nodes[index].clone();
         let pod_number = self.next_pod;
@@ -952,7 +949,7 @@ impl Cluster {
     /// Runs the `egress-peer` client inside a pod, e.g. `["udp", "198.51.100.10:8081", "--count", "3"]`.
     pub fn peer_client(&self, pod: &Pod, args: &[&str]) -> Result<Output> {
         let mut full = vec![self.peer_bin.to_string_lossy().into_owned()];
-        full.extend(args.iter().map(|arg| arg.to_string()));
+        full.extend(args.iter().map(std::string::ToString::to_string));
         self.exec_in_pod(pod, &full)
     }
 
@@ -1112,7 +1109,7 @@ impl Cluster {
     /// Sets extra `egress-agent run` flags of a node's agent, used from its next start on.
     pub fn set_agent_args(&mut self, node: &str, args: &[&str]) -> Result<()> {
         let index = self.node_index(node)?;
-        self.nodes[index].agent_args = args.iter().map(|arg| arg.to_string()).collect();
+        self.nodes[index].agent_args = args.iter().map(std::string::ToString::to_string).collect();
         Ok(())
     }
 
@@ -1341,8 +1338,7 @@ impl Cluster {
             }
             let gone = wait_until(timeout, || {
                 self.egress_list(&node.name)
-                    .map(|entries| entries.iter().all(|entry| entry.source() != Some(pod.ip)))
-                    .unwrap_or(false)
+                    .is_ok_and(|entries| entries.iter().all(|entry| entry.source() != Some(pod.ip)))
             });
             if !gone {
                 bail!(
@@ -1437,7 +1433,7 @@ impl Resources {
                         eprintln!(
                             "agent cleanup in {netns} failed: {}",
                             String::from_utf8_lossy(&output.stderr)
-                        )
+                        );
                     }
                     Err(error) => eprintln!("agent cleanup in {netns} failed: {error:#}"),
                     Ok(_) => {}
@@ -1484,7 +1480,7 @@ pub fn ensure_bpffs_mounted() -> Result<()> {
     static MOUNT_LOCK: Mutex<()> = Mutex::new(());
     let _guard = MOUNT_LOCK
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mounts = fs::read_to_string("/proc/mounts")?;
     let mounted = mounts.lines().any(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -1500,7 +1496,7 @@ pub fn ensure_bpffs_mounted() -> Result<()> {
 }
 
 /// Removes namespaces, bpffs folders and work dirs left by harness processes that died without
-/// tearing down (e.g. SIGKILLed). Only names `egt<pid>-...` whose pid no longer exists.
+/// tearing down (e.g. `SIGKILLed`). Only names `egt<pid>-...` whose pid no longer exists.
 pub fn remove_stale_clusters() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

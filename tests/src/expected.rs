@@ -24,7 +24,7 @@ pub enum EgressSource {
     DefaultRoute,
 }
 
-/// A CiliumEgressGatewayPolicy of the shape the reliability tests use.
+/// A `CiliumEgressGatewayPolicy` of the shape the reliability tests use.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimplePolicy {
     pub name: String,
@@ -57,7 +57,10 @@ impl SimplePolicy {
         SimplePolicy {
             name: name.to_string(),
             pod_labels: pairs(pod_labels),
-            destinations: destinations.iter().map(|cidr| cidr.to_string()).collect(),
+            destinations: destinations
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
             gateway_labels: pairs(gateway_labels),
             egress,
         }

@@ -44,6 +44,7 @@ impl LeakDetector {
     }
 
     /// Traffic to `port` on the destination is matched and may only come from `egress_ips`.
+    #[must_use]
     pub fn matched_port(
         mut self,
         port: u16,
@@ -54,6 +55,7 @@ impl LeakDetector {
     }
 
     /// Packets from these sources (e.g. pod IPs) are leaks whatever their port.
+    #[must_use]
     pub fn forbidden_sources(mut self, sources: impl IntoIterator<Item = Ipv4Addr>) -> Self {
         self.forbidden.extend(sources);
         self

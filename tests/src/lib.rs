@@ -6,6 +6,11 @@
 //! serves to agents run with `--kubernetes`). Everything lives in namespaces the
 //! harness creates and is removed when the `Cluster` is dropped, also when a test panics.
 
+#![allow(
+    unused_crate_dependencies,
+    reason = "clap, tokio and k8s-openapi serve the binaries and integration tests of the package"
+)]
+
 pub mod agent;
 pub mod apiserver;
 pub mod binaries;

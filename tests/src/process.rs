@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 /// Default limit for one command, so a hung tool fails the test instead of hanging it.
-pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// Signals the harness sends to the processes it started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +37,7 @@ impl Signal {
 pub fn signal_child(child: &mut Child, signal: Signal) {
     if let Ok(None) = child.try_wait() {
         // SAFETY: plain kill(2) on the pid of our own unreaped child.
-        unsafe { libc::kill(child.id() as libc::pid_t, signal.raw()) };
+        unsafe { libc::kill(child.id().cast_signed(), signal.raw()) };
     }
 }
 
@@ -77,14 +77,13 @@ pub fn run_with_timeout(mut command: Command, timeout: Duration) -> Result<Outpu
     thread::spawn(move || {
         let _ = sender.send(child.wait_with_output());
     });
-    match receiver.recv_timeout(timeout) {
-        Ok(output) => output.with_context(|| format!("waiting for {description}")),
-        Err(_) => {
-            // The waiter thread still owns the child, so the pid cannot have been reused yet.
-            // SAFETY: plain kill(2).
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            bail!("{description} did not finish within {timeout:?}")
-        }
+    if let Ok(output) = receiver.recv_timeout(timeout) {
+        output.with_context(|| format!("waiting for {description}"))
+    } else {
+        // The waiter thread still owns the child, so the pid cannot have been reused yet.
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(pid.cast_signed(), libc::SIGKILL) };
+        bail!("{description} did not finish within {timeout:?}")
     }
 }
 

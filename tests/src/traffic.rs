@@ -60,8 +60,7 @@ impl Cluster {
             if kind == FlowKind::Tcp { "tcp" } else { "udp" },
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
+                .map_or(0, |d| d.as_nanos())
         );
         let stop_file = self.work_dir().join(format!("{name}.stop"));
         let server = SocketAddrV4::new(DESTINATION_IP, port).to_string();
@@ -116,7 +115,7 @@ impl LongFlow {
         );
         let finished = self
             .process
-            .wait(Duration::from_secs(60))
+            .wait(Duration::from_mins(1))
             .with_context(|| format!("stopping the {what}"))?;
         if !finished.status.success() {
             bail!("{what} failed ({}): {}", finished.status, finished.stderr);

@@ -2,6 +2,10 @@
 //! left over, and the pieces fit together — the pod mounts what the agent opens, the RBAC
 //! covers exactly what the agent watches and patches, the CRD accepts the example
 //! policies. No cluster needed.
+#![allow(
+    unused_crate_dependencies,
+    reason = "an integration test links every dependency of its package and uses a few"
+)]
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -56,7 +60,9 @@ fn documents() -> BTreeMap<String, Vec<Value>> {
     for entry in fs::read_dir(deploy_dir()).expect("reading deploy/") {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if !name.ends_with(".yaml") || name == "kustomization.yaml" {
+        if Path::new(&name).extension().is_none_or(|ext| ext != "yaml")
+            || name == "kustomization.yaml"
+        {
             continue;
         }
         let text = fs::read_to_string(&path).unwrap();
@@ -460,12 +466,12 @@ fn service_account_is_bound_to_a_role_covering_exactly_the_agents_access() {
 
 fn crd() -> CustomResourceDefinition {
     let manifests = manifests();
-    let crd = manifests
+
+    manifests
         .crds
         .into_iter()
         .find(|crd| crd.metadata.name.as_deref() == Some("ciliumegressgatewaypolicies.cilium.io"))
-        .expect("the CiliumEgressGatewayPolicy CRD");
-    crd
+        .expect("the CiliumEgressGatewayPolicy CRD")
 }
 
 fn crd_schema() -> JSONSchemaProps {
@@ -485,7 +491,7 @@ fn crd_schema() -> JSONSchemaProps {
         .unwrap()
 }
 
-/// A structural check of `value` against `schema`: the subset of OpenAPI v3 the CRD uses.
+/// A structural check of `value` against `schema`: the subset of `OpenAPI` v3 the CRD uses.
 /// Unknown fields are errors unless the schema preserves them (as `kubectl apply` with
 /// strict field validation reports them). Any keyword this checker does not implement
 /// fails loudly rather than being skipped.
@@ -535,7 +541,7 @@ fn validate(schema: &JSONSchemaProps, value: &Value, path: &str, errors: &mut Ve
     }
     match value {
         Value::String(s) => {
-            let length = s.chars().count() as i64;
+            let length = i64::try_from(s.chars().count()).unwrap();
             if schema.max_length.is_some_and(|max| length > max)
                 || schema.min_length.is_some_and(|min| length < min)
             {
@@ -543,7 +549,7 @@ fn validate(schema: &JSONSchemaProps, value: &Value, path: &str, errors: &mut Ve
             }
         }
         Value::Array(items) => {
-            let count = items.len() as i64;
+            let count = i64::try_from(items.len()).unwrap();
             if schema.max_items.is_some_and(|max| count > max)
                 || schema.min_items.is_some_and(|min| count < min)
             {

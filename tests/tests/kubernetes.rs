@@ -4,6 +4,10 @@
 //! cluster's underlay namespace (10.0.0.1:6443), serving the cluster's manifests folder through
 //! the real list and watch protocol, and breaks it the ways real API servers break. Needs root
 //! and a built agent, like tests/cluster.rs.
+#![allow(
+    unused_crate_dependencies,
+    reason = "an integration test links every dependency of its package and uses a few"
+)]
 
 use std::{
     net::{IpAddr, Ipv4Addr},

@@ -2,6 +2,10 @@
 //! (the default address, 127.0.0.1:9964, is each node namespace's own loopback).
 //!
 //! Needs root (as another user it passes with a SKIPPED message) and a built agent.
+#![allow(
+    unused_crate_dependencies,
+    reason = "an integration test links every dependency of its package and uses a few"
+)]
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -52,7 +56,7 @@ fn wait_for_positive(cluster: &Cluster, node: &str, series: &str) -> String {
     let mut last = String::new();
     wait_for_value(Duration::from_secs(10), || {
         let (status, body) = get(cluster, node, "/metrics")?;
-        last = body.clone();
+        last.clone_from(&body);
         (status == 200 && sample(&body, series).is_some_and(|value| value > 0.0)).then_some(body)
     })
     .unwrap_or_else(|| {

@@ -6,6 +6,10 @@
 //! Root only (otherwise SKIPPED); needs the agent (`cargo build -p egress-agent`).
 //! `EGRESS_SOAK_SECS=600 cargo test -p egress-tests --test reliability -- --ignored churn_soak_long`
 //! runs the long soak.
+#![allow(
+    unused_crate_dependencies,
+    reason = "an integration test links every dependency of its package and uses a few"
+)]
 
 use std::{
     collections::BTreeMap,
@@ -31,7 +35,10 @@ const PROGRAMMED: Duration = Duration::from_secs(30);
 fn cluster_with(extra_peer_ports: &[u16], agent_args: &[&str]) -> Cluster {
     Cluster::new(ClusterConfig {
         extra_peer_ports: extra_peer_ports.to_vec(),
-        agent_args: agent_args.iter().map(|arg| arg.to_string()).collect(),
+        agent_args: agent_args
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
         ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
     })
     .expect("building the test cluster")
@@ -100,6 +107,10 @@ fn stdout(output: &std::process::Output) -> String {
 const STABLE_PORTS: [u16; 3] = [9001, 9002, 9003];
 const CHURN_PORTS: [u16; 3] = [9101, 9102, 9103];
 
+#[expect(
+    clippy::struct_field_names,
+    reason = "the churn policy is named for its role, beside the stable one"
+)]
 struct Churn {
     cluster: Cluster,
     stable: SimplePolicy,
@@ -451,7 +462,7 @@ fn nat_entries_expire_idle_udp_and_closed_tcp_but_not_open_tcp() {
     assert_eq!(open.len(), 1, "the open connection has its entry: {open:?}");
 
     assert!(
-        wait_until(Duration::from_secs(60), || nat_entries(
+        wait_until(Duration::from_mins(1), || nat_entries(
             &cluster, &pod, "UDP"
         )
         .is_empty()),
@@ -474,7 +485,7 @@ fn nat_entries_expire_idle_udp_and_closed_tcp_but_not_open_tcp() {
         .check_unbroken(&WORKER_2.to_string(), Duration::from_secs(10))
         .unwrap();
     assert!(
-        wait_until(Duration::from_secs(60), || nat_entries(
+        wait_until(Duration::from_mins(1), || nat_entries(
             &cluster, &pod, "TCP"
         )
         .is_empty()),
@@ -493,7 +504,7 @@ fn nat_garbage_collector_runs_without_errors() {
     let pod = serve_my_app(&mut cluster);
     send_one_udp_datagram(&cluster, &pod);
     assert!(
-        wait_until(Duration::from_secs(60), || nat_entries(
+        wait_until(Duration::from_mins(1), || nat_entries(
             &cluster, &pod, "UDP"
         )
         .is_empty()),
@@ -556,7 +567,7 @@ fn nat_port_exhaustion_fails_cleanly_and_recovers() {
             ],
         )
         .unwrap();
-    let connected = wait_for_value(Duration::from_secs(120), || {
+    let connected = wait_for_value(Duration::from_mins(2), || {
         let out = std::fs::read_to_string(cluster.work_dir().join("exhaustion.out")).ok()?;
         out.lines()
             .find(|line| line.starts_with("connected "))
@@ -592,7 +603,7 @@ fn nat_port_exhaustion_fails_cleanly_and_recovers() {
     );
 
     std::fs::write(&stop_file, "stop").unwrap();
-    let finished = hold.wait(Duration::from_secs(60)).unwrap();
+    let finished = hold.wait(Duration::from_mins(1)).unwrap();
     let summary: serde_json::Value =
         serde_json::from_str(finished.stdout.lines().last().expect("a summary line")).unwrap();
     assert_eq!(
@@ -603,11 +614,11 @@ fn nat_port_exhaustion_fails_cleanly_and_recovers() {
 
     // Closed connections give their ports back after the closing timeout.
     assert!(
-        wait_until(Duration::from_secs(60), || cluster
+        wait_until(Duration::from_mins(1), || cluster
             .nat_list("k8s-worker-2")
             .unwrap()
             .as_array()
-            .is_some_and(|entries| entries.is_empty())),
+            .is_some_and(std::vec::Vec::is_empty)),
         "the closed connections' entries did not expire: {:?}",
         cluster.nat_list("k8s-worker-2")
     );
@@ -844,7 +855,7 @@ fn agent_refuses_a_manifests_folder_open_to_others() {
     }
 
     let output = cluster
-        .run_agent_once("k8s-worker-1", &open, Duration::from_secs(60))
+        .run_agent_once("k8s-worker-1", &open, Duration::from_mins(1))
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 
-pub fn print_command(cmd: &Command) {
+pub(crate) fn print_command(cmd: &Command) {
     let mut line = String::from("$");
     if let Some(dir) = cmd.get_current_dir() {
         let _ = write!(line, " (cd {})", dir.display());
@@ -39,7 +39,7 @@ pub fn print_command(cmd: &Command) {
 }
 
 /// Runs a command, failing if it does not exit successfully.
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     print_command(cmd);
     let program = cmd.get_program().to_string_lossy().into_owned();
     let status = cmd.status().with_context(|| format!("running {program}"))?;
@@ -48,21 +48,20 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Runs a command and returns its exit code as ours.
-pub fn exit_code_of(cmd: &mut Command) -> Result<ExitCode> {
+pub(crate) fn exit_code_of(cmd: &mut Command) -> Result<ExitCode> {
     print_command(cmd);
     let program = cmd.get_program().to_string_lossy().into_owned();
     let status = cmd.status().with_context(|| format!("running {program}"))?;
-    Ok(match status.code() {
-        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        None => {
-            eprintln!("xtask: {program} was killed ({status})");
-            ExitCode::FAILURE
-        }
+    Ok(if let Some(code) = status.code() {
+        ExitCode::from(u8::try_from(code).unwrap_or(1))
+    } else {
+        eprintln!("xtask: {program} was killed ({status})");
+        ExitCode::FAILURE
     })
 }
 
 /// Runs a command and returns its standard output.
-pub fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     print_command(cmd);
     let program = cmd.get_program().to_string_lossy().into_owned();
     let out = cmd

@@ -85,6 +85,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Clippy on the host crates and on the BPF crate, and rustfmt, with warnings as errors
+    /// (the lint levels are the workspace's `[workspace.lints]`).
+    Lint,
     /// Build in release mode and run the benchmarks (BPF cost, traffic through three paths,
     /// NAT pressure, control plane); writes bench/results/latest.{md,json,svg}.
     Bench {
@@ -180,6 +183,10 @@ fn run_task(task: Task) -> Result<ExitCode> {
             built.add_env(&mut demo);
             return exit_code_of(demo.args(args));
         }
+        Task::Lint => {
+            setup(&ws.root, &ws.tools, Needs::Build)?;
+            lint(&ws)?;
+        }
         Task::Bench { quick } => {
             ensure_root("the benchmarks load BPF programs and create network namespaces")?;
             setup(&ws.root, &ws.tools, Needs::Clusters)?;
@@ -259,8 +266,17 @@ impl Workspace {
     /// `cargo <subcommand>` in the workspace root with `.tools/bin` on PATH and the nightly
     /// toolchain for the eBPF build named.
     fn cargo(&self, subcommand: &str) -> Command {
+        self.cargo_args(&[subcommand])
+    }
+
+    /// [`Workspace::cargo`] with another toolchain: `cargo +<toolchain> <subcommand>`.
+    fn cargo_on(&self, toolchain: &str, subcommand: &str) -> Command {
+        self.cargo_args(&[&format!("+{toolchain}"), subcommand])
+    }
+
+    fn cargo_args(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("cargo");
-        cmd.arg(subcommand)
+        cmd.args(args)
             .current_dir(&self.root)
             .env(NIGHTLY_ENV, nightly_toolchain());
         match self.path_with_tools() {
@@ -334,6 +350,28 @@ fn test_command(ws: &Workspace, profile: Profile, quick: bool, args: Vec<OsStrin
         cmd.arg(format!("--test-threads={}", cpus.clamp(2, 4)));
     }
     cmd
+}
+
+/// `cargo xtask lint`: every crate through clippy with warnings as errors, then rustfmt.
+fn lint(ws: &Workspace) -> Result<()> {
+    let toolchain = nightly_toolchain();
+    // rustfmt.toml uses options only nightly's rustfmt knows, and clippy for the BPF target
+    // needs nightly's build-std.
+    setup::ensure_components(&toolchain, &["clippy", "rustfmt"])?;
+    let mut host = ws.cargo("clippy");
+    host.args(["--workspace", "--exclude", "egress-ebpf"])
+        .args(["--all-targets", "--all-features", "--", "-D", "warnings"]);
+    run(&mut host)?;
+    let mut bpf = ws.cargo_on(&toolchain, "clippy");
+    bpf.args(["--package", "egress-ebpf", "--all-features", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"]);
+    run(&mut bpf)?;
+    let mut fmt = Command::new("cargo");
+    fmt.arg(format!("+{toolchain}"))
+        .args(["fmt", "--all", "--", "--check"])
+        .current_dir(&ws.root);
+    run(&mut fmt)
 }
 
 fn ensure_root(why: &str) -> Result<()> {

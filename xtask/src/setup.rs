@@ -23,12 +23,12 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM: &[u32] = &[21, 22, 23];
 
 /// The nightly this project is built and tested with (README says so too), and its LLVM.
-pub const TESTED_NIGHTLY: &str = "nightly-2026-05-19";
+pub(crate) const TESTED_NIGHTLY: &str = "nightly-2026-05-19";
 const TESTED_NIGHTLY_LLVM: u32 = 22;
 
 /// Environment variable naming the nightly toolchain to build the eBPF programs with
 /// (default `nightly`); `egress-agent`'s build script reads it too.
-pub const NIGHTLY_ENV: &str = "EGRESS_NIGHTLY";
+pub(crate) const NIGHTLY_ENV: &str = "EGRESS_NIGHTLY";
 
 /// cargo-fuzz release installed into `<workspace>/.tools` (runs the fuzz targets of `fuzz/`).
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -49,7 +49,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
 
 /// What a task needs installed besides the build tools, which every building task needs.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Needs {
+pub(crate) enum Needs {
     /// Only building (build, run).
     Build,
     /// Building and running namespace clusters (demo, bench).
@@ -59,7 +59,7 @@ pub enum Needs {
 }
 
 /// Installs what `needs` asks for; idempotent and fast when everything is there.
-pub fn setup(root: &Path, tools: &Path, needs: Needs) -> Result<()> {
+pub(crate) fn setup(root: &Path, tools: &Path, needs: Needs) -> Result<()> {
     let toolchain = nightly_toolchain();
     let sysroot = nightly_sysroot(&toolchain)?;
     ensure_rust_src(&toolchain)?;
@@ -75,7 +75,7 @@ pub fn setup(root: &Path, tools: &Path, needs: Needs) -> Result<()> {
 }
 
 /// The nightly toolchain the eBPF programs build with: `$EGRESS_NIGHTLY`, else `nightly`.
-pub fn nightly_toolchain() -> String {
+pub(crate) fn nightly_toolchain() -> String {
     env::var(NIGHTLY_ENV)
         .ok()
         .filter(|name| !name.is_empty())
@@ -126,6 +126,32 @@ fn ensure_rust_src(toolchain: &str) -> Result<()> {
         return Ok(());
     }
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]))
+}
+
+/// Adds the rustup components `lint` needs to `toolchain` when they are missing.
+pub(crate) fn ensure_components(toolchain: &str, components: &[&str]) -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        toolchain,
+        "--installed",
+    ]))?;
+    let missing: Vec<&str> = components
+        .iter()
+        .copied()
+        .filter(|component| {
+            !installed
+                .lines()
+                .any(|line| line == *component || line.starts_with(&format!("{component}-")))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run(Command::new("rustup")
+        .args(["component", "add", "--toolchain", toolchain])
+        .args(&missing))
 }
 
 /// The LLVM major version in `rustc -vV` output (`LLVM version: 22.1.4`).

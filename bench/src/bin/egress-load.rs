@@ -7,6 +7,10 @@
 //!   then checks that the established ones still work.
 //!
 //! Every client prints one JSON line with its figures on stdout.
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary links every dependency of its package; the library uses most of them"
+)]
 
 use std::{
     net::SocketAddr,
@@ -37,7 +41,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// TCP echo server (several may listen on one port: SO_REUSEPORT).
+    /// TCP echo server (several may listen on one port: `SO_REUSEPORT`).
     Serve {
         #[arg(long, default_value = "0.0.0.0:9000")]
         listen: SocketAddr,
@@ -127,7 +131,7 @@ fn main() -> ExitCode {
 }
 
 /// Tens of thousands of sockets need more than the default 1024 descriptors: the soft limit
-/// goes up to the hard one (raising the hard one needs CAP_SYS_RESOURCE, which containers
+/// goes up to the hard one (raising the hard one needs `CAP_SYS_RESOURCE`, which containers
 /// often lack; spread the load over processes instead).
 fn raise_fd_limit() -> Result<u64> {
     let mut limit = libc::rlimit {
@@ -136,11 +140,11 @@ fn raise_fd_limit() -> Result<u64> {
     };
     // SAFETY: getrlimit/setrlimit with a valid struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) != 0 {
             return Err(std::io::Error::last_os_error()).context("reading RLIMIT_NOFILE");
         }
         limit.rlim_cur = limit.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
             return Err(std::io::Error::last_os_error()).context("raising RLIMIT_NOFILE");
         }
     }
@@ -193,6 +197,7 @@ async fn rr(server: SocketAddr, duration: Duration) -> Result<()> {
     }
     samples.sort_by(f64::total_cmp);
     let at = |q: f64| {
+        #[expect(clippy::cast_sign_loss, reason = "q and the length are not negative")]
         let rank = (q * samples.len() as f64).ceil() as usize;
         samples[rank.clamp(1, samples.len()) - 1]
     };
@@ -203,7 +208,7 @@ async fn rr(server: SocketAddr, duration: Duration) -> Result<()> {
     Ok(())
 }
 
-/// Closes with RST (SO_LINGER 0) as load tools do: no TIME_WAIT left to eat the client's
+/// Closes with RST (`SO_LINGER` 0) as load tools do: no `TIME_WAIT` left to eat the client's
 /// ephemeral ports, so the rate is the datapath's, not the port space's.
 async fn short_connection(server: SocketAddr) -> std::io::Result<()> {
     let mut stream = TcpStream::connect(server).await?;

@@ -30,7 +30,7 @@ const NAMESPACES: u32 = 10;
 const LOCAL_NODE: &str = "node-000";
 
 #[derive(Debug, clap::Args)]
-pub struct ControlPlaneArgs {
+pub(super) struct ControlPlaneArgs {
     /// Empty folder on a bpffs for the maps the measurement writes (removed afterwards).
     #[arg(long)]
     bpffs: PathBuf,
@@ -50,7 +50,7 @@ pub struct ControlPlaneArgs {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct OneArgs {
+pub(super) struct OneArgs {
     #[arg(long)]
     bpffs: PathBuf,
     #[arg(long)]
@@ -62,7 +62,7 @@ pub struct OneArgs {
 }
 
 #[derive(Debug, Serialize)]
-pub struct ControlPlaneReport {
+pub(super) struct ControlPlaneReport {
     pub runs: usize,
     pub results: Vec<ComboResult>,
     /// Combinations not measured, with the reason.
@@ -70,14 +70,14 @@ pub struct ControlPlaneReport {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Skipped {
+pub(super) struct Skipped {
     pub pods: u32,
     pub policies: u32,
     pub reason: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ComboResult {
+pub(super) struct ComboResult {
     pub pods: u32,
     pub policies: u32,
     pub policy_entries: usize,
@@ -91,13 +91,13 @@ pub struct ComboResult {
     pub label_changed_ms: SummaryJson,
     /// Of the above, the desired-state computation alone (median of the full reconciles).
     pub desired_state_ms: SummaryJson,
-    /// Peak resident memory of the measuring process (VmHWM).
+    /// Peak resident memory of the measuring process (`VmHWM`).
     pub peak_rss_mib: f64,
 }
 
 /// `Summary` as it crosses the process boundary.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct SummaryJson {
+pub(super) struct SummaryJson {
     pub median: f64,
     pub min: f64,
     pub max: f64,
@@ -115,7 +115,7 @@ impl From<Summary> for SummaryJson {
     }
 }
 
-pub fn run(args: &ControlPlaneArgs) -> anyhow::Result<ControlPlaneReport> {
+pub(super) fn run(args: &ControlPlaneArgs) -> anyhow::Result<ControlPlaneReport> {
     super::ensure_root()?;
     let exe = std::env::current_exe().context("locating egress-bench")?;
     let mut results = Vec::new();
@@ -165,7 +165,7 @@ pub fn run(args: &ControlPlaneArgs) -> anyhow::Result<ControlPlaneReport> {
     })
 }
 
-pub fn run_one(args: &OneArgs) -> anyhow::Result<ComboResult> {
+pub(super) fn run_one(args: &OneArgs) -> anyhow::Result<ComboResult> {
     super::ensure_root()?;
     anyhow::ensure!(
         args.runs > 0 && args.policies > 0,
@@ -202,9 +202,9 @@ fn measure(
     for _ in 0..args.runs {
         datapath.sync_maps(&MapContents::default())?;
         let started = Instant::now();
-        let state = desired::desired_state(inventory, LOCAL_NODE, local);
+        let wanted = desired::desired_state(inventory, LOCAL_NODE, local);
         desired_only.push(ms(started.elapsed()));
-        let contents = map_contents(&state);
+        let contents = map_contents(&wanted);
         datapath.sync_maps(&contents)?;
         full.push(ms(started.elapsed()));
         entries = contents.policies.len();
@@ -345,7 +345,7 @@ fn synthetic_inventory(pods: u32, policies: u32) -> anyhow::Result<Inventory> {
     Ok(inventory)
 }
 
-/// The gateway node's interfaces: eth0 with its InternalIP, holding the default route.
+/// The gateway node's interfaces: eth0 with its `InternalIP`, holding the default route.
 fn local_network() -> LocalNetwork {
     LocalNetwork {
         interfaces: vec![LocalInterface {

@@ -1,8 +1,8 @@
-//! Per-packet cost of every verdict path through BPF_PROG_TEST_RUN, next to two floors
+//! Per-packet cost of every verdict path through `BPF_PROG_TEST_RUN`, next to two floors
 //! (an empty TC program and a parse-only one), with the policy and NAT maps filled to
 //! several levels.
 //!
-//! BPF_PROG_TEST_RUN runs the program `repeat` times on the same skb, so a path that
+//! `BPF_PROG_TEST_RUN` runs the program `repeat` times on the same skb, so a path that
 //! rewrites the packet would see its own output on the next run. The SNAT and reverse-SNAT
 //! cases therefore install mirror entries: the translated packet translates back to the
 //! original one, so every repetition takes the same path with the full rewrite. A new flow
@@ -18,7 +18,13 @@ use aya::{
 };
 use egress_agent::datapath::testing::{
     OBJECT,
-    packets::{ACK, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, packet, scenario::*},
+    packets::{
+        ACK, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, packet,
+        scenario::{
+            DEST, EGRESS_IFINDEX, EGRESS_IP, GATEWAY, OTHER_DEST, POD, POD_IFINDEX, POD_NODE,
+            TUNNEL_IFINDEX,
+        },
+    },
 };
 use egress_common::{
     config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
@@ -43,8 +49,8 @@ const NAT_PORT: u16 = 20000;
 const NAT_MAP_SIZE: u32 = 262_144;
 
 #[derive(Debug, clap::Args)]
-pub struct DatapathArgs {
-    /// Repetitions per measurement (BPF_PROG_TEST_RUN `repeat`).
+pub(super) struct DatapathArgs {
+    /// Repetitions per measurement (`BPF_PROG_TEST_RUN` `repeat`).
     #[arg(long, default_value_t = 1_000_000)]
     reps: u32,
     /// Measurements per case; the report shows their median, min and max.
@@ -62,7 +68,7 @@ pub struct DatapathArgs {
 }
 
 #[derive(Debug, Serialize)]
-pub struct DatapathReport {
+pub(super) struct DatapathReport {
     pub reps: u32,
     pub runs: usize,
     pub new_flows: u32,
@@ -70,7 +76,7 @@ pub struct DatapathReport {
 }
 
 #[derive(Debug, Serialize)]
-pub struct CaseResult {
+pub(super) struct CaseResult {
     /// Stable identifier, e.g. `from_pod/no_match`.
     pub id: &'static str,
     pub program: &'static str,
@@ -84,7 +90,7 @@ pub struct CaseResult {
     pub ns_per_packet: Summary,
 }
 
-pub fn run(args: &DatapathArgs) -> anyhow::Result<DatapathReport> {
+pub(super) fn run(args: &DatapathArgs) -> anyhow::Result<DatapathReport> {
     ensure_root()?;
     anyhow::ensure!(
         args.reps > 0 && args.runs > 0,
@@ -472,7 +478,7 @@ impl BenchNode {
         Ok(())
     }
 
-    /// The gateway with mirror entries: POD:45000 translates to EGRESS_IP:20000 and back,
+    /// The gateway with mirror entries: POD:45000 translates to `EGRESS_IP:20000` and back,
     /// so repeated runs on one skb keep rewriting (see the module comment).
     fn setup_gateway(&mut self, policy_entries: u32, nat_entries: u32) -> anyhow::Result<()> {
         self.policy(

@@ -25,7 +25,7 @@ const POLL: Duration = Duration::from_millis(1);
 const PAUSE: Duration = Duration::from_millis(37);
 
 #[derive(Debug, clap::Args)]
-pub struct LatencyArgs {
+pub(super) struct LatencyArgs {
     /// The running agent's bpffs folder.
     #[arg(long)]
     bpffs: PathBuf,
@@ -49,7 +49,7 @@ pub struct LatencyArgs {
 }
 
 #[derive(Debug, Serialize)]
-pub struct LatencyReport {
+pub(super) struct LatencyReport {
     pub changes: u32,
     pub timed_out: u32,
     pub p50_ms: f64,
@@ -58,7 +58,7 @@ pub struct LatencyReport {
     pub ms: Summary,
 }
 
-pub fn run(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
+pub(super) fn run(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
     super::ensure_root()?;
     let split = |label: &str| {
         label

@@ -2,7 +2,7 @@
 //! process (peak memory is per process). Each prints one JSON document on stdout; the
 //! benchmark run (`crate::run_all`) collects them with the traffic measurements.
 //!
-//! - `datapath`: per-packet cost of every verdict path through BPF_PROG_TEST_RUN.
+//! - `datapath`: per-packet cost of every verdict path through `BPF_PROG_TEST_RUN`.
 //! - `control-plane`: reconcile time and peak memory on synthetic inventories.
 //! - `manifest-latency`: manifest written to policy entry in the kernel, against a running
 //!   agent.

@@ -20,8 +20,8 @@ impl Summary {
         let mut sorted = runs.clone();
         sorted.sort_by(f64::total_cmp);
         let mid = sorted.len() / 2;
-        let median = if sorted.len() % 2 == 0 {
-            (sorted[mid - 1] + sorted[mid]) / 2.0
+        let median = if sorted.len().is_multiple_of(2) {
+            f64::midpoint(sorted[mid - 1], sorted[mid])
         } else {
             sorted[mid]
         };
@@ -39,11 +39,12 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
+    #[expect(clippy::cast_sign_loss, reason = "q and the length are not negative")]
     let rank = (q * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Peak resident memory of this process so far (VmHWM), in bytes.
+/// Peak resident memory of this process so far (`VmHWM`), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
@@ -52,6 +53,10 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::float_cmp,
+    reason = "the expected values are exact: small integers and their halves"
+)]
 mod tests {
     use super::*;
 

@@ -28,8 +28,8 @@ impl Default for Timeouts {
     fn default() -> Self {
         Self {
             tcp_closing: Duration::from_secs(10),
-            tcp_idle: Duration::from_secs(6 * 3600),
-            other_idle: Duration::from_secs(60),
+            tcp_idle: Duration::from_hours(6),
+            other_idle: Duration::from_mins(1),
         }
     }
 }
@@ -58,8 +58,8 @@ pub fn monotonic_now_ns() -> u64 {
     // SAFETY: timespec is plain data, filled by the call.
     let mut now: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    now.tv_sec.cast_unsigned() * 1_000_000_000 + now.tv_nsec.cast_unsigned()
 }
 
 impl Datapath {

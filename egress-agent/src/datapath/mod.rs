@@ -239,7 +239,7 @@ impl Datapath {
     pub fn retire_other_versions(&self) {
         match self.pins.remove_other_versions() {
             Ok(removed) if !removed.is_empty() => {
-                info!(?removed, "removed the pins of other map-layout versions")
+                info!(?removed, "removed the pins of other map-layout versions");
             }
             Ok(_) => {}
             Err(error) => warn!(%error, "cannot remove the pins of other map-layout versions"),
@@ -265,7 +265,7 @@ impl Datapath {
             .cluster_cidrs
             .iter()
             .map(|net| {
-                let key = (net.prefix_len() as u32, net.network().octets());
+                let key = (u32::from(net.prefix_len()), net.network().octets());
                 (key, ClusterCidr::default())
             })
             .collect();
@@ -496,7 +496,10 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 
 /// Read-only views of pinned maps, for the CLI (`egress-agent bpf ...`).
 pub mod pinned {
-    use super::*;
+    use super::{
+        Counter, DatapathError, HashMap, LpmTrie, MapData, PerCpuArray, PinLayout, Pod, PolicyKey,
+        PolicyValue, Result, map_names, reason,
+    };
 
     fn open(pins: &PinLayout, name: &'static str) -> Result<aya::maps::Map> {
         let data = MapData::from_pin(pins.map(name))
@@ -529,7 +532,7 @@ pub mod pinned {
             .iter()
             .collect::<Result<_, _>>()
             .map_err(|source| DatapathError::Map { name, source })?;
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.sort_by_key(|a| a.0);
         Ok(entries)
     }
 
@@ -546,7 +549,7 @@ pub mod pinned {
         Ok(count)
     }
 
-    /// A pinned map's capacity (max_entries), as the kernel holds it.
+    /// A pinned map's capacity (`max_entries`), as the kernel holds it.
     pub fn capacity(pins: &PinLayout, name: &'static str) -> Result<u32> {
         aya::maps::MapInfo::from_pin(pins.map(name))
             .map(|info| info.max_entries())

@@ -17,9 +17,9 @@ use std::{
 use thiserror::Error;
 
 /// Version of the pinned map layout; bump when a map's key or value type changes.
-pub const LAYOUT_VERSION: &str = "v1";
+pub(super) const LAYOUT_VERSION: &str = "v1";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/egress-gateway";
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, Error)]
 pub enum PinError {
@@ -143,7 +143,7 @@ fn is_bpffs(path: &Path) -> bool {
     // SAFETY: statfs is plain old data, filled by the call.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and out pointer.
-    let ret = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    let ret = unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) };
     ret == 0 && stat.f_type as i64 == BPF_FS_MAGIC
 }
 

@@ -1,6 +1,6 @@
 //! The Kubernetes API source (kube-rs reflectors) and the policy status writer.
 //!
-//! Four reflectors (CiliumEgressGatewayPolicies, Pods, Nodes, Namespaces) keep local stores.
+//! Four reflectors (`CiliumEgressGatewayPolicies`, Pods, Nodes, Namespaces) keep local stores.
 //! Every change, and every (re)list, rebuilds the whole [`Inventory`] from those stores and
 //! publishes it as a complete [`Snapshot`]: the reconcile loop syncs the maps by mark and
 //! sweep against it, so a delete event lost before a relist cannot leave stale entries.
@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 
 use super::{Refusal, Snapshot};
 
-/// Plural resource name of CiliumEgressGatewayPolicy in the API paths.
+/// Plural resource name of `CiliumEgressGatewayPolicy` in the API paths.
 pub const POLICY_PLURAL: &str = "ciliumegressgatewaypolicies";
 /// Events arriving this close together become one snapshot: a burst (a rollout, a relist)
 /// costs one reconcile, while a lone event waits at most this long.
@@ -75,7 +75,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError
     Client::try_from(config).map_err(KubernetesError::Client)
 }
 
-/// CiliumEgressGatewayPolicy as a dynamic resource: the spec is decoded by
+/// `CiliumEgressGatewayPolicy` as a dynamic resource: the spec is decoded by
 /// [`policy::validate`]'s own types, never by a second definition.
 pub fn policy_resource() -> ApiResource {
     let (group, version) = policy::API_VERSION

@@ -2,7 +2,7 @@
 //! `kubectl get -o yaml` prints them, and publishes a new [`Snapshot`] whenever one changes.
 //!
 //! Symlinks are followed; entries whose name starts with `.` are skipped, which also skips the
-//! `..data` indirection of ConfigMap volumes while still reading the files they link. Files
+//! `..data` indirection of `ConfigMap` volumes while still reading the files they link. Files
 //! over [`MAX_FILE_SIZE`] are refused from their size (never read whole), and so are symlink
 //! loops, dangling links, unreadable files and non-regular files named `*.yaml` (a FIFO must
 //! not block the agent); the rest still loads.
@@ -59,7 +59,7 @@ pub fn watch(dir: PathBuf) -> watch::Receiver<Arc<Snapshot>> {
         loop {
             tokio::select! {
                 _ = woken.recv() => tokio::time::sleep(SETTLE).await,
-                _ = tokio::time::sleep(MANIFEST_POLL) => {}
+                () = tokio::time::sleep(MANIFEST_POLL) => {}
             }
             let current = fingerprint(&dir);
             if current == last {
@@ -192,7 +192,7 @@ fn walk(dir: &Path) -> (Vec<FoundFile>, Vec<ManifestError>) {
         for entry in entries {
             match entry {
                 Ok(entry) if !entry.file_name().to_string_lossy().starts_with('.') => {
-                    paths.push(entry.path())
+                    paths.push(entry.path());
                 }
                 Ok(_) => {}
                 Err(e) => errors.push(io_error(&dir, e)),

@@ -357,7 +357,7 @@ fn random_packets_never_break_the_gateway_invariants() {
         );
         // Corrupt a few bytes anywhere past the Ethernet header, now and then.
         if random.below(2) == 0 {
-            for _ in 0..1 + random.below(4) {
+            for _ in 0..=random.below(4) {
                 let at = 14 + random.below((frame.len() - 14) as u64) as usize;
                 frame[at] = random.next() as u8;
             }

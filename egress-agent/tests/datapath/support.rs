@@ -102,7 +102,7 @@ impl Node {
             source_ip: pod.octets(),
             dest_ip: net.network().octets(),
         };
-        trie.insert(&Key::new(32 + net.prefix_len() as u32, key), value, 0)
+        trie.insert(&Key::new(32 + u32::from(net.prefix_len()), key), value, 0)
             .unwrap();
     }
 

@@ -238,7 +238,7 @@ impl Inventory {
     }
 
     /// The gateway node of a selector: the first matching node, by name, that has an
-    /// InternalIP (a node without one cannot terminate the tunnel).
+    /// `InternalIP` (a node without one cannot terminate the tunnel).
     pub fn gateway_node(&self, selector: &Selector) -> Option<&Node> {
         self.nodes
             .values()
@@ -317,7 +317,7 @@ impl<'a> PodIndex<'a> {
 pub mod test_support {
     //! Small builders shared by the tests of the control-plane modules and of the binary.
 
-    use super::*;
+    use super::{BTreeMap, Ipv4Addr, Node, Pod, Policy, policy};
 
     pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

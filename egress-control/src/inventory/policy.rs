@@ -1,4 +1,4 @@
-//! CiliumEgressGatewayPolicy (cilium.io/v2): raw serde types and validation.
+//! `CiliumEgressGatewayPolicy` (cilium.io/v2): raw serde types and validation.
 
 use std::{
     collections::BTreeSet,
@@ -68,7 +68,7 @@ pub struct Policy {
     pub gateways: Vec<GatewaySpec>,
 }
 
-/// One `spec.selectors[]` entry; the three parts are ANDed. `None` means "any".
+/// One `spec.selectors[]` entry; the three parts are `ANDed`. `None` means "any".
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicySelector {
     pub pod_selector: Selector,
@@ -238,6 +238,10 @@ impl Errors<'_> {
 }
 
 /// `None` when invalid; `Some(None)` when absent.
+#[expect(
+    clippy::option_option,
+    reason = "absent and invalid are both not a selector, and the caller treats them apart"
+)]
 fn selector(
     raw: Option<&LabelSelector>,
     path: &str,

@@ -5,6 +5,10 @@
 //! gateway's egress IP), and after the pod was rescheduled to another node (still the egress
 //! IP). Prints the agents' egress tables and a summary, and tears everything down (also on
 //! Ctrl-C or an error). Exits non-zero if the destination saw anything else.
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary links every dependency of its package; the library uses most of them"
+)]
 
 use std::{
     io::Write,
@@ -206,12 +210,12 @@ fn egress_ip_on_gateway(cluster: &Cluster, pod: &Pod) -> Result<Ipv4Addr> {
         .egress_list(GATEWAY)?
         .iter()
         .find(|entry| entry.source() == Some(pod.ip))
-        .and_then(|entry| entry.egress())
+        .and_then(egress_tests::EgressEntry::egress)
         .with_context(|| format!("{GATEWAY} has no egress entry for {}", pod.ip))
 }
 
 fn print_pod(pod: &Pod) {
-    println!("  {:<8} {:<8} {:<12} {}", "NAME", "STATUS", "IP", "NODE");
+    println!("  {:<8} {:<8} {:<12} NODE", "NAME", "STATUS", "IP");
     println!(
         "  {:<8} {:<8} {:<12} {}",
         pod.name, "Running", pod.ip, pod.node
@@ -249,10 +253,7 @@ fn summarize(steps: &[Step], took: Duration) -> Result<()> {
             wrong.meaning
         );
     }
-    let egress = steps
-        .last()
-        .map(|step| step.seen)
-        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let egress = steps.last().map_or(Ipv4Addr::UNSPECIFIED, |step| step.seen);
     println!("\nThe destination saw the egress IP {egress} wherever my-app ran.");
     Ok(())
 }
@@ -268,10 +269,10 @@ fn tear_down_on_signals() -> Result<()> {
     // SAFETY: sigset manipulation on a local set, then pthread_sigmask on the calling thread.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) != 0 {
             bail!("pthread_sigmask failed");
         }
         set
@@ -279,7 +280,7 @@ fn tear_down_on_signals() -> Result<()> {
     std::thread::spawn(move || {
         let mut signal: libc::c_int = 0;
         // SAFETY: sigwait on a valid set and a valid out pointer.
-        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+        if unsafe { libc::sigwait(&raw const set, &raw mut signal) } == 0 {
             eprintln!("\ninterrupted: tearing the cluster down ...");
             teardown_all_clusters();
             std::process::exit(130);

@@ -8,6 +8,10 @@
 //! `tcp-hold` / `udp-stream`: long-lived flows until a stop file appears, then a JSON summary.
 //! `udp-probe`: one datagram on a connected socket, printing `refused`, `reply <src>` or
 //! `timeout` (an ICMP port unreachable must reach the pod as ECONNREFUSED).
+#![allow(
+    unused_crate_dependencies,
+    reason = "a binary links every dependency of its package; the library uses most of them"
+)]
 
 use std::{
     fs::{File, OpenOptions},
@@ -142,7 +146,9 @@ type Log = Arc<Mutex<File>>;
 
 fn record(log: &Log, protocol: PeerProtocol, source: SocketAddr) {
     if let SocketAddr::V4(source) = source {
-        let mut file = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut file = log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let _ = file.write_all(format_record(protocol, source).as_bytes());
     }
 }
@@ -471,8 +477,8 @@ fn tcp_hold(
 fn udp_stream(server: SocketAddr, until_file: &std::path::Path, interval: Duration) -> Result<()> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     socket.connect(server)?;
-    let receiver = socket.try_clone()?;
-    receiver.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let reader = socket.try_clone()?;
+    reader.set_read_timeout(Some(Duration::from_millis(200)))?;
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let listener = {
         let done = done.clone();
@@ -484,7 +490,7 @@ fn udp_stream(server: SocketAddr, until_file: &std::path::Path, interval: Durati
             let mut max_gap = Duration::ZERO;
             let mut buffer = [0u8; 2048];
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                match receiver.recv(&mut buffer) {
+                match reader.recv(&mut buffer) {
                     Ok(length) => {
                         received += 1;
                         max_gap = max_gap.max(last.elapsed());
@@ -515,7 +521,7 @@ fn udp_stream(server: SocketAddr, until_file: &std::path::Path, interval: Durati
         thread::sleep(interval);
     }
     // Replies still in flight.
-    thread::sleep(Duration::from_millis(1000));
+    thread::sleep(Duration::from_secs(1));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (received, sources, errors, max_gap) = listener
         .join()
@@ -552,7 +558,7 @@ fn udp_probe(server: SocketAddr, timeout: Duration) -> Result<()> {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
-            println!("timeout")
+            println!("timeout");
         }
         Err(error) => bail!("receiving: {error}"),
     }

@@ -1,11 +1,11 @@
-//! Building Ethernet/IPv4 frames for BPF_PROG_TEST_RUN, shared by the datapath tests and
+//! Building Ethernet/IPv4 frames for `BPF_PROG_TEST_RUN`, shared by the datapath tests and
 //! the benchmarks (which measure the same programs with the same packets).
 
 use std::net::Ipv4Addr;
 
 use egress_common::flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
-/// TC verdicts as BPF_PROG_TEST_RUN returns them.
+/// TC verdicts as `BPF_PROG_TEST_RUN` returns them.
 pub const TC_ACT_NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): TCX "next", packet untouched
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
@@ -55,7 +55,7 @@ pub fn checksum(data: &[u8], initial: u32) -> u16 {
         } else {
             u16::from_be_bytes([chunk[0], 0])
         };
-        sum += word as u32;
+        sum += u32::from(word);
     }
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
@@ -66,10 +66,10 @@ pub fn checksum(data: &[u8], initial: u32) -> u16 {
 pub fn pseudo_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
     let mut sum = 0u32;
     for pair in [src, dst] {
-        sum += u16::from_be_bytes([pair[0], pair[1]]) as u32;
-        sum += u16::from_be_bytes([pair[2], pair[3]]) as u32;
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+        sum += u32::from(u16::from_be_bytes([pair[2], pair[3]]));
     }
-    sum + proto as u32 + len as u32
+    sum + u32::from(proto) + len as u32
 }
 
 pub fn packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, l4: L4) -> Vec<u8> {
