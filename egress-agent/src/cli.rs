@@ -221,23 +221,9 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {}", error_chain(&error));
+            // Every error keeps its cause in `source()`: `{:#}` prints the chain, each once.
+            eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes, skipping a cause the message before it already quotes (many
-/// errors print their source themselves, and anyhow's `{:#}` would repeat it).
-fn error_chain(error: &anyhow::Error) -> String {
-    let mut text = error.to_string();
-    let mut last = text.clone();
-    for cause in error.chain().skip(1) {
-        let cause = cause.to_string();
-        if !last.contains(&cause) {
-            text = format!("{text}: {cause}");
-        }
-        last = cause;
-    }
-    text
 }

@@ -7,6 +7,7 @@
 //! [`report`], which [`metrics`] and [`status`] read. [`inspect`] prints the pinned state
 //! (`bpf egress list`, ...) and checks manifests.
 
+pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod datapath;

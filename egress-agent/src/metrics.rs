@@ -32,6 +32,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
 
 use crate::{
+    chain::Chain,
     datapath::{PinLayout, pinned},
     report::Report,
 };
@@ -51,7 +52,7 @@ const SIZED_MAPS: [&str; 5] = [
 
 #[derive(Debug, Error)]
 pub enum MetricsError {
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}")]
     Bind {
         address: SocketAddr,
         source: std::io::Error,
@@ -134,17 +135,19 @@ impl DatapathSample {
     /// Reads the maps; failures are logged and leave the metric out of this scrape.
     fn read(pins: &PinLayout) -> Self {
         let counters = pinned::counters(pins)
-            .inspect_err(|error| warn!(%error, "metrics: cannot read the packet counters"))
+            .inspect_err(
+                |error| warn!(error = %Chain(&error), "metrics: cannot read the packet counters"),
+            )
             .ok();
         let nat_entries = pinned::hash_len::<FlowKey, NatForward>(pins, map_names::NAT_FORWARD)
-            .inspect_err(|error| warn!(%error, "metrics: cannot count NAT entries"))
+            .inspect_err(|error| warn!(error = %Chain(&error), "metrics: cannot count NAT entries"))
             .ok();
         let capacities = SIZED_MAPS
             .iter()
             .filter_map(|name| match pinned::capacity(pins, name) {
                 Ok(capacity) => Some((*name, capacity)),
                 Err(error) => {
-                    warn!(%error, "metrics: cannot read a map's capacity");
+                    warn!(error = %Chain(&error), "metrics: cannot read a map's capacity");
                     None
                 }
             })
@@ -318,7 +321,7 @@ async fn accept(listener: TcpListener, server: Arc<Server>) {
             Ok((stream, _)) => stream,
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                warn!(%error, "metrics: cannot accept a connection");
+                warn!(error = %Chain(&error), "metrics: cannot accept a connection");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -334,7 +337,7 @@ async fn accept(listener: TcpListener, server: Arc<Server>) {
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(error) = connection.await {
-                debug!(%error, "metrics: connection ended with an error");
+                debug!(error = %Chain(&error), "metrics: connection ended with an error");
             }
         });
     }

@@ -18,9 +18,9 @@ pub const TUNNEL_OVERHEAD: u32 = 50;
 
 #[derive(Debug, Error)]
 pub enum NetlinkError {
-    #[error("cannot open a netlink socket: {0}")]
+    #[error("cannot open a netlink socket")]
     Socket(#[source] std::io::Error),
-    #[error("netlink {what}: {source}")]
+    #[error("netlink {what}")]
     Request {
         what: &'static str,
         source: rtnetlink::Error,

@@ -13,7 +13,7 @@ pub const KEPT: [Capability; 2] = [Capability::CAP_BPF, Capability::CAP_NET_ADMI
 
 #[derive(Debug, Error)]
 pub enum PrivilegeError {
-    #[error("cannot inspect {path}: {source}")]
+    #[error("cannot inspect {path}")]
     Stat {
         path: String,
         source: std::io::Error,
@@ -24,7 +24,7 @@ pub enum PrivilegeError {
          (chown root {path} && chmod 0700 {path})"
     )]
     NotPrivate { path: String, uid: u32, mode: u32 },
-    #[error("cannot drop capabilities: {0}")]
+    #[error("cannot drop capabilities")]
     Caps(#[from] caps::errors::CapsError),
 }
 

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
+    chain::Chain,
     config::AgentConfig,
     datapath::{Attachment, Datapath, Hook, MapContents, check_capacity},
     netlink,
@@ -137,7 +138,7 @@ impl<'a> Reconciler<'a> {
         };
         if self.written_config != Some(datapath_config) {
             if let Err(error) = datapath.write_config(datapath_config) {
-                error!(%error, "cannot write the datapath config");
+                error!(error = %Chain(&error), "cannot write the datapath config");
                 return;
             }
             self.written_config = Some(datapath_config);
@@ -168,12 +169,12 @@ impl<'a> Reconciler<'a> {
         // traffic is already steered (a pod may start sending the moment it sees that).
         let attach_errors = datapath.sync_attachments(&attachments);
         for error in &attach_errors {
-            warn!(%error, "attachment failed");
+            warn!(error = %Chain(&error), "attachment failed");
         }
         let stats = match datapath.sync_maps(&contents) {
             Ok(stats) => stats,
             Err(error) => {
-                error!(%error, "cannot program the maps");
+                error!(error = %Chain(&error), "cannot program the maps");
                 return;
             }
         };

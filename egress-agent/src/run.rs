@@ -16,6 +16,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    chain::Chain,
     config::{AgentConfig, SourceConfig},
     datapath::{Datapath, PinLayout, monotonic_now_ns},
     metrics,
@@ -70,7 +71,7 @@ async fn run_async(config: &AgentConfig) -> anyhow::Result<ExitCode> {
     );
     match privileges::drop_capabilities() {
         Ok(kept) => info!(?kept, "dropped every other capability"),
-        Err(error) => warn!(%error, "running with all capabilities"),
+        Err(error) => warn!(error = %Chain(&error), "running with all capabilities"),
     }
     event_loop(config, &mut started, &mut reconciler).await?;
     info!("stopping; pinned state stays, so traffic keeps flowing until the next agent");
@@ -171,7 +172,7 @@ async fn event_loop(
                     last_sync = Instant::now();
                 }
             }
-            Err(error) => error!(%error, "cannot read the node's interfaces"),
+            Err(error) => error!(error = %Chain(&error), "cannot read the node's interfaces"),
         }
         if last_gc.elapsed() >= gc_interval {
             last_gc = Instant::now();
@@ -187,7 +188,7 @@ async fn event_loop(
                     );
                 }
                 Ok(_) => {}
-                Err(error) => error!(%error, "expiring NAT entries failed"),
+                Err(error) => error!(error = %Chain(&error), "expiring NAT entries failed"),
             }
         }
         tokio::select! {

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
+    chain::Chain,
     report::Report,
     source::{Refusal, kubernetes::policy_resource},
 };
@@ -255,7 +256,9 @@ pub fn spawn_status_writer(
                              subresource (apply deploy/crd.yaml)"
                         );
                     }
-                    Err(error) => warn!(policy = name, %error, "cannot write the policy status"),
+                    Err(error) => {
+                        warn!(policy = name, error = %Chain(&error), "cannot write the policy status");
+                    }
                 }
             }
         }

@@ -39,3 +39,5 @@ pub struct DatapathConfig {
     /// Reserved for IPv6 and gateway-failover settings; zero today.
     pub reserved: u16,
 }
+
+assert_size!(DatapathConfig = 16);

@@ -63,3 +63,5 @@ pub struct SteeredFlow {
 pub struct InboundFlow {
     pub last_seen_ns: u64,
 }
+
+assert_size!(FlowKey = 16, SteeredFlow = 16, InboundFlow = 8);

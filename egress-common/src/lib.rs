@@ -7,6 +7,17 @@
 //! conversion.
 #![no_std]
 
+/// Fails the build when a map type's size changes: the datapath, the agent and the maps a
+/// running agent pinned all depend on it (a change needs a new pin layout version).
+macro_rules! assert_size {
+    ($($type:ty = $bytes:literal),* $(,)?) => {
+        $(const _: () = assert!(
+            core::mem::size_of::<$type>() == $bytes,
+            concat!("the size of ", stringify!($type), " changed")
+        );)*
+    };
+}
+
 pub mod config;
 pub mod counters;
 pub mod flow;
@@ -22,34 +33,42 @@ pub type Ipv4 = [u8; 4];
 /// A TCP/UDP port (or ICMP echo identifier) in network byte order.
 pub type Port = [u8; 2];
 
+/// Declares each map name once; `ALL` lists them in declaration order.
+macro_rules! map_names {
+    ($($(#[doc = $doc:literal])* $map:ident = $name:literal,)*) => {
+        $($(#[doc = $doc])* pub const $map: &str = $name;)*
+
+        /// Every map the agent pins, in a stable order.
+        pub const ALL: &[&str] = &[$($map),*];
+    };
+}
+
 /// Names of the maps in the eBPF object, used by the agent to find and pin them.
 pub mod map_names {
-    pub const POLICIES: &str = "EGRESS_POLICIES";
-    pub const NAT_FORWARD: &str = "NAT_FORWARD";
-    pub const NAT_REVERSE: &str = "NAT_REVERSE";
-    pub const STEERED_FLOWS: &str = "STEERED_FLOWS";
-    pub const INBOUND_FLOWS: &str = "INBOUND_FLOWS";
-    pub const NODES: &str = "NODES";
-    pub const LOCAL_PODS: &str = "LOCAL_PODS";
-    pub const EGRESS_IPS: &str = "EGRESS_IPS";
-    pub const CONFIG: &str = "CONFIG";
-    pub const COUNTERS: &str = "COUNTERS";
-    pub const CLUSTER_CIDRS: &str = "CLUSTER_CIDRS";
-
-    /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 11] = [
-        POLICIES,
-        NAT_FORWARD,
-        NAT_REVERSE,
-        STEERED_FLOWS,
-        INBOUND_FLOWS,
-        NODES,
-        LOCAL_PODS,
-        EGRESS_IPS,
-        CONFIG,
-        COUNTERS,
-        CLUSTER_CIDRS,
-    ];
+    map_names! {
+        /// The policy LPM trie: (pod IP, destination CIDR) -> (egress IP, gateway IP).
+        POLICIES = "EGRESS_POLICIES",
+        /// The gateway's translations, by the pod's flow.
+        NAT_FORWARD = "NAT_FORWARD",
+        /// The gateway's translations, by the reply's flow.
+        NAT_REVERSE = "NAT_REVERSE",
+        /// Flows the pod's node sent through the tunnel.
+        STEERED_FLOWS = "STEERED_FLOWS",
+        /// Flows that came in to a local pod (their replies keep their path).
+        INBOUND_FLOWS = "INBOUND_FLOWS",
+        /// The cluster's nodes, by InternalIP.
+        NODES = "NODES",
+        /// This node's pods, by IP, with their host interface.
+        LOCAL_PODS = "LOCAL_PODS",
+        /// The egress IPs this node serves as a gateway, with their interface.
+        EGRESS_IPS = "EGRESS_IPS",
+        /// The one `DatapathConfig` entry.
+        CONFIG = "CONFIG",
+        /// Per-CPU packet counters, one slot per `counters::reason`.
+        COUNTERS = "COUNTERS",
+        /// In-cluster destinations (pod CIDRs, `--cluster-cidr`), never steered.
+        CLUSTER_CIDRS = "CLUSTER_CIDRS",
+    }
 }
 
 /// Names of the TC programs in the eBPF object.

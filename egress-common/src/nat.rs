@@ -31,3 +31,5 @@ pub struct NatReverse {
     pub _pad2: u32,
     pub last_seen_ns: u64,
 }
+
+assert_size!(NatForward = 24, NatReverse = 24);

@@ -36,3 +36,5 @@ pub struct EgressIp {
     pub ifindex: u32,
     pub _pad: u32,
 }
+
+assert_size!(NodeInfo = 8, LocalPod = 8, ClusterCidr = 4, EgressIp = 8);

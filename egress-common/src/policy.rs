@@ -35,3 +35,5 @@ pub struct PolicyValue {
     /// Reserved for gateway groups (several gateways with failover); zero today.
     pub reserved: u32,
 }
+
+assert_size!(PolicyKey = 8, PolicyValue = 16);

@@ -38,6 +38,8 @@ pub use pins::{DEFAULT_BPFFS, PinError, PinLayout};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+use crate::chain::Chain;
+
 /// The compiled datapath, built by build.rs: the programs the agent attaches, nothing else.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-ebpf"));
 
@@ -45,21 +47,21 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub enum DatapathError {
     #[error(transparent)]
     Pin(#[from] PinError),
-    #[error("cannot load the eBPF object: {0}")]
+    #[error("cannot load the eBPF object")]
     Load(#[from] aya::EbpfError),
-    #[error("eBPF program {name}: {source}")]
+    #[error("eBPF program {name}")]
     Program {
         name: &'static str,
         source: ProgramError,
     },
     #[error("eBPF program {0} missing from the object")]
     MissingProgram(&'static str),
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         source: MapError,
     },
-    #[error("cannot attach {hook} to {ifname} (ifindex {ifindex}): {source}")]
+    #[error("cannot attach {hook} to {ifname} (ifindex {ifindex})")]
     Attach {
         hook: Hook,
         ifname: String,
@@ -242,7 +244,9 @@ impl Datapath {
                 info!(?removed, "removed the pins of other map-layout versions");
             }
             Ok(_) => {}
-            Err(error) => warn!(%error, "cannot remove the pins of other map-layout versions"),
+            Err(error) => {
+                warn!(error = %Chain(&error), "cannot remove the pins of other map-layout versions");
+            }
         }
     }
 

@@ -23,13 +23,13 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, Error)]
 pub enum PinError {
-    #[error("cannot create pin folder {path}: {source}")]
+    #[error("cannot create pin folder {path}")]
     CreateDir { path: PathBuf, source: io::Error },
-    #[error("cannot mount bpffs at {path}: {source}")]
+    #[error("cannot mount bpffs at {path}")]
     Mount { path: PathBuf, source: io::Error },
-    #[error("cannot read pin folder {path}: {source}")]
+    #[error("cannot read pin folder {path}")]
     ReadDir { path: PathBuf, source: io::Error },
-    #[error("cannot remove {path}: {source}")]
+    #[error("cannot remove {path}")]
     Remove { path: PathBuf, source: io::Error },
 }
 

@@ -37,6 +37,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use super::{Refusal, Snapshot};
+use crate::chain::Chain;
 
 /// Plural resource name of `CiliumEgressGatewayPolicy` in the API paths.
 pub const POLICY_PLURAL: &str = "ciliumegressgatewaypolicies";
@@ -46,14 +47,14 @@ const DEBOUNCE: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesError {
-    #[error("reading kubeconfig {path}: {source}")]
+    #[error("reading kubeconfig {path}")]
     Kubeconfig {
         path: String,
         source: kube::config::KubeconfigError,
     },
-    #[error("no in-cluster configuration ({0}); outside a cluster, pass --kubeconfig FILE")]
+    #[error("no in-cluster configuration (outside a cluster, pass --kubeconfig FILE)")]
     InCluster(#[source] kube::config::InClusterError),
-    #[error("creating the Kubernetes client: {0}")]
+    #[error("creating the Kubernetes client")]
     Client(#[source] kube::Error),
 }
 
@@ -214,7 +215,7 @@ impl Reflector {
                         );
                     }
                     Err(error) => {
-                        warn!(resource = self.name, %error, "watch failed; retrying");
+                        warn!(resource = self.name, error = %Chain(&error), "watch failed; retrying");
                     }
                 }
             }

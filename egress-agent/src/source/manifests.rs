@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
 use super::{Refusal, Snapshot};
+use crate::chain::Chain;
 
 /// Safety net behind inotify: how often the manifests folder is compared anyway (inotify
 /// misses changes behind symlinks that point out of the folder, or when its queue overflows).
@@ -48,7 +49,7 @@ pub fn watch(dir: PathBuf) -> watch::Receiver<Arc<Snapshot>> {
     let watcher = match watcher {
         Ok(watcher) => Some(watcher),
         Err(error) => {
-            warn!(%error, dir = %dir.display(), "no inotify watch; polling the folder instead");
+            warn!(error = %Chain(&error), dir = %dir.display(), "no inotify watch; polling the folder instead");
             None
         }
     };
