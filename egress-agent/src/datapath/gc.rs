@@ -11,7 +11,7 @@ use egress_common::{
     nat::{NatForward, NatReverse},
 };
 
-use super::{Datapath, DatapathError, ignore_missing};
+use super::{Datapath, DatapathError, sync::ignore_missing};
 
 /// How long entries may stay idle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

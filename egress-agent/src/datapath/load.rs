@@ -1,0 +1,85 @@
+//! Loading the eBPF object: maps adopted from the pins of an earlier agent (so NAT and flow
+//! state survive a restart), programs loaded, the datapath config written.
+
+use std::{collections::BTreeSet, path::PathBuf};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, MapData},
+};
+use egress_common::{config::DatapathConfig, map_names};
+use tracing::{info, warn};
+
+use super::{Datapath, DatapathError, Hook, PinLayout, Result, program_mut};
+use crate::chain::Chain;
+
+/// The compiled datapath, built by build.rs: the programs the agent attaches, nothing else.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress-ebpf"));
+
+/// Map capacities, settable at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub policies: u32,
+    pub nat: u32,
+}
+
+impl Datapath {
+    /// Loads the object, reusing maps pinned by an earlier agent (so NAT and flow state
+    /// survive a restart), and loads the programs into the kernel.
+    pub fn load(pins: PinLayout, sizes: MapSizes) -> Result<Self> {
+        pins.prepare()?;
+        let paths: Vec<(&'static str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|name| (*name, pins.map(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader
+            .map_max_entries(map_names::POLICIES, sizes.policies)
+            .map_max_entries(map_names::NAT_FORWARD, sizes.nat)
+            .map_max_entries(map_names::NAT_REVERSE, sizes.nat);
+        let mut ebpf = loader.load(OBJECT)?;
+        for hook in Hook::ALL {
+            program_mut(&mut ebpf, hook.program())?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    name: hook.program(),
+                    source,
+                })?;
+        }
+        Ok(Self {
+            ebpf,
+            pins,
+            refreshed: BTreeSet::new(),
+        })
+    }
+
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
+    /// Detaches and unpins what agents of other map-layout versions left.
+    pub fn retire_other_versions(&self) {
+        match self.pins.remove_other_versions() {
+            Ok(removed) if !removed.is_empty() => {
+                info!(?removed, "removed the pins of other map-layout versions");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                warn!(error = %Chain(&error), "cannot remove the pins of other map-layout versions");
+            }
+        }
+    }
+
+    pub fn write_config(&mut self, config: DatapathConfig) -> Result<()> {
+        let mut array: Array<&mut MapData, DatapathConfig> = self.map_mut(map_names::CONFIG)?;
+        array
+            .set(0, config, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map_names::CONFIG,
+                source,
+            })
+    }
+}
