@@ -83,3 +83,30 @@ impl Datapath {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use egress_common::program_names;
+
+    use super::*;
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|window| window == needle.as_bytes())
+    }
+
+    #[test]
+    fn the_shipped_object_has_the_agents_programs_and_no_test_programs() {
+        for program in Hook::ALL.map(Hook::program) {
+            assert!(contains(OBJECT, program), "{program} missing");
+        }
+        for test_only in [
+            program_names::TEST_FROM_TUNNEL,
+            program_names::BENCH_EMPTY,
+            program_names::BENCH_PARSE_ONLY,
+        ] {
+            assert!(!contains(OBJECT, test_only), "{test_only} is in the object");
+        }
+    }
+}
