@@ -35,6 +35,10 @@ const SETTLE: Duration = Duration::from_millis(5);
 /// Watches a manifests folder: a new snapshot whenever a file changes (path, size, mtime),
 /// noticed through inotify within milliseconds.
 pub fn watch(dir: PathBuf) -> watch::Receiver<Arc<Snapshot>> {
+    // The fingerprint before the first load: a change made while loading (or before the
+    // watcher below starts) then differs from it and is picked up by the first poll. Taken
+    // after the load, such a change would go unseen until the next one.
+    let mut last = fingerprint(&dir);
     let first = load(&dir);
     let (sender, receiver) = watch::channel(Arc::new(first));
     let (wake, mut woken) = mpsc::channel::<()>(1);
@@ -56,7 +60,6 @@ pub fn watch(dir: PathBuf) -> watch::Receiver<Arc<Snapshot>> {
     tokio::spawn(async move {
         // Dropping the watcher would stop the events.
         let _watcher = watcher;
-        let mut last = fingerprint(&dir);
         loop {
             tokio::select! {
                 _ = woken.recv() => tokio::time::sleep(SETTLE).await,
