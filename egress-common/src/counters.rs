@@ -73,6 +73,9 @@ pub mod reason {
         /// Matched traffic to a node or pod of the cluster: egress gateways only apply to traffic
         /// leaving the cluster (as in Cilium), so even `0.0.0.0/0` never steers pod-to-pod traffic.
         PASS_IN_CLUSTER = 17 => "pass_in_cluster",
+        /// Matched traffic the gateway would forward with its TTL run out: handed to the
+        /// kernel, which answers with ICMP time exceeded as the router it is (traceroute).
+        PASS_TTL_EXCEEDED = 18 => "pass_ttl_exceeded",
     }
 
     /// Capacity of the `COUNTERS` map.

@@ -33,8 +33,8 @@ mod test_programs;
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_tunnel_key},
     helpers::{
-        bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_get_tunnel_key,
-        bpf_skb_set_tunnel_key,
+        bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_type,
+        bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
     },
     macros::classifier,
     programs::TcContext,
@@ -54,12 +54,16 @@ use crate::{
         STEERED_FLOWS, config, count,
     },
     nat::Translation,
-    packet::{End, Packet, clamp_mss, parse, quoted_packet, rewrite, rewrite_icmp_error},
+    packet::{
+        End, Packet, clamp_mss, decrement_ttl, parse, quoted_packet, rewrite, rewrite_icmp_error,
+    },
 };
 
 pub(crate) const PASS: i32 = TC_ACT_UNSPEC;
 pub(crate) const DROP: i32 = TC_ACT_SHOT;
 const TUNNEL_TTL: u8 = 64;
+/// `skb->pkt_type` of a frame addressed to this host.
+const PACKET_HOST: u32 = 0;
 
 #[inline(always)]
 fn drop(reason: u32, packet: &Packet) -> i32 {
@@ -115,8 +119,9 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
     }
     // Matched: from here on the packet either takes the gateway path or is dropped, unless
     // it belongs to a connection that predates the policy or came in to the pod.
-    if packet.is_icmp_error() {
-        // The pod reports a problem with traffic that reached it: an inbound flow's path.
+    if packet.is_icmp_error() || packet.is_icmp_echo_reply() {
+        // The pod answers a ping, or reports a problem with traffic, that reached it: an
+        // inbound flow's path.
         count(reason::PASS_EXISTING_FLOW, packet.len);
         return PASS;
     }
@@ -264,7 +269,9 @@ fn gateway_request(
     if policy.gateway_ip != config.node_ip || policy.pod_node_ip != remote {
         return drop(reason::DROP_NOT_ALLOWED, packet);
     }
-    if !packet.translatable {
+    // A pod's echo reply answers an inbound ping and never opens a flow: from_pod keeps it
+    // on its path, so one arriving here came from elsewhere.
+    if !packet.translatable || packet.is_icmp_echo_reply() {
         return drop(reason::DROP_UNSUPPORTED, packet);
     }
     snat_and_send(ctx, packet, &policy, remote, config, now())
@@ -310,6 +317,16 @@ fn snat_and_send(
         return drop(reason::DROP_NO_EGRESS_IP, packet);
     };
     let ifindex = egress.ifindex;
+    // The gateway forwards as a router: a packet whose TTL runs out here goes to the kernel,
+    // which answers the pod with ICMP time exceeded (so traceroute shows the gateway).
+    if packet.ttl <= 1 {
+        // A frame from the tunnel carries the pod node's MAC: mark it for this host, or the
+        // kernel would drop it as another host's before forwarding (and answering) it.
+        // SAFETY: helper on this program's skb.
+        unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+        count(reason::PASS_TTL_EXCEEDED, packet.len);
+        return PASS;
+    }
     let closing = packet.is_tcp_closing();
     let (translation, verdict) = match nat::translate(
         ctx,
@@ -333,6 +350,7 @@ fn snat_and_send(
         translation.nat_port,
     )
     .is_err()
+        || decrement_ttl(ctx, packet).is_err()
     {
         return drop(reason::DROP_ERROR, packet);
     }

@@ -12,6 +12,7 @@ use egress_common::{
 
 pub(crate) const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const IP_TTL_OFF: usize = ETH_HLEN + 8;
 const IP_CHECK_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
@@ -40,6 +41,7 @@ pub(crate) struct Packet {
     pub(crate) fragment: bool,
     pub(crate) tcp_flags: u8,
     pub(crate) icmp_type: u8,
+    pub(crate) ttl: u8,
     pub(crate) len: u32,
 }
 
@@ -65,6 +67,12 @@ impl Packet {
     #[inline(always)]
     pub(crate) fn is_tcp_closing(&self) -> bool {
         self.is_tcp() && self.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0
+    }
+
+    /// An ICMP echo reply: the answer to a ping that came in, never the start of a flow.
+    #[inline(always)]
+    pub(crate) fn is_icmp_echo_reply(&self) -> bool {
+        self.flow.protocol == PROTO_ICMP && !self.fragment && self.icmp_type == ICMP_ECHO_REPLY
     }
 
     /// An ICMP error (destination unreachable, time exceeded, parameter problem), which
@@ -98,7 +106,8 @@ pub(crate) fn parse(ctx: &TcContext) -> Option<Packet> {
     let frags: [u8; 2] = ctx.load(ETH_HLEN + 6).ok()?;
     // More-fragments flag or a non-zero offset: layer-4 ports are absent or incomplete.
     let fragment = u16::from_be_bytes(frags) & 0x3fff != 0;
-    let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    // TTL and protocol are neighbours: one load.
+    let [ttl, protocol]: [u8; 2] = ctx.load(IP_TTL_OFF).ok()?;
     let src_ip: Ipv4 = ctx.load(IP_SRC_OFF).ok()?;
     let dst_ip: Ipv4 = ctx.load(IP_DST_OFF).ok()?;
     let l4_off = ETH_HLEN + ihl;
@@ -116,6 +125,7 @@ pub(crate) fn parse(ctx: &TcContext) -> Option<Packet> {
         fragment,
         tcp_flags: 0,
         icmp_type: 0,
+        ttl,
         len: ctx.len(),
     };
     // A fragment, or a header claiming more bytes than the frame holds, is never
@@ -167,6 +177,17 @@ pub(crate) fn parse(ctx: &TcContext) -> Option<Packet> {
         _ => {}
     }
     Some(packet)
+}
+
+/// Decrements the TTL as a router does when it forwards, fixing the header checksum. The
+/// caller makes sure the TTL is above 1.
+#[inline(always)]
+pub(crate) fn decrement_ttl(ctx: &mut TcContext, packet: &Packet) -> Result<(), i64> {
+    let ttl = packet.ttl - 1;
+    let old = u64::from(u16::from_ne_bytes([packet.ttl, packet.flow.protocol]));
+    let new = u64::from(u16::from_ne_bytes([ttl, packet.flow.protocol]));
+    ctx.l3_csum_replace(IP_CHECK_OFF, old, new, 2)?;
+    ctx.store(IP_TTL_OFF, &ttl, 0)
 }
 
 /// Which end of the flow a rewrite touches.
@@ -276,10 +297,11 @@ pub(crate) fn clamp_mss(ctx: &mut TcContext, packet: &Packet, mss: u16) -> Resul
 pub(crate) struct QuotedPacket {
     pub(crate) flow: FlowKey,
     pub(crate) ip_off: usize,
-    pub(crate) l4_off: usize,
+    /// Where the quoted packet's source port (or echo identifier) is.
+    pub(crate) src_port_off: usize,
 }
 
-/// Parses the IPv4 + TCP/UDP packet quoted by an ICMP error.
+/// Parses the IPv4 + TCP/UDP or ICMP echo request packet quoted by an ICMP error.
 #[inline(always)]
 pub(crate) fn quoted_packet(ctx: &TcContext, packet: &Packet) -> Option<QuotedPacket> {
     if !packet.is_icmp_error() {
@@ -292,24 +314,27 @@ pub(crate) fn quoted_packet(ctx: &TcContext, packet: &Packet) -> Option<QuotedPa
         return None;
     }
     let protocol: u8 = ctx.load(ip_off + 9).ok()?;
-    if protocol != PROTO_TCP && protocol != PROTO_UDP {
-        return None;
-    }
     let src_ip: Ipv4 = ctx.load(ip_off + 12).ok()?;
     let dst_ip: Ipv4 = ctx.load(ip_off + 16).ok()?;
     let l4_off = ip_off + ihl;
-    let ports: [u8; 4] = ctx.load(l4_off).ok()?;
+    let head: [u8; 6] = ctx.load(l4_off).ok()?;
+    // The flow as `parse` keys it: for an echo request, the identifier is the source port.
+    let (src_port, dst_port, src_port_off) = match protocol {
+        PROTO_TCP | PROTO_UDP => ([head[0], head[1]], [head[2], head[3]], l4_off),
+        PROTO_ICMP if head[0] == ICMP_ECHO_REQUEST => ([head[4], head[5]], [0; 2], l4_off + 4),
+        _ => return None,
+    };
     Some(QuotedPacket {
         flow: FlowKey {
             src_ip,
             dst_ip,
-            src_port: [ports[0], ports[1]],
-            dst_port: [ports[2], ports[3]],
+            src_port,
+            dst_port,
             protocol,
             _pad: [0; 3],
         },
         ip_off,
-        l4_off,
+        src_port_off,
     })
 }
 
@@ -339,7 +364,7 @@ pub(crate) fn rewrite_icmp_error(
             u64::from(u16::from_ne_bytes(pod_port)),
             2,
         )?;
-        ctx.store(quoted.l4_off, &pod_port, 0)?;
+        ctx.store(quoted.src_port_off, &pod_port, 0)?;
     }
     Ok(())
 }

@@ -744,3 +744,110 @@ fn icmp_echo_and_full_size_packets_go_through_the_tunnel() {
         "{icmp_sources:?}"
     );
 }
+
+/// A host outside the cluster pings my-app while its policy covers that host: the echo
+/// replies answer an inbound flow, so they keep their path and arrive from the pod's own IP
+/// (they used to be steered to the gateway as a new flow and arrive broken, from the egress IP).
+#[test]
+fn external_ping_to_a_pod_inside_a_policy_destination_gets_its_replies() {
+    skip_unless_root!();
+    let (mut cluster, pod) = howto_cluster();
+    cluster.start_capture().unwrap();
+    let pod_ip = pod.ip.to_string();
+    let ping = cluster
+        .exec(
+            cluster.destination_netns(),
+            &["ping", "-n", "-c", "3", "-W", "2", &pod_ip],
+        )
+        .unwrap();
+    let captured = cluster.stop_capture().unwrap();
+    assert!(
+        ping.status.success(),
+        "ping {pod_ip} from the destination: {}{}",
+        String::from_utf8_lossy(&ping.stdout),
+        String::from_utf8_lossy(&ping.stderr)
+    );
+    let reply_sources: Vec<Ipv4Addr> = captured
+        .iter()
+        .filter(|packet| packet.protocol == IpProtocol::Icmp && packet.dst == DESTINATION)
+        .map(|packet| packet.src)
+        .collect();
+    assert_eq!(reply_sources.len(), 3, "{reply_sources:?}");
+    assert!(
+        reply_sources.iter().all(|source| *source == pod.ip),
+        "echo replies must come from the pod itself: {reply_sources:?}"
+    );
+    assert!(
+        cluster
+            .counter_packets("k8s-worker-1", "pass_existing_flow")
+            .unwrap()
+            >= 3
+    );
+    assert_eq!(
+        cluster
+            .counter_packets("k8s-worker-2", "snat_new_flow")
+            .unwrap(),
+        0,
+        "the gateway must not translate echo replies"
+    );
+}
+
+/// The gateway is a router hop: it decrements the TTL, so traceroute from my-app shows the
+/// gateway first, then the router, then the destination (it used to skip the gateway).
+#[test]
+fn traceroute_from_a_pod_shows_the_gateway_as_a_hop() {
+    skip_unless_root!();
+    let (mut cluster, pod) = howto_cluster();
+    cluster.start_capture().unwrap();
+    let trace = cluster
+        .exec_in_pod(
+            &pod,
+            &[
+                "traceroute",
+                "-n",
+                "-q",
+                "1",
+                "-w",
+                "2",
+                "-m",
+                "5",
+                "198.51.100.10",
+            ],
+        )
+        .unwrap();
+    let captured = cluster.stop_capture().unwrap();
+    let output = String::from_utf8_lossy(&trace.stdout);
+    assert!(
+        trace.status.success(),
+        "traceroute: {output}{}",
+        String::from_utf8_lossy(&trace.stderr)
+    );
+    let hops: Vec<&str> = output
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(
+        hops.first(),
+        Some(&"10.0.0.12"),
+        "the gateway must be the first hop: {output}"
+    );
+    assert_eq!(hops.last(), Some(&"198.51.100.10"), "{output}");
+    // The probes that reached the destination left with the egress IP.
+    let sources: Vec<Ipv4Addr> = captured
+        .iter()
+        .filter(|packet| packet.protocol == IpProtocol::Udp && packet.dst == DESTINATION)
+        .map(|packet| packet.src)
+        .collect();
+    assert!(!sources.is_empty());
+    assert!(
+        sources.iter().all(|source| *source == WORKER_2),
+        "{sources:?}"
+    );
+    assert!(
+        cluster
+            .counter_packets("k8s-worker-2", "pass_ttl_exceeded")
+            .unwrap()
+            >= 1
+    );
+}

@@ -763,3 +763,27 @@ fn crd_status_schema_holds_what_the_agent_reports() {
         "condition status is True, False or Unknown"
     );
 }
+
+/// The image builds with the nightly README names as tested, which is the one xtask's setup
+/// recommends when the installed nightly does not fit bpf-linker.
+#[test]
+fn containerfile_readme_and_setup_name_the_same_nightly() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let containerfile = fs::read_to_string(deploy_dir().join("Containerfile")).unwrap();
+    let nightly = containerfile
+        .lines()
+        .find_map(|line| line.strip_prefix("ARG NIGHTLY="))
+        .expect("deploy/Containerfile has an `ARG NIGHTLY=` line")
+        .trim();
+    assert!(nightly.starts_with("nightly-"), "{nightly}");
+    let readme = fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("Tested with **{nightly}**")),
+        "README does not say it was tested with {nightly}"
+    );
+    let setup = fs::read_to_string(root.join("xtask/src/setup.rs")).unwrap();
+    assert!(
+        setup.contains(&format!("TESTED_NIGHTLY: &str = \"{nightly}\"")),
+        "xtask/src/setup.rs does not recommend {nightly}"
+    );
+}

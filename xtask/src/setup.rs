@@ -44,6 +44,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "iproute2",
     "iputils-ping",
+    "traceroute",
     "g++",
 ];
 
@@ -62,7 +63,7 @@ pub(crate) enum Needs {
 pub(crate) fn setup(root: &Path, tools: &Path, needs: Needs) -> Result<()> {
     let toolchain = nightly_toolchain();
     let sysroot = nightly_sysroot(&toolchain)?;
-    ensure_rust_src(&toolchain)?;
+    ensure_components(&toolchain, &["rust-src"])?;
     ensure_bpf_linker(root, tools, &toolchain, &sysroot)?;
     if needs != Needs::Build {
         ensure_debian_packages()?;
@@ -110,25 +111,8 @@ fn nightly_sysroot(toolchain: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(sysroot.trim()))
 }
 
-fn ensure_rust_src(toolchain: &str) -> Result<()> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        toolchain,
-        "--installed",
-    ]))?;
-    let has_src = installed
-        .lines()
-        .any(|line| line == "rust-src" || line.starts_with("rust-src-"));
-    if has_src {
-        eprintln!("xtask: rust-src ({toolchain}) already installed");
-        return Ok(());
-    }
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]))
-}
-
-/// Adds the rustup components `lint` needs to `toolchain` when they are missing.
+/// Adds the rustup components (rust-src for the BPF build, clippy and rustfmt for `lint`) to
+/// `toolchain` when they are missing.
 pub(crate) fn ensure_components(toolchain: &str, components: &[&str]) -> Result<()> {
     let installed = output(Command::new("rustup").args([
         "component",
@@ -147,6 +131,10 @@ pub(crate) fn ensure_components(toolchain: &str, components: &[&str]) -> Result<
         })
         .collect();
     if missing.is_empty() {
+        eprintln!(
+            "xtask: {} ({toolchain}) already installed",
+            components.join(", ")
+        );
         return Ok(());
     }
     run(Command::new("rustup")

@@ -104,3 +104,35 @@ fn icmp_error_about_a_translated_flow_reaches_the_pod_translated() {
     );
     assert_eq!(node.run(program_names::FROM_EGRESS, &stray).0, TC_ACT_NEXT);
 }
+
+/// `ping -t 2` from a pod: a router beyond the gateway answers "time exceeded", quoting the
+/// translated echo request; the pod gets it with its own address and echo identifier.
+#[test]
+fn icmp_error_about_a_translated_echo_reaches_the_pod_translated() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    let request = packet(POD, 45000, DEST, 0, L4::IcmpEcho { reply: false });
+    let (verdict, sent) = from_pod_node(&node, &request);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(seen(&sent).src, EGRESS_IP);
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    let error = icmp_error(router, EGRESS_IP, 11, 0, &sent);
+    let (verdict, output) = node.run(program_names::FROM_EGRESS, &error);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(seen(&output).dst, POD);
+    assert_checksums(&output);
+    let quoted = &output[14 + 20 + 8..];
+    assert_eq!(checksum(&quoted[..20], 0), 0, "quoted IPv4 header checksum");
+    assert_eq!(
+        Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]),
+        POD
+    );
+    assert_eq!(
+        u16::from_be_bytes([quoted[24], quoted[25]]),
+        45000,
+        "the quoted echo identifier is the pod's again"
+    );
+    assert_eq!(node.counter(reason::REVERSE_SNAT), 1);
+}

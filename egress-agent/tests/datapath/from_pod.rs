@@ -192,6 +192,24 @@ fn icmp_errors_a_pod_sends_keep_their_path() {
     assert_eq!(node.counter(reason::PASS_EXISTING_FLOW), 1);
 }
 
+/// A ping from outside to a pod inside a policy's destinations: the pod's echo reply answers
+/// an inbound flow and keeps its path, untouched (it used to be steered as a new flow).
+#[test]
+fn echo_replies_a_pod_sends_keep_their_path() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
+    let reply = packet(POD, 0, DEST, 4242, L4::IcmpEcho { reply: true });
+    let (verdict, output) = node.run(program_names::FROM_POD, &reply);
+    assert_eq!(verdict, TC_ACT_NEXT);
+    assert_eq!(output, reply);
+    assert_eq!(node.counter(reason::PASS_EXISTING_FLOW), 1);
+    assert_eq!(node.counter(reason::REDIRECT_TO_GATEWAY), 0);
+    assert!(node.steered().is_empty());
+}
+
 #[test]
 fn in_cluster_destinations_are_never_steered() {
     if !root() {

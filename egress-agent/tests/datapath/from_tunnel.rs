@@ -86,6 +86,46 @@ fn udp_and_icmp_echo_are_translated() {
     }
 }
 
+/// An echo reply never opens a flow on the gateway: refused, not rewritten with an
+/// identifier read from the wrong field (which broke its checksum).
+#[test]
+fn echo_replies_from_a_pod_are_not_translated() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    let reply = packet(POD, 0, DEST, 4242, L4::IcmpEcho { reply: true });
+    let (verdict, _) = from_pod_node(&node, &reply);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(node.counter(reason::DROP_UNSUPPORTED), 1);
+    assert!(node.nat_forward().is_empty());
+}
+
+/// The gateway forwards as a router: the TTL goes down by one (and traceroute sees the hop),
+/// and a packet whose TTL runs out goes to the kernel, which answers with time exceeded.
+#[test]
+fn the_gateway_decrements_the_ttl_and_hands_expiring_packets_to_the_kernel() {
+    if !root() {
+        return;
+    }
+    let node = gateway_node();
+    let request = packet(POD, 50000, DEST, 53, L4::Udp);
+    let (verdict, output) = from_pod_node(&node, &with_ttl(request.clone(), 64));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(ttl_of(&output), 63);
+    assert_checksums(&output);
+
+    let (verdict, output) = from_pod_node(&node, &with_ttl(request.clone(), 1));
+    assert_eq!(verdict, TC_ACT_NEXT);
+    assert_eq!(output, with_ttl(request, 1), "handed over untouched");
+    assert_eq!(node.counter(reason::PASS_TTL_EXCEEDED), 1);
+    assert_eq!(
+        node.nat_forward().len(),
+        1,
+        "only the first packet was translated"
+    );
+}
+
 #[test]
 fn udp_without_checksum_keeps_it_zero() {
     if !root() {

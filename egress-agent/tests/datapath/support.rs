@@ -13,7 +13,7 @@ pub(crate) use egress_agent::datapath::testing::{
     OBJECT,
     packets::{
         ACK, FIN, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, checksum, packet, pseudo_sum,
-        scenario::*, seen,
+        scenario::*, seen, ttl_of, with_ttl,
     },
 };
 pub(crate) use egress_common::{

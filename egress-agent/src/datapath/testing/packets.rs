@@ -140,6 +140,20 @@ pub fn packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, l4: L4) -> V
     frame
 }
 
+/// `frame` with another IPv4 TTL, its header checksum fixed.
+pub fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
+    frame[14 + 8] = ttl;
+    frame[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let sum = checksum(&frame[14..14 + 20], 0);
+    frame[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
+/// The IPv4 TTL of a frame.
+pub fn ttl_of(frame: &[u8]) -> u8 {
+    frame[14 + 8]
+}
+
 /// Addresses and ports of a frame built by `packet` (or rewritten by a program).
 pub struct Seen {
     pub src: Ipv4Addr,
