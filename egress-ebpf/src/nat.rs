@@ -43,19 +43,46 @@ pub(crate) fn translate(
     closing: bool,
 ) -> Translation {
     let flags = if closing { FLOW_CLOSING } else { 0 };
-    if let Some(existing) = NAT_FORWARD.get_ptr_mut(flow) {
+    if let Some(forward) = NAT_FORWARD.get_ptr_mut(flow) {
         // SAFETY: the entry stays valid for this program run; last_seen and flags are
         // advisory (the agent's garbage collector reads them).
         let existing = unsafe {
-            (*existing).last_seen_ns = now;
-            (*existing).flags |= flags;
-            *existing
+            (*forward).last_seen_ns = now;
+            (*forward).flags |= flags;
+            *forward
         };
-        if existing.nat_ip == egress_ip {
-            return Translation::Existing(existing);
+        let reverse_key = reply_key(flow, existing.nat_ip, existing.nat_port);
+        // The reply half, if it still belongs to this flow.
+        // SAFETY: as above; the fields read are plain data.
+        let reverse = NAT_REVERSE
+            .get_ptr_mut(&reverse_key)
+            .filter(|reverse| unsafe {
+                (**reverse).pod_ip == flow.src_ip && (**reverse).pod_port == flow.src_port
+            });
+        match reverse {
+            Some(reverse) if existing.nat_ip == egress_ip => {
+                if existing.pod_node_ip != pod_node_ip {
+                    // The pod's IP now lives on another node (a new pod got it): replies go
+                    // to the node that sent this packet, in both halves.
+                    // SAFETY: as above.
+                    unsafe {
+                        (*reverse).pod_node_ip = pod_node_ip;
+                        (*forward).pod_node_ip = pod_node_ip;
+                    }
+                }
+                return Translation::Existing(NatForward {
+                    pod_node_ip,
+                    ..existing
+                });
+            }
+            // The policy's egress IP changed: the old translation must not be used again.
+            Some(_) => {
+                let _ = NAT_REVERSE.remove(&reverse_key);
+            }
+            // The reply half is gone (evicted, or its port serves another flow now): no
+            // reply could come back through this translation, so make a new one.
+            None => {}
         }
-        // The policy's egress IP changed: the old translation must not be used again.
-        let _ = NAT_REVERSE.remove(&reply_key(flow, existing.nat_ip, existing.nat_port));
         let _ = NAT_FORWARD.remove(flow);
     }
     let min = u32::from(config.nat_port_min);

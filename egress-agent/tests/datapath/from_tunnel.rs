@@ -126,6 +126,83 @@ fn the_gateway_decrements_the_ttl_and_hands_expiring_packets_to_the_kernel() {
     );
 }
 
+/// A pod's IP moves to another node (a new pod gets it) and a flow with the same 5-tuple
+/// arrives from there: the translation is kept, and replies go to the new node, not the old.
+#[test]
+fn a_reused_flow_from_another_node_sends_its_replies_there() {
+    if !root() {
+        return;
+    }
+    let mut node = gateway_node();
+    let new_node = Ipv4Addr::new(10, 0, 0, 13);
+    let request = packet(POD, 50000, DEST, 53, L4::Udp);
+    let (_, first) = from_pod_node(&node, &request);
+    node.hash::<[u8; 4], NodeInfo>(map_names::NODES)
+        .insert(new_node.octets(), NodeInfo::default(), 0)
+        .unwrap();
+    node.policy(
+        POD,
+        "198.51.100.0/24",
+        PolicyValue {
+            pod_node_ip: new_node.octets(),
+            ..to_gateway(EGRESS_IP)
+        },
+    );
+    let (verdict, second) = node.run_with_cb(
+        program_names::TEST_FROM_TUNNEL,
+        &request,
+        [u32::from_ne_bytes(new_node.octets()), VNI_TO_GATEWAY],
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        seen(&second).sport,
+        seen(&first).sport,
+        "the translation is kept"
+    );
+    let reverse = node.nat_reverse();
+    assert_eq!(reverse.len(), 1);
+    assert_eq!(
+        reverse[0].1.pod_node_ip,
+        new_node.octets(),
+        "replies go to the node the flow comes from now"
+    );
+    assert_eq!(node.nat_forward()[0].1.pod_node_ip, new_node.octets());
+}
+
+/// A flow whose reply half was lost (evicted from its LRU map) is translated afresh, both
+/// halves together, so its replies come back again (they went to the gateway's own stack).
+#[test]
+fn a_flow_whose_reverse_entry_was_lost_gets_both_halves_back() {
+    if !root() {
+        return;
+    }
+    let mut node = gateway_node();
+    let request = packet(POD, 50000, DEST, 53, L4::Udp);
+    from_pod_node(&node, &request);
+    let (lost, _) = node.nat_reverse()[0];
+    node.hash::<FlowKey, NatReverse>(map_names::NAT_REVERSE)
+        .remove(&lost)
+        .unwrap();
+    let (verdict, output) = from_pod_node(&node, &request);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (forward, reverse) = (node.nat_forward(), node.nat_reverse());
+    assert_eq!((forward.len(), reverse.len()), (1, 1));
+    assert_eq!(reverse[0].1.pod_ip, POD.octets());
+    assert_eq!(
+        forward[0].1.nat_port, reverse[0].0.dst_port,
+        "the halves agree"
+    );
+    assert_eq!(
+        seen(&output).sport,
+        u16::from_be_bytes(forward[0].1.nat_port)
+    );
+    assert_eq!(node.counter(reason::SNAT_NEW_FLOW), 2);
+    let reply = packet(DEST, 53, EGRESS_IP, seen(&output).sport, L4::Udp);
+    let (verdict, back) = node.run(program_names::FROM_EGRESS, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(seen(&back).dst, POD);
+}
+
 #[test]
 fn udp_without_checksum_keeps_it_zero() {
     if !root() {
