@@ -54,7 +54,15 @@ pub enum ConfigError {
         nat: PortRange,
         ephemeral: PortRange,
     },
+    #[error(
+        "{flag} {seconds}: must be at least {MIN_IDLE_TIMEOUT_SECS} s, since the datapath \
+         notes a flow's activity about once a second"
+    )]
+    TimeoutTooShort { flag: &'static str, seconds: u64 },
 }
+
+/// The shortest idle timeout: a few times the datapath's `last_seen` granularity (1 s).
+pub const MIN_IDLE_TIMEOUT_SECS: u64 = 2;
 
 impl AgentConfig {
     /// Checks what flags alone cannot: the manifests folder exists and is root's alone, and
@@ -66,6 +74,18 @@ impl AgentConfig {
             }
             privileges::check_private_dir(dir)
                 .map_err(|error| ConfigError::ManifestsFolder(dir.clone(), error))?;
+        }
+        for (flag, timeout) in [
+            ("--udp-idle-timeout", self.timeouts.other_idle),
+            ("--tcp-idle-timeout", self.timeouts.tcp_idle),
+            ("--tcp-closing-timeout", self.timeouts.tcp_closing),
+        ] {
+            if timeout.as_secs() < MIN_IDLE_TIMEOUT_SECS {
+                return Err(ConfigError::TimeoutTooShort {
+                    flag,
+                    seconds: timeout.as_secs(),
+                });
+            }
         }
         if let Some(ephemeral) = ephemeral_port_range()
             && self.nat_ports.overlaps(ephemeral)

@@ -128,6 +128,29 @@ fn bad_run_flags_exit_2_naming_the_flag() {
         "{}",
         stderr(&output)
     );
+
+    // Idle timeouts under the datapath's activity granularity (1 s) would expire live flows:
+    // refused before anything is touched, too. The folder must pass its check first: root's.
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o700)).unwrap();
+        let output = agent(&[
+            "run",
+            "--node-name",
+            "n1",
+            "--manifests",
+            dir.0.to_str().unwrap(),
+            "--udp-idle-timeout",
+            "1",
+        ]);
+        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+        assert!(
+            stderr(&output).contains("--udp-idle-timeout 1: must be at least 2 s"),
+            "{}",
+            stderr(&output)
+        );
+    }
 }
 
 /// A node, `pods` pods on it and one policy with `cidrs` destinations: pods x cidrs entries.

@@ -9,6 +9,22 @@ pub const PROTO_UDP: u8 = 17;
 /// Flag of flow and NAT entries: the TCP connection saw a FIN or RST.
 pub const FLOW_CLOSING: u32 = 1;
 
+/// How stale a `last_seen_ns` may get before the datapath writes it again: traffic in
+/// either direction keeps a flow alive, but a write per packet would cost every packet a
+/// cache line. Idle timeouts must be well above it (the agent refuses under 2 s).
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+/// Whether a `last_seen_ns` is old enough to be written again at `now_ns`.
+#[inline(always)]
+#[expect(
+    clippy::inline_always,
+    reason = "the BPF programs call it on the packet path, where every call is inlined"
+)]
+#[must_use]
+pub const fn last_seen_is_stale(last_seen_ns: u64, now_ns: u64) -> bool {
+    now_ns.wrapping_sub(last_seen_ns) >= LAST_SEEN_GRANULARITY_NS
+}
+
 /// A flow as seen in one packet: for ICMP echo, the identifier stands in for the port on
 /// the requester's side and the other port is zero.
 #[repr(C)]

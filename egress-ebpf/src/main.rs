@@ -43,7 +43,7 @@ use egress_common::{
     Ipv4,
     config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
     counters::reason,
-    flow::{FLOW_CLOSING, InboundFlow, PROTO_UDP, SteeredFlow},
+    flow::{FLOW_CLOSING, InboundFlow, PROTO_UDP, SteeredFlow, last_seen_is_stale},
     nat::NatReverse,
     policy::{GATEWAY_EXCLUDED, GATEWAY_NONE, POLICY_LOOKUP_PREFIX, PolicyKey, PolicyValue},
 };
@@ -132,7 +132,9 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
     if let Some(steered) = STEERED_FLOWS.get_ptr_mut(&packet.flow) {
         // SAFETY: valid for this run; last_seen and flags are advisory.
         unsafe {
-            (*steered).last_seen_ns = now;
+            if last_seen_is_stale((*steered).last_seen_ns, now) {
+                (*steered).last_seen_ns = now;
+            }
             if packet.is_tcp_closing() {
                 (*steered).flags |= FLOW_CLOSING;
             }
@@ -197,15 +199,21 @@ pub(crate) fn to_pod(ctx: TcContext) -> i32 {
     if unsafe { STEERED_FLOWS.get(&reply) }.is_some() {
         return PASS;
     }
+    let now = now();
+    // A known inbound flow is only refreshed, about once a second: rewriting the entry on
+    // every packet churned the LRU map.
+    if let Some(inbound) = INBOUND_FLOWS.get_ptr_mut(&reply) {
+        // SAFETY: valid for this run; last_seen is advisory.
+        unsafe {
+            if last_seen_is_stale((*inbound).last_seen_ns, now) {
+                (*inbound).last_seen_ns = now;
+            }
+        }
+        return PASS;
+    }
     match policy_for(reply.src_ip, reply.dst_ip) {
         Some(policy) if policy.gateway_ip != GATEWAY_EXCLUDED => {
-            let _ = INBOUND_FLOWS.insert(
-                &reply,
-                &InboundFlow {
-                    last_seen_ns: now(),
-                },
-                0,
-            );
+            let _ = INBOUND_FLOWS.insert(&reply, &InboundFlow { last_seen_ns: now }, 0);
         }
         _ => {}
     }
@@ -291,8 +299,17 @@ fn deliver_reply(ctx: &mut TcContext, packet: &Packet, config: &DatapathConfig) 
         Some(_) => return drop(reason::DROP_UNKNOWN_REPLY, packet),
         None => packet.flow.reversed(),
     };
-    if unsafe { STEERED_FLOWS.get(&steered_flow) }.is_none() {
+    let Some(steered) = STEERED_FLOWS.get_ptr_mut(&steered_flow) else {
         return drop(reason::DROP_UNKNOWN_REPLY, packet);
+    };
+    // Replies keep the flow alive too (a feed, a download): the remote may do all the
+    // sending.
+    let now = now();
+    // SAFETY: valid for this run; last_seen is advisory.
+    unsafe {
+        if last_seen_is_stale((*steered).last_seen_ns, now) {
+            (*steered).last_seen_ns = now;
+        }
     }
     if clamp_mss(ctx, packet, config.tunnel_mss).is_err() {
         return drop(reason::DROP_ERROR, packet);
@@ -370,9 +387,13 @@ pub(crate) fn from_egress(mut ctx: TcContext) -> i32 {
         return PASS;
     };
     if let Some(reverse) = NAT_REVERSE.get_ptr_mut(&packet.flow) {
-        // SAFETY: valid for this run; last_seen is advisory.
+        // SAFETY: valid for this run; last_seen is advisory (the garbage collector ages a
+        // NAT pair by the newer of its two halves).
         let reverse = unsafe {
-            (*reverse).last_seen_ns = now();
+            let now = now();
+            if last_seen_is_stale((*reverse).last_seen_ns, now) {
+                (*reverse).last_seen_ns = now;
+            }
             *reverse
         };
         if rewrite(

@@ -14,7 +14,7 @@ use egress_common::{
     Ipv4, Port,
     config::{DatapathConfig, NAT_PORT_RETRIES},
     counters::reason,
-    flow::{FLOW_CLOSING, FlowKey, PROTO_TCP, PROTO_UDP},
+    flow::{FLOW_CLOSING, FlowKey, PROTO_TCP, PROTO_UDP, last_seen_is_stale},
     nat::{NatForward, NatReverse},
 };
 
@@ -47,7 +47,9 @@ pub(crate) fn translate(
         // SAFETY: the entry stays valid for this program run; last_seen and flags are
         // advisory (the agent's garbage collector reads them).
         let existing = unsafe {
-            (*forward).last_seen_ns = now;
+            if last_seen_is_stale((*forward).last_seen_ns, now) {
+                (*forward).last_seen_ns = now;
+            }
             (*forward).flags |= flags;
             *forward
         };

@@ -868,3 +868,49 @@ fn agent_refuses_a_manifests_folder_open_to_others() {
     );
     assert!(stderr.contains("0755"), "and the mode: {stderr}");
 }
+
+/// A flow where the remote does the sending: my-app asks once, then only receives, a datagram
+/// every 100 ms for 6 s, three times the 2 s UDP idle timeout. Replies keep the flow alive on
+/// both nodes, so every datagram arrives (the feed used to stop once the idle timeout expired
+/// the gateway's NAT entry and the pod node's flow).
+#[test]
+fn a_receive_mostly_udp_flow_outlives_the_idle_timeout() {
+    skip_unless_root!();
+    let mut cluster = cluster_with(
+        &[],
+        &["--udp-idle-timeout", "2", "--tcp-closing-timeout", "2"],
+    );
+    let pod = serve_my_app(&mut cluster);
+    cluster.start_capture().unwrap();
+    let feed = cluster
+        .peer_client(
+            &pod,
+            &[
+                "udp-feed",
+                "198.51.100.10:8081",
+                "--count",
+                "60",
+                "--interval-ms",
+                "100",
+            ],
+        )
+        .unwrap();
+    let packets = cluster.stop_capture().unwrap();
+    assert!(
+        feed.status.success(),
+        "udp-feed: {}",
+        String::from_utf8_lossy(&feed.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&feed.stdout).unwrap();
+    assert_eq!(summary["received"], 60, "the feed stopped: {summary}");
+    assert!(
+        summary["max_gap_ms"].as_u64().unwrap() < 1000,
+        "the feed paused: {summary}"
+    );
+    let matched = LeakDetector::new()
+        .matched_port(8081, [WORKER_2])
+        .forbidden_sources([pod.ip])
+        .check(&packets)
+        .unwrap();
+    assert_eq!(matched, 1, "the one request left with the egress IP");
+}

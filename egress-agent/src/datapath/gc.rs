@@ -74,6 +74,15 @@ impl Datapath {
         let map_err =
             |name: &'static str| move |source: MapError| DatapathError::Map { name, source };
 
+        // A pair is as fresh as its newer half: replies refresh only the reverse entry, and a
+        // flow where the remote does all the sending (a feed, a download) must live on.
+        let reverse: HashMap<&mut MapData, FlowKey, NatReverse> =
+            self.map_mut(map_names::NAT_REVERSE)?;
+        let reply_seen: std::collections::BTreeMap<FlowKey, u64> = reverse
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(reply, entry)| (reply, entry.last_seen_ns))
+            .collect();
         let forward: HashMap<&mut MapData, FlowKey, NatForward> =
             self.map_mut(map_names::NAT_FORWARD)?;
         let entries: Vec<(FlowKey, NatForward)> = forward.iter().filter_map(Result::ok).collect();
@@ -88,7 +97,10 @@ impl Datapath {
                 protocol: flow.protocol,
                 _pad: [0; 3],
             };
-            if timeouts.expired(flow.protocol, nat.flags, nat.last_seen_ns, now_ns) {
+            let last_seen = reply_seen
+                .get(&reply)
+                .map_or(nat.last_seen_ns, |seen| (*seen).max(nat.last_seen_ns));
+            if timeouts.expired(flow.protocol, nat.flags, last_seen, now_ns) {
                 expired_forward.push((*flow, reply));
             } else {
                 live_replies.insert(reply);

@@ -315,6 +315,42 @@ fn reply_through_the_tunnel_reaches_only_a_steered_local_pod() {
     assert_eq!(node.counter(reason::REPLY_TO_POD), 1);
 }
 
+/// Replies keep a flow alive on the pod's node: a flow where the remote does the sending
+/// must not expire while replies keep coming (its last_seen used to move only with the pod's
+/// own packets).
+#[test]
+fn replies_refresh_the_pod_nodes_flow() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
+    node.local_pod(POD, POD_IFINDEX);
+    node.run(
+        program_names::FROM_POD,
+        &packet(POD, 40000, DEST, 53, L4::Udp),
+    );
+    // Age the flow as if the pod had been silent for a minute.
+    let (flow, mut entry) = {
+        let steered: HashMap<&mut MapData, FlowKey, SteeredFlow> =
+            node.hash(map_names::STEERED_FLOWS);
+        steered.iter().next().unwrap().unwrap()
+    };
+    entry.last_seen_ns = 0;
+    node.hash::<FlowKey, SteeredFlow>(map_names::STEERED_FLOWS)
+        .insert(flow, entry, 0)
+        .unwrap();
+    let from_gateway = [u32::from_ne_bytes(GATEWAY.octets()), VNI_TO_POD_NODE];
+    let reply = packet(DEST, 53, POD, 40000, L4::Udp);
+    let (verdict, _) = node.run_with_cb(program_names::TEST_FROM_TUNNEL, &reply, from_gateway);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let steered: HashMap<&mut MapData, FlowKey, SteeredFlow> = node.hash(map_names::STEERED_FLOWS);
+    assert!(
+        steered.get(&flow, 0).unwrap().last_seen_ns > 0,
+        "the reply refreshed it"
+    );
+}
+
 #[test]
 fn truncated_packets_never_crash_or_translate() {
     if !root() {

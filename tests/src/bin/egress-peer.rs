@@ -56,6 +56,16 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// Send one datagram asking the server for a feed of `count` datagrams, one every
+    /// `interval-ms`, and never answer: a flow where the remote does the sending. Prints a
+    /// JSON summary (received, longest gap).
+    UdpFeed {
+        server: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
     /// Open many TCP connections at once and print the source IP each one was seen with.
     TcpBurst {
         server: SocketAddr,
@@ -104,6 +114,11 @@ fn main() -> ExitCode {
             count,
             timeout_ms,
         } => udp_client(server, count, Duration::from_millis(timeout_ms)),
+        Command::UdpFeed {
+            server,
+            count,
+            interval_ms,
+        } => udp_feed(server, count, Duration::from_millis(interval_ms)),
         Command::TcpBurst {
             server,
             connections,
@@ -202,10 +217,28 @@ fn accept_http(listener: TcpListener, log: Log) {
 fn udp_echo(socket: UdpSocket, log: Log) {
     let mut buffer = [0u8; 2048];
     loop {
-        let Ok((_, source)) = socket.recv_from(&mut buffer) else {
+        let Ok((length, source)) = socket.recv_from(&mut buffer) else {
             continue;
         };
         record(&log, PeerProtocol::Udp, source);
+        // `feed COUNT INTERVAL_MS`: COUNT datagrams back, one every INTERVAL_MS.
+        let request = String::from_utf8_lossy(&buffer[..length]);
+        let mut words = request.split_whitespace();
+        if words.next() == Some("feed")
+            && let (Some(Ok(count)), Some(Ok(interval))) = (
+                words.next().map(str::parse::<u32>),
+                words.next().map(str::parse::<u64>),
+            )
+            && let Ok(sender) = socket.try_clone()
+        {
+            thread::spawn(move || {
+                for sequence in 0..count.min(100_000) {
+                    let _ = sender.send_to(format!("feed {sequence}\n").as_bytes(), source);
+                    thread::sleep(Duration::from_millis(interval));
+                }
+            });
+            continue;
+        }
         let _ = socket.send_to(format!("{source}\n").as_bytes(), source);
     }
 }
@@ -313,6 +346,27 @@ fn udp_client(server: SocketAddr, count: u32, timeout: Duration) -> Result<()> {
     if missing > 0 {
         bail!("{missing} of {count} datagrams got no reply");
     }
+    Ok(())
+}
+
+fn udp_feed(server: SocketAddr, count: u32, interval: Duration) -> Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(server)?;
+    // A gap this long means the feed stopped reaching us.
+    socket.set_read_timeout(Some(interval * 10 + Duration::from_secs(1)))?;
+    socket.send(format!("feed {count} {}\n", interval.as_millis()).as_bytes())?;
+    let mut buffer = [0u8; 2048];
+    let (mut received, mut max_gap) = (0u32, Duration::ZERO);
+    let mut last = std::time::Instant::now();
+    while received < count && socket.recv(&mut buffer).is_ok() {
+        received += 1;
+        max_gap = max_gap.max(last.elapsed());
+        last = std::time::Instant::now();
+    }
+    println!(
+        "{}",
+        serde_json::json!({"received": received, "max_gap_ms": max_gap.as_millis() as u64})
+    );
     Ok(())
 }
 
