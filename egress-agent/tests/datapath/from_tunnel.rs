@@ -293,23 +293,16 @@ fn reply_through_the_tunnel_reaches_only_a_steered_local_pod() {
     if !root() {
         return;
     }
-    let mut node = Node::new(POD_NODE);
-    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
-    node.local_pod(POD, POD_IFINDEX);
-    let from_gateway = [u32::from_ne_bytes(GATEWAY.octets()), VNI_TO_POD_NODE];
+    let node = pod_node();
     let reply = packet(DEST, 443, POD, 40000, L4::Tcp { flags: SYN | ACK });
     // Before the pod opened the connection, the reply is refused.
-    assert_eq!(
-        node.run_with_cb(program_names::TEST_FROM_TUNNEL, &reply, from_gateway)
-            .0,
-        TC_ACT_SHOT
-    );
+    assert_eq!(from_gateway_node(&node, &reply).0, TC_ACT_SHOT);
     assert_eq!(node.counter(reason::DROP_UNKNOWN_REPLY), 1);
     node.run(
         program_names::FROM_POD,
         &packet(POD, 40000, DEST, 443, L4::Tcp { flags: SYN }),
     );
-    let (verdict, output) = node.run_with_cb(program_names::TEST_FROM_TUNNEL, &reply, from_gateway);
+    let (verdict, output) = from_gateway_node(&node, &reply);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(output, reply);
     assert_eq!(node.counter(reason::REPLY_TO_POD), 1);
@@ -323,9 +316,7 @@ fn replies_refresh_the_pod_nodes_flow() {
     if !root() {
         return;
     }
-    let mut node = Node::new(POD_NODE);
-    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
-    node.local_pod(POD, POD_IFINDEX);
+    let mut node = pod_node();
     node.run(
         program_names::FROM_POD,
         &packet(POD, 40000, DEST, 53, L4::Udp),
@@ -340,9 +331,8 @@ fn replies_refresh_the_pod_nodes_flow() {
     node.hash::<FlowKey, SteeredFlow>(map_names::STEERED_FLOWS)
         .insert(flow, entry, 0)
         .unwrap();
-    let from_gateway = [u32::from_ne_bytes(GATEWAY.octets()), VNI_TO_POD_NODE];
     let reply = packet(DEST, 53, POD, 40000, L4::Udp);
-    let (verdict, _) = node.run_with_cb(program_names::TEST_FROM_TUNNEL, &reply, from_gateway);
+    let (verdict, _) = from_gateway_node(&node, &reply);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     let steered: HashMap<&mut MapData, FlowKey, SteeredFlow> = node.hash(map_names::STEERED_FLOWS);
     assert!(
@@ -392,11 +382,7 @@ fn mss_of_syn_acks_leaving_the_tunnel_is_clamped() {
             mss: 1460,
         },
     );
-    let (verdict, output) = node.run_with_cb(
-        program_names::TEST_FROM_TUNNEL,
-        &syn_ack,
-        [u32::from_ne_bytes(GATEWAY.octets()), VNI_TO_POD_NODE],
-    );
+    let (verdict, output) = from_gateway_node(&node, &syn_ack);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(mss_of(&output), TUNNEL_MSS);
     assert_checksums(&output);

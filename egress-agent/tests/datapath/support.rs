@@ -226,6 +226,23 @@ pub(crate) fn gateway_node() -> Node {
     node
 }
 
+/// The pod's node: the pod's policy through `GATEWAY`, and the pod behind `POD_IFINDEX`.
+pub(crate) fn pod_node() -> Node {
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
+    node.local_pod(POD, POD_IFINDEX);
+    node
+}
+
+/// Runs `test_from_tunnel` on the pod's node with `frame` as a reply from the gateway.
+pub(crate) fn from_gateway_node(node: &Node, frame: &[u8]) -> (u32, Vec<u8>) {
+    node.run_with_cb(
+        program_names::TEST_FROM_TUNNEL,
+        frame,
+        [u32::from_ne_bytes(GATEWAY.octets()), VNI_TO_POD_NODE],
+    )
+}
+
 pub(crate) fn from_pod_node(node: &Node, frame: &[u8]) -> (u32, Vec<u8>) {
     node.run_with_cb(
         program_names::TEST_FROM_TUNNEL,
