@@ -50,7 +50,8 @@ struct Said {
     unwired_pods: SayOnce<BTreeSet<Ipv4Addr>>,
     /// Each policy's problem.
     policy_problems: SayOnce<BTreeMap<String, Option<String>>>,
-    conflicts: SayOnce<Vec<PolicyConflict>>,
+    /// Pairs of conflicting policies, (winner, loser): a changed entry count is no news.
+    conflicts: SayOnce<Vec<(String, String)>>,
     policy_map_fit: SayOnce<PolicyMapFit>,
     summary: SayOnce<String>,
 }
@@ -250,8 +251,18 @@ impl<'a> Reconciler<'a> {
                 }
             }
         }
-        if let Some(before) = self.said.conflicts.update(desired.conflicts.clone()) {
-            for conflict in desired.conflicts.iter().filter(|c| !before.contains(c)) {
+        let pairs = desired
+            .conflicts
+            .iter()
+            .map(|conflict| (conflict.winner.clone(), conflict.loser.clone()))
+            .collect();
+        if let Some(before) = self.said.conflicts.update(pairs) {
+            let new = |conflict: &&PolicyConflict| {
+                !before
+                    .iter()
+                    .any(|(winner, loser)| *winner == conflict.winner && *loser == conflict.loser)
+            };
+            for conflict in desired.conflicts.iter().filter(new) {
                 warn!(
                     winner = conflict.winner,
                     loser = conflict.loser,

@@ -140,8 +140,20 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
             }
         }
     } else {
-        // SAFETY: plain lookup.
-        let inbound = unsafe { INBOUND_FLOWS.get(&packet.flow) }.is_some();
+        // A flow that came in to the pod, which the pod may now do all the sending of (a
+        // server streaming to a client that asked once): its packets keep it alive too.
+        let inbound = match INBOUND_FLOWS.get_ptr_mut(&packet.flow) {
+            Some(inbound) => {
+                // SAFETY: valid for this run; last_seen is advisory.
+                unsafe {
+                    if last_seen_is_stale((*inbound).last_seen_ns, now) {
+                        (*inbound).last_seen_ns = now;
+                    }
+                }
+                true
+            }
+            None => false,
+        };
         let opens_connection = if packet.is_tcp() {
             packet.is_tcp_open()
         } else {

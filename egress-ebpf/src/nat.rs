@@ -50,7 +50,10 @@ pub(crate) fn translate(
             if last_seen_is_stale((*forward).last_seen_ns, now) {
                 (*forward).last_seen_ns = now;
             }
-            (*forward).flags |= flags;
+            // Written only when it changes: most packets carry no FIN or RST.
+            if (*forward).flags & flags != flags {
+                (*forward).flags |= flags;
+            }
             *forward
         };
         let reverse_key = reply_key(flow, existing.nat_ip, existing.nat_port);

@@ -78,11 +78,15 @@ impl Datapath {
         // flow where the remote does all the sending (a feed, a download) must live on.
         let reverse: HashMap<&mut MapData, FlowKey, NatReverse> =
             self.map_mut(map_names::NAT_REVERSE)?;
-        let reply_seen: std::collections::BTreeMap<FlowKey, u64> = reverse
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(reply, entry)| (reply, entry.last_seen_ns))
-            .collect();
+        let reverse_entries: std::collections::BTreeMap<FlowKey, NatReverse> =
+            reverse.iter().filter_map(Result::ok).collect();
+        // The reverse entry at a flow's reply key is its twin only if it names the flow's
+        // pod: after an LRU eviction the key may serve another flow.
+        let twin = |flow: &FlowKey, reply: &FlowKey| {
+            reverse_entries
+                .get(reply)
+                .filter(|entry| entry.pod_ip == flow.src_ip && entry.pod_port == flow.src_port)
+        };
         let forward: HashMap<&mut MapData, FlowKey, NatForward> =
             self.map_mut(map_names::NAT_FORWARD)?;
         let entries: Vec<(FlowKey, NatForward)> = forward.iter().filter_map(Result::ok).collect();
@@ -97,11 +101,12 @@ impl Datapath {
                 protocol: flow.protocol,
                 _pad: [0; 3],
             };
-            let last_seen = reply_seen
-                .get(&reply)
-                .map_or(nat.last_seen_ns, |seen| (*seen).max(nat.last_seen_ns));
+            let twin = twin(flow, &reply);
+            let last_seen = twin.map_or(nat.last_seen_ns, |entry| {
+                entry.last_seen_ns.max(nat.last_seen_ns)
+            });
             if timeouts.expired(flow.protocol, nat.flags, last_seen, now_ns) {
-                expired_forward.push((*flow, reply));
+                expired_forward.push((*flow, twin.map(|_| reply)));
             } else {
                 live_replies.insert(reply);
             }
@@ -116,8 +121,11 @@ impl Datapath {
         // Every reverse entry without a live forward twin: the expired pairs' and those whose
         // forward entry the LRU evicted (once idle for the closing grace period). One set,
         // so no key is deleted twice.
-        let expired_replies: std::collections::BTreeSet<FlowKey> =
-            expired_forward.iter().map(|(_, reply)| *reply).collect();
+        let expired_replies: std::collections::BTreeSet<FlowKey> = expired_forward
+            .iter()
+            .filter_map(|(_, reply)| *reply)
+            .filter(|reply| !live_replies.contains(reply))
+            .collect();
         let doomed: Vec<FlowKey> = reverse
             .iter()
             .filter_map(Result::ok)

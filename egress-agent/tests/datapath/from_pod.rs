@@ -89,6 +89,35 @@ fn replies_of_inbound_udp_keep_their_path() {
     );
 }
 
+/// An inbound UDP flow the pod now does all the sending of (a server streaming to a client
+/// that asked once): the pod's packets keep the flow's record alive, so it is not taken for a
+/// new outbound flow once the client goes quiet.
+#[test]
+fn the_pods_packets_keep_an_inbound_flow_alive() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new(POD_NODE);
+    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
+    node.run(program_names::TO_POD, &packet(DEST, 5353, POD, 53, L4::Udp));
+    let (flow, mut entry) = {
+        let inbound: HashMap<&mut MapData, FlowKey, InboundFlow> =
+            node.hash(map_names::INBOUND_FLOWS);
+        inbound.iter().next().unwrap().unwrap()
+    };
+    entry.last_seen_ns = 0;
+    node.hash::<FlowKey, InboundFlow>(map_names::INBOUND_FLOWS)
+        .insert(flow, entry, 0)
+        .unwrap();
+    let sent = packet(POD, 53, DEST, 5353, L4::Udp);
+    assert_eq!(node.run(program_names::FROM_POD, &sent).0, TC_ACT_NEXT);
+    let inbound: HashMap<&mut MapData, FlowKey, InboundFlow> = node.hash(map_names::INBOUND_FLOWS);
+    assert!(
+        inbound.get(&flow, 0).unwrap().last_seen_ns > 0,
+        "the pod's packet refreshed it"
+    );
+}
+
 #[test]
 fn no_gateway_drops() {
     if !root() {

@@ -19,7 +19,7 @@ pub(crate) use egress_agent::datapath::testing::{
 pub(crate) use egress_common::{
     config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
     counters::{Counter, reason},
-    flow::{FlowKey, PROTO_ICMP, SteeredFlow},
+    flow::{FlowKey, InboundFlow, PROTO_ICMP, SteeredFlow},
     map_names,
     nat::{NatForward, NatReverse},
     nodes::{EgressIp, LocalPod, NodeInfo},
