@@ -7,24 +7,15 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde_json::{Value, json};
 
-use crate::traffic::{METRICS, PATHS};
+use crate::{
+    measure::stats::Summary,
+    traffic::{METRICS, PATHS},
+};
 
-/// Median, min and max of values (NaN-free); `None` when empty.
+/// Median, min and max of values (NaN-free) as JSON, as [`Summary`] has them; `None` when
+/// empty.
 pub fn summary(values: &[f64]) -> Option<Value> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mid = sorted.len() / 2;
-    let median = if sorted.len().is_multiple_of(2) {
-        f64::midpoint(sorted[mid - 1], sorted[mid])
-    } else {
-        sorted[mid]
-    };
-    Some(
-        json!({"median": median, "min": sorted[0], "max": sorted[sorted.len() - 1], "runs": values}),
-    )
+    Summary::of(values.to_vec()).and_then(|summary| serde_json::to_value(summary).ok())
 }
 
 fn median(value: &Value) -> Option<f64> {
