@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use egress_tests::{
-    Cluster, ClusterConfig, Pod, example_policy, is_root, peer_url, teardown_all_clusters,
+    Cluster, ClusterConfig, Pod, binaries, example_policy, is_root, peer_url, teardown_all_clusters,
 };
 
 #[derive(Parser)]
@@ -47,6 +47,26 @@ struct Step {
     meaning: String,
 }
 
+impl Step {
+    /// `kubectl exec <pod> -- curl` once, and what the destination should have seen.
+    fn observe(
+        cluster: &Cluster,
+        what: &'static str,
+        pod: &Pod,
+        expected: Ipv4Addr,
+        meaning: String,
+    ) -> Result<Step> {
+        Ok(Step {
+            what,
+            node: pod.node.clone(),
+            pod_ip: pod.ip,
+            seen: curl_source_ip(cluster, pod)?,
+            expected,
+            meaning,
+        })
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(error) = tear_down_on_signals() {
@@ -70,12 +90,7 @@ fn run(args: Args) -> Result<()> {
     }
     let started = Instant::now();
     let config = ClusterConfig::default();
-    if !config.agent_bin.is_file() {
-        bail!(
-            "agent binary {} not found: run `cargo xtask demo`, which builds it",
-            config.agent_bin.display()
-        );
-    }
+    binaries::ensure_built("egress-agent", &config.agent_bin)?;
     let policy = args.policy.unwrap_or_else(|| example_policy("how-to.yaml"));
     let policy_text = std::fs::read_to_string(&policy)
         .with_context(|| format!("reading {}", policy.display()))?;
@@ -103,14 +118,13 @@ fn run(args: Args) -> Result<()> {
     let mut steps = Vec::new();
     heading("1. Before the policy: which source IP does the destination see?");
     let first_node_ip = cluster.node(FIRST_NODE)?.ip;
-    steps.push(Step {
-        what: "before the policy",
-        node: pod.node.clone(),
-        pod_ip: pod.ip,
-        seen: curl_source_ip(&cluster, &pod)?,
-        expected: first_node_ip,
-        meaning: format!("{FIRST_NODE}'s node IP"),
-    });
+    steps.push(Step::observe(
+        &cluster,
+        "before the policy",
+        &pod,
+        first_node_ip,
+        format!("{FIRST_NODE}'s node IP"),
+    )?);
     println!("  -> {FIRST_NODE}'s own IP: it changes whenever the pod moves to another node.");
 
     heading("2. Choosing the gateway node and applying the how-to's policy");
@@ -127,14 +141,13 @@ fn run(args: Args) -> Result<()> {
     let gateway_ip = cluster.node(GATEWAY)?.ip;
     wait_programmed(&cluster, &pod, gateway_ip)?;
     let egress_ip = egress_ip_on_gateway(&cluster, &pod)?;
-    steps.push(Step {
-        what: "with the policy",
-        node: pod.node.clone(),
-        pod_ip: pod.ip,
-        seen: curl_source_ip(&cluster, &pod)?,
-        expected: egress_ip,
-        meaning: format!("egress IP of {GATEWAY}"),
-    });
+    steps.push(Step::observe(
+        &cluster,
+        "with the policy",
+        &pod,
+        egress_ip,
+        format!("egress IP of {GATEWAY}"),
+    )?);
     println!("  -> {GATEWAY}'s egress IP: my-app now leaves the cluster through the gateway.");
     for node in [FIRST_NODE, GATEWAY] {
         heading(&format!("egress-agent bpf egress list   (on {node})"));
@@ -156,14 +169,13 @@ fn run(args: Args) -> Result<()> {
     println!("$ kubectl get pod my-app -o wide");
     print_pod(&moved);
     wait_programmed(&cluster, &moved, gateway_ip)?;
-    steps.push(Step {
-        what: "after the move",
-        node: moved.node.clone(),
-        pod_ip: moved.ip,
-        seen: curl_source_ip(&cluster, &moved)?,
-        expected: egress_ip,
-        meaning: format!("egress IP of {GATEWAY}"),
-    });
+    steps.push(Step::observe(
+        &cluster,
+        "after the move",
+        &moved,
+        egress_ip,
+        format!("egress IP of {GATEWAY}"),
+    )?);
     println!(
         "  -> a new node and a new pod IP, and still {GATEWAY}'s egress IP: the allow-list keeps working."
     );
