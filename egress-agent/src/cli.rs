@@ -19,6 +19,10 @@ use crate::{
 
 /// Name of the VXLAN device the agent creates.
 pub const DEFAULT_TUNNEL_DEVICE: &str = "egw0";
+/// Cilium's NAT map default (`bpf-nat-global-max`): concurrent flows of a busy gateway.
+pub const DEFAULT_NAT_MAP_SIZE: u32 = 524_288;
+/// Concurrent flows of one node's selected pods (Cilium's non-TCP conntrack default).
+pub const DEFAULT_FLOW_MAP_SIZE: u32 = 262_144;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -146,9 +150,14 @@ pub struct RunArgs {
     /// Seconds a TCP connection that saw a FIN or RST keeps its NAT entry.
     #[arg(long, default_value_t = 10)]
     tcp_closing_timeout: u64,
-    /// Capacity of each NAT map (one entry per translated flow).
-    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Capacity of each NAT map (one entry per flow translated on this gateway; Cilium's
+    /// default). When full, new flows are dropped (`drop_flow_table_full`), never evicted.
+    #[arg(long, default_value_t = DEFAULT_NAT_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
     nat_map_size: u32,
+    /// Capacity of each flow-tracking map (one entry per flow of this node's selected pods).
+    /// When full, new matched flows are dropped (`drop_flow_table_full`), never evicted.
+    #[arg(long, default_value_t = DEFAULT_FLOW_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
+    flow_map_size: u32,
 }
 
 impl RunArgs {
@@ -171,6 +180,7 @@ impl RunArgs {
             map_sizes: MapSizes {
                 policies: self.policy_map_size,
                 nat: self.nat_map_size,
+                flows: self.flow_map_size,
             },
             timeouts: Timeouts {
                 tcp_closing: Duration::from_secs(self.tcp_closing_timeout),

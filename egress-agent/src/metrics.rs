@@ -1,18 +1,23 @@
 //! Prometheus metrics (text format 0.0.4) on `/metrics`, plus `/healthz` and `/readyz`.
 //!
 //! Values come from two places: the agent's latest [`Report`] (policies, wanted map entries,
-//! reconciles), and the pinned maps, read at scrape time (packet counters, NAT entries, map
-//! capacities) so they are current even between reconciles. The two histograms are fed by a
+//! reconciles, flow and NAT map entries as the garbage collection counted them), and the
+//! pinned maps, read at scrape time (packet counters, map capacities) so they are current
+//! even between reconciles. The two histograms are fed by a
 //! task that follows the reports. Rendering ([`render`]) is pure, so it is unit-tested.
 
-use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use egress_common::{
     counters::{Counter, reason},
-    flow::FlowKey,
     map_names,
-    nat::NatForward,
 };
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
@@ -41,13 +46,17 @@ use crate::{
 const PREFIX: &str = "egress_gateway";
 /// A client that has not sent its request headers by then is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Maps whose capacity is exported, next to their entry counts.
-const SIZED_MAPS: [&str; 5] = [
+/// Maps whose capacity and pressure are exported, next to their entry counts.
+const SIZED_MAPS: [&str; 9] = [
     map_names::POLICIES,
     map_names::NODES,
     map_names::LOCAL_PODS,
+    map_names::CLUSTER_CIDRS,
     map_names::EGRESS_IPS,
     map_names::NAT_FORWARD,
+    map_names::NAT_REVERSE,
+    map_names::STEERED_FLOWS,
+    map_names::INBOUND_FLOWS,
 ];
 
 #[derive(Debug, Error)]
@@ -127,7 +136,6 @@ async fn follow_reports(mut reports: watch::Receiver<Arc<Report>>, histograms: H
 pub struct DatapathSample {
     /// Summed over CPUs, indexed by [`reason`].
     pub counters: Option<Vec<Counter>>,
-    pub nat_entries: Option<usize>,
     pub capacities: BTreeMap<&'static str, u32>,
 }
 
@@ -138,9 +146,6 @@ impl DatapathSample {
             .inspect_err(
                 |error| warn!(error = %Chain(&error), "metrics: cannot read the packet counters"),
             )
-            .ok();
-        let nat_entries = pinned::hash_len::<FlowKey, NatForward>(pins, map_names::NAT_FORWARD)
-            .inspect_err(|error| warn!(error = %Chain(&error), "metrics: cannot count NAT entries"))
             .ok();
         let capacities = SIZED_MAPS
             .iter()
@@ -154,7 +159,6 @@ impl DatapathSample {
             .collect();
         Self {
             counters,
-            nat_entries,
             capacities,
         }
     }
@@ -219,28 +223,30 @@ pub fn render(report: &Report, datapath: &DatapathSample, histograms: &Histogram
         gauge(report.policy_entries_dropped),
     );
 
-    let mut entries: BTreeMap<&str, i64> = report
+    // Node-local maps as last programmed; flow and NAT maps as the last garbage collection
+    // (every few seconds) counted them: walking a 512k-entry map per scrape would be costly.
+    let entries: BTreeMap<&str, usize> = report
         .map_entries
         .iter()
-        .map(|(map, count)| (*map, i64::try_from(*count).unwrap_or(i64::MAX)))
+        .chain(&report.flow_entries)
+        .map(|(map, count)| (*map, *count))
         .collect();
-    if let Some(nat) = datapath.nat_entries {
-        entries.insert(
-            map_names::NAT_FORWARD,
-            i64::try_from(nat).unwrap_or(i64::MAX),
-        );
+    if let Some(nat) = report.flow_entries.get(map_names::NAT_FORWARD) {
         registry.register(
             "nat_entries",
             "Translated flows on this gateway (entries of NAT_FORWARD)",
-            gauge(nat),
+            gauge(*nat),
         );
     }
     gauge_family(
         &mut registry,
         "map_entries",
-        "Entries per BPF map (node-local maps as last programmed; NAT_FORWARD at scrape time)",
+        "Entries per BPF map (node-local maps as last programmed; flow and NAT maps as the \
+         last garbage collection left them)",
         "map",
-        entries,
+        entries
+            .iter()
+            .map(|(map, count)| (*map, i64::try_from(*count).unwrap_or(i64::MAX))),
     );
     gauge_family(
         &mut registry,
@@ -251,6 +257,25 @@ pub fn render(report: &Report, datapath: &DatapathSample, histograms: &Histogram
             .capacities
             .iter()
             .map(|(map, capacity)| (*map, i64::from(*capacity))),
+    );
+    let pressure = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    for (map, capacity) in &datapath.capacities {
+        if let Some(count) = entries.get(map) {
+            #[expect(
+                clippy::cast_precision_loss,
+                reason = "a ratio: map sizes are far below 2^52"
+            )]
+            let ratio = *count as f64 / f64::from((*capacity).max(1));
+            pressure
+                .get_or_create(&vec![("map", (*map).to_owned())])
+                .set(ratio);
+        }
+    }
+    registry.register(
+        "map_pressure",
+        "Fill of each BPF map, entries / capacity (as Cilium's cilium_bpf_map_pressure): at 1 a \
+         flow or NAT map refuses new flows (drop_flow_table_full)",
+        pressure,
     );
 
     if let Some(counters) = &datapath.counters {
@@ -439,6 +464,7 @@ mod tests {
                 },
             ],
             map_entries: BTreeMap::from([(map_names::POLICIES, 6), (map_names::NODES, 3)]),
+            flow_entries: BTreeMap::from([(map_names::NAT_FORWARD, 4)]),
             reconciles: 7,
             last_reconcile: Duration::from_millis(2),
             last_event_to_programmed: Some(Duration::from_millis(30)),
@@ -462,7 +488,6 @@ mod tests {
         };
         DatapathSample {
             counters: Some(counters),
-            nat_entries: Some(4),
             capacities: BTreeMap::from([
                 (map_names::POLICIES, 16384),
                 (map_names::NAT_FORWARD, 65536),
@@ -499,6 +524,14 @@ mod tests {
         expect("egress_gateway_map_entries{map=\"NAT_FORWARD\"}", 4.0);
         expect("egress_gateway_map_capacity{map=\"NAT_FORWARD\"}", 65536.0);
         expect("egress_gateway_nat_entries", 4.0);
+        expect(
+            "egress_gateway_map_pressure{map=\"NAT_FORWARD\"}",
+            4.0 / 65536.0,
+        );
+        expect(
+            "egress_gateway_map_pressure{map=\"EGRESS_POLICIES\"}",
+            6.0 / 16384.0,
+        );
         expect(
             "egress_gateway_packets_total{reason=\"redirect_to_gateway\"}",
             12.0,
@@ -568,7 +601,8 @@ mod tests {
             &Histograms::default(),
         );
         assert!(!text.contains("egress_gateway_packets_total"), "{text}");
-        assert!(!text.contains("egress_gateway_nat_entries"), "{text}");
+        assert!(!text.contains("egress_gateway_map_capacity{"), "{text}");
+        assert!(!text.contains("egress_gateway_map_pressure{"), "{text}");
         assert_eq!(value(&text, "egress_gateway_reconciles_total"), Some(7.0));
     }
 

@@ -186,6 +186,7 @@ impl<'a> Reconciler<'a> {
             (map_names::POLICIES, contents.policies.len()),
             (map_names::NODES, contents.nodes.len()),
             (map_names::LOCAL_PODS, contents.local_pods.len()),
+            (map_names::CLUSTER_CIDRS, contents.cluster_cidrs.len()),
             (map_names::EGRESS_IPS, contents.egress_ips.len()),
         ]);
         let published = self.snapshot.published;

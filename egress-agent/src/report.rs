@@ -18,6 +18,8 @@ pub struct Report {
     pub refused: Vec<Refusal>,
     /// Entries wanted per map, by map name.
     pub map_entries: BTreeMap<&'static str, usize>,
+    /// Entries of the flow and NAT maps, as the last garbage collection left them.
+    pub flow_entries: BTreeMap<&'static str, usize>,
     pub reconciles: u64,
     pub last_reconcile: Duration,
     /// Time from the source publishing a snapshot to the maps being written; set only by the

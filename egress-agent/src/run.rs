@@ -157,7 +157,8 @@ async fn event_loop(
     reconciler: &mut Reconciler<'_>,
 ) -> anyhow::Result<()> {
     let gc_interval = config.gc_interval();
-    let mut last_gc = Instant::now();
+    // The first pass runs at once: it also counts the entries a restart kept.
+    let mut last_gc: Option<Instant> = None;
     let mut inventory_changed = true;
     let mut last_sync = Instant::now();
     loop {
@@ -174,20 +175,24 @@ async fn event_loop(
             }
             Err(error) => error!(error = %Chain(&error), "cannot read the node's interfaces"),
         }
-        if last_gc.elapsed() >= gc_interval {
-            last_gc = Instant::now();
+        if last_gc.is_none_or(|at| at.elapsed() >= gc_interval) {
+            last_gc = Some(Instant::now());
             match started
                 .datapath
                 .collect_garbage(&config.timeouts, monotonic_now_ns())
             {
-                Ok(stats) if stats.nat_expired + stats.flows_expired > 0 => {
-                    debug!(
-                        nat = stats.nat_expired,
-                        flows = stats.flows_expired,
-                        "expired entries"
-                    );
+                Ok(stats) => {
+                    if stats.nat_expired + stats.flows_expired > 0 {
+                        debug!(
+                            nat = stats.nat_expired,
+                            flows = stats.flows_expired,
+                            "expired entries"
+                        );
+                    }
+                    started.report.send_modify(|report| {
+                        Arc::make_mut(report).flow_entries = stats.entries;
+                    });
                 }
-                Ok(_) => {}
                 Err(error) => error!(error = %Chain(&error), "expiring NAT entries failed"),
             }
         }

@@ -76,6 +76,9 @@ pub mod reason {
         /// Matched traffic the gateway would forward with its TTL run out: handed to the
         /// kernel, which answers with ICMP time exceeded as the router it is (traceroute).
         PASS_TTL_EXCEEDED = 18 => "pass_ttl_exceeded",
+        /// A new flow found its flow-tracking or NAT map full: dropped, so that no flow ever
+        /// leaves with another source, and established flows keep their entries.
+        DROP_FLOW_TABLE_FULL = 19 => "drop_flow_table_full",
     }
 
     /// Capacity of the `COUNTERS` map.

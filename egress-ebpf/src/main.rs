@@ -171,8 +171,9 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
             flags: 0,
             last_seen_ns: now,
         };
+        // A full map refuses the new flow (E2BIG) rather than losing an established one.
         if STEERED_FLOWS.insert(&packet.flow, &steered, 0).is_err() {
-            return drop(reason::DROP_ERROR, &packet);
+            return drop(reason::DROP_FLOW_TABLE_FULL, &packet);
         }
     }
     if policy.gateway_ip == GATEWAY_NONE {
@@ -369,6 +370,7 @@ fn snat_and_send(
         Translation::Existing(t) => (t, reason::SNAT_EXISTING_FLOW),
         Translation::New(t) => (t, reason::SNAT_NEW_FLOW),
         Translation::Exhausted => return drop(reason::DROP_NAT_EXHAUSTED, packet),
+        Translation::TableFull => return drop(reason::DROP_FLOW_TABLE_FULL, packet),
         Translation::Error => return drop(reason::DROP_ERROR, packet),
     };
     if rewrite(

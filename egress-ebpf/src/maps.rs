@@ -1,4 +1,10 @@
-//! The datapath's maps. Sizes here are defaults; the agent may resize them at load time.
+//! The datapath's maps. Sizes here are those of the test programs; the agent sizes the
+//! flow and NAT maps from its flags at load time.
+//!
+//! The flow and NAT maps are plain hash maps, not LRU: an LRU map evicts an established
+//! flow's entry to make room for a new one, and a steered flow without its entry would leave
+//! with the node's IP. A full map refuses new flows instead (`drop_flow_table_full`); the
+//! agent's garbage collector frees the entries of flows that ended.
 
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
@@ -20,17 +26,19 @@ pub(crate) static EGRESS_POLICIES: LpmTrie<PolicyKey, PolicyValue, 16384> = LpmT
 
 /// Gateway: flow as the pod sent it -> translated source.
 #[btf_map]
-pub(crate) static NAT_FORWARD: LruHashMap<FlowKey, NatForward, 65536> = LruHashMap::new();
+pub(crate) static NAT_FORWARD: HashMap<FlowKey, NatForward, 65536> = HashMap::new();
 
 /// Gateway: reply flow as it arrives -> pod and its node.
 #[btf_map]
-pub(crate) static NAT_REVERSE: LruHashMap<FlowKey, NatReverse, 65536> = LruHashMap::new();
+pub(crate) static NAT_REVERSE: HashMap<FlowKey, NatReverse, 65536> = HashMap::new();
 
 /// Pod's node: flows this node steers through the tunnel.
 #[btf_map]
-pub(crate) static STEERED_FLOWS: LruHashMap<FlowKey, SteeredFlow, 65536> = LruHashMap::new();
+pub(crate) static STEERED_FLOWS: HashMap<FlowKey, SteeredFlow, 65536> = HashMap::new();
 
 /// Pod's node: UDP flows that came in to a local pod; the pod's replies are not steered.
+/// LRU on purpose: losing an entry only sends a pod's reply through the gateway (with the
+/// egress IP), and a flood of inbound datagrams must not lock out new ones.
 #[btf_map]
 pub(crate) static INBOUND_FLOWS: LruHashMap<FlowKey, InboundFlow, 65536> = LruHashMap::new();
 

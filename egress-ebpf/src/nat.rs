@@ -24,8 +24,13 @@ pub(crate) enum Translation {
     Existing(NatForward),
     New(NatForward),
     Exhausted,
+    /// A NAT map is full: the flow is refused, established ones keep their entries.
+    TableFull,
     Error,
 }
+
+/// `bpf_map_update_elem` with `BPF_NOEXIST` on a key that exists.
+const EEXIST: i32 = -17;
 
 /// Returns the translation of `flow` (as the pod sent it) to `egress_ip`, allocating a port
 /// when the flow is new: the pod's own port when it lies in the NAT range and is free for
@@ -105,7 +110,7 @@ pub(crate) fn translate(
         last_seen_ns: now,
     };
     let own_port = u32::from(u16::from_be_bytes(flow.src_port));
-    let mut claimed: Option<Port> = None;
+    let mut claimed: Option<(Port, bool)> = None;
     for attempt in 0..NAT_PORT_RETRIES {
         let port = if attempt == 0 && own_port >= min && own_port <= max {
             own_port
@@ -117,24 +122,20 @@ pub(crate) fn translate(
             min + offset
         };
         let port = (port as u16).to_be_bytes();
-        let claimable = !port_taken_by_host(ctx, flow, egress_ip, port);
-        if claimable
-            && NAT_REVERSE
-                .insert(
-                    &reply_key(flow, egress_ip, port),
-                    &reverse,
-                    u64::from(BPF_NOEXIST),
-                )
-                .is_ok()
-        {
-            claimed = Some(port);
-            break;
+        if let Some(outcome) = claim(ctx, flow, egress_ip, port, &reverse, pod_node_ip, now) {
+            match outcome {
+                Claim::Claimed { adopted } => {
+                    claimed = Some((port, adopted));
+                    break;
+                }
+                Claim::TableFull => return Translation::TableFull,
+            }
         }
         if attempt + 1 < NAT_PORT_RETRIES {
             count(reason::NAT_PORT_RETRY, 0);
         }
     }
-    let Some(nat_port) = claimed else {
+    let Some((nat_port, adopted)) = claimed else {
         return Translation::Exhausted;
     };
     let forward = NatForward {
@@ -145,18 +146,70 @@ pub(crate) fn translate(
         flags,
         last_seen_ns: now,
     };
-    if NAT_FORWARD
-        .insert(flow, &forward, u64::from(BPF_NOEXIST))
-        .is_ok()
-    {
-        return Translation::New(forward);
+    match NAT_FORWARD.insert(flow, &forward, u64::from(BPF_NOEXIST)) {
+        Ok(()) => return Translation::New(forward),
+        // Another CPU created the flow first: its translation is used below.
+        Err(EEXIST) => {}
+        Err(_) => {
+            if !adopted {
+                let _ = NAT_REVERSE.remove(&reply_key(flow, egress_ip, nat_port));
+            }
+            return Translation::TableFull;
+        }
     }
-    // Another CPU created the flow first: give our port back and use its translation.
-    let _ = NAT_REVERSE.remove(&reply_key(flow, egress_ip, nat_port));
+    // Give our port back (unless it was the surviving half, which the winner may use) and
+    // use the winner's translation.
+    if !adopted {
+        let _ = NAT_REVERSE.remove(&reply_key(flow, egress_ip, nat_port));
+    }
     // SAFETY: plain lookup.
     match unsafe { NAT_FORWARD.get(flow) } {
         Some(winner) => Translation::Existing(*winner),
         None => Translation::Error,
+    }
+}
+
+enum Claim {
+    /// The port is this flow's now; `adopted` when its reverse entry was already there.
+    Claimed { adopted: bool },
+    /// NAT_REVERSE is out of room (E2BIG): trying other ports cannot help.
+    TableFull,
+}
+
+/// Tries to claim `port` for `flow`; `None` when it serves another flow or a socket of the
+/// node.
+#[inline(always)]
+fn claim(
+    ctx: &TcContext,
+    flow: &FlowKey,
+    egress_ip: Ipv4,
+    port: Port,
+    reverse: &NatReverse,
+    pod_node_ip: Ipv4,
+    now: u64,
+) -> Option<Claim> {
+    if port_taken_by_host(ctx, flow, egress_ip, port) {
+        return None;
+    }
+    let key = reply_key(flow, egress_ip, port);
+    match NAT_REVERSE.insert(&key, reverse, u64::from(BPF_NOEXIST)) {
+        Ok(()) => Some(Claim::Claimed { adopted: false }),
+        Err(EEXIST) => {
+            // The reply key is this flow's own (it names this pod and port): the forward
+            // half was lost, the reverse one survived. Rebuild around it, so the flow keeps
+            // its port and the remote sees no change.
+            // SAFETY: valid for this run; the fields read and written are plain data.
+            let entry = NAT_REVERSE.get_ptr_mut(&key).filter(|entry| unsafe {
+                (**entry).pod_ip == flow.src_ip && (**entry).pod_port == flow.src_port
+            })?;
+            // SAFETY: as above.
+            unsafe {
+                (*entry).pod_node_ip = pod_node_ip;
+                (*entry).last_seen_ns = now;
+            }
+            Some(Claim::Claimed { adopted: true })
+        }
+        Err(_) => Some(Claim::TableFull),
     }
 }
 

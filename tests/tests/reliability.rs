@@ -783,12 +783,12 @@ fn pins_are_root_only_and_the_agent_keeps_only_bpf_and_net_admin() {
         let maps = entries
             .iter()
             .filter(|(path, _, _, is_dir)| {
-                !is_dir && path.parent().is_some_and(|p| p.ends_with("v1/maps"))
+                !is_dir && path.parent().is_some_and(|p| p.ends_with("v2/maps"))
             })
             .count();
         assert!(
             maps >= 5,
-            "{}: pinned maps under v1/maps: {entries:?}",
+            "{}: pinned maps under v2/maps: {entries:?}",
             node.name
         );
         for (path, mode, uid, is_dir) in &entries {

@@ -192,6 +192,7 @@ fn measure(
         MapSizes {
             policies: (args.pods + 1024).max(16_384),
             nat: 1024,
+            flows: 1024,
         },
     )?;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;

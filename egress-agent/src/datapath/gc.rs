@@ -1,8 +1,12 @@
-//! Expiry of NAT and flow-tracking entries. The maps are LRU, so a full map never blocks a
-//! new flow, but ports are only freed quickly if entries of finished flows go away: closed
-//! TCP connections after a short grace period, idle UDP/ICMP flows after a timeout.
+//! Expiry of NAT and flow-tracking entries. The maps never evict (a full one refuses new
+//! flows), so entries of finished flows must go: closed TCP connections after a short grace
+//! period, idle flows after a timeout. Each pass also counts what stays, for the maps'
+//! pressure gauges.
 
-use std::time::Duration;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use aya::maps::{HashMap, MapData, MapError};
 use egress_common::{
@@ -47,10 +51,12 @@ impl Timeouts {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GcStats {
     pub nat_expired: usize,
     pub flows_expired: usize,
+    /// Entries left in each flow and NAT map after the pass.
+    pub entries: BTreeMap<&'static str, usize>,
 }
 
 /// Nanoseconds on the clock `bpf_ktime_get_ns` uses.
@@ -64,7 +70,7 @@ pub fn monotonic_now_ns() -> u64 {
 
 impl Datapath {
     /// Removes expired entries: NAT pairs together (an orphaned reverse entry whose forward
-    /// twin the LRU evicted goes too), then steered and inbound flows.
+    /// twin is gone goes too), then steered and inbound flows.
     pub fn collect_garbage(
         &mut self,
         timeouts: &Timeouts,
@@ -78,10 +84,10 @@ impl Datapath {
         // flow where the remote does all the sending (a feed, a download) must live on.
         let reverse: HashMap<&mut MapData, FlowKey, NatReverse> =
             self.map_mut(map_names::NAT_REVERSE)?;
-        let reverse_entries: std::collections::BTreeMap<FlowKey, NatReverse> =
+        let reverse_entries: BTreeMap<FlowKey, NatReverse> =
             reverse.iter().filter_map(Result::ok).collect();
         // The reverse entry at a flow's reply key is its twin only if it names the flow's
-        // pod: after an LRU eviction the key may serve another flow.
+        // pod: once a half was lost, the key may serve another flow.
         let twin = |flow: &FlowKey, reply: &FlowKey| {
             reverse_entries
                 .get(reply)
@@ -91,7 +97,7 @@ impl Datapath {
             self.map_mut(map_names::NAT_FORWARD)?;
         let entries: Vec<(FlowKey, NatForward)> = forward.iter().filter_map(Result::ok).collect();
         let mut expired_forward = Vec::new();
-        let mut live_replies = std::collections::BTreeSet::new();
+        let mut live_replies = BTreeSet::new();
         for (flow, nat) in &entries {
             let reply = FlowKey {
                 src_ip: flow.dst_ip,
@@ -119,9 +125,9 @@ impl Datapath {
         let mut reverse: HashMap<&mut MapData, FlowKey, NatReverse> =
             self.map_mut(map_names::NAT_REVERSE)?;
         // Every reverse entry without a live forward twin: the expired pairs' and those whose
-        // forward entry the LRU evicted (once idle for the closing grace period). One set,
+        // forward entry was lost (once idle for the closing grace period). One set,
         // so no key is deleted twice.
-        let expired_replies: std::collections::BTreeSet<FlowKey> = expired_forward
+        let expired_replies: BTreeSet<FlowKey> = expired_forward
             .iter()
             .filter_map(|(_, reply)| *reply)
             .filter(|reply| !live_replies.contains(reply))
@@ -141,28 +147,43 @@ impl Datapath {
             ignore_missing(reverse.remove(reply)).map_err(map_err(map_names::NAT_REVERSE))?;
         }
         stats.nat_expired = expired_forward.len();
+        stats.entries.insert(
+            map_names::NAT_FORWARD,
+            entries.len() - expired_forward.len(),
+        );
+        stats.entries.insert(
+            map_names::NAT_REVERSE,
+            reverse_entries.len().saturating_sub(doomed.len()),
+        );
 
-        stats.flows_expired = self
+        let (expired, left) = self
             .expire_flows::<SteeredFlow>(map_names::STEERED_FLOWS, |flow, entry| {
                 timeouts.expired(flow.protocol, entry.flags, entry.last_seen_ns, now_ns)
             })?;
-        stats.flows_expired += self
+        stats.flows_expired = expired;
+        stats.entries.insert(map_names::STEERED_FLOWS, left);
+        let (expired, left) = self
             .expire_flows::<InboundFlow>(map_names::INBOUND_FLOWS, |flow, entry| {
                 timeouts.expired(flow.protocol, 0, entry.last_seen_ns, now_ns)
             })?;
+        stats.flows_expired += expired;
+        stats.entries.insert(map_names::INBOUND_FLOWS, left);
         Ok(stats)
     }
 
-    /// Removes the entries of a flow-tracking map that `expired` selects.
+    /// Removes the entries of a flow-tracking map that `expired` selects; returns how many
+    /// went and how many stay.
     fn expire_flows<V: aya::Pod>(
         &mut self,
         name: &'static str,
         expired: impl Fn(&FlowKey, &V) -> bool,
-    ) -> Result<usize, DatapathError> {
+    ) -> Result<(usize, usize), DatapathError> {
         let mut map: HashMap<&mut MapData, FlowKey, V> = self.map_mut(name)?;
+        let mut total = 0;
         let keys: Vec<FlowKey> = map
             .iter()
             .filter_map(Result::ok)
+            .inspect(|_| total += 1)
             .filter(|(flow, entry)| expired(flow, entry))
             .map(|(flow, _)| flow)
             .collect();
@@ -170,7 +191,7 @@ impl Datapath {
             ignore_missing(map.remove(flow))
                 .map_err(|source| DatapathError::Map { name, source })?;
         }
-        Ok(keys.len())
+        Ok((keys.len(), total - keys.len()))
     }
 }
 

@@ -20,7 +20,23 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
     pub policies: u32,
+    /// Each of NAT_FORWARD and NAT_REVERSE: flows translated on this gateway.
     pub nat: u32,
+    /// Each of STEERED_FLOWS and INBOUND_FLOWS: flows of this node's selected pods.
+    pub flows: u32,
+}
+
+impl MapSizes {
+    /// The maps these sizes apply to, with the size of each.
+    fn by_map(self) -> [(&'static str, u32); 5] {
+        [
+            (map_names::POLICIES, self.policies),
+            (map_names::NAT_FORWARD, self.nat),
+            (map_names::NAT_REVERSE, self.nat),
+            (map_names::STEERED_FLOWS, self.flows),
+            (map_names::INBOUND_FLOWS, self.flows),
+        ]
+    }
 }
 
 impl Datapath {
@@ -36,10 +52,21 @@ impl Datapath {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        loader
-            .map_max_entries(map_names::POLICIES, sizes.policies)
-            .map_max_entries(map_names::NAT_FORWARD, sizes.nat)
-            .map_max_entries(map_names::NAT_REVERSE, sizes.nat);
+        for (name, size) in sizes.by_map() {
+            loader.map_max_entries(name, size);
+            // A pinned map keeps the capacity it was made with (and its entries).
+            if let Ok(info) = aya::maps::MapInfo::from_pin(pins.map(name))
+                && info.max_entries() != size
+            {
+                warn!(
+                    map = name,
+                    pinned = info.max_entries(),
+                    wanted = size,
+                    "a pinned map keeps its earlier capacity; the new size applies after \
+                     `egress-agent cleanup` (which drops its entries) and a restart"
+                );
+            }
+        }
         let mut ebpf = loader.load(OBJECT)?;
         for hook in Hook::ALL {
             program_mut(&mut ebpf, hook.program())?

@@ -40,19 +40,6 @@ pub fn hash<K: Pod + Ord, V: Pod>(pins: &PinLayout, name: &'static str) -> Resul
     Ok(entries)
 }
 
-/// Number of entries of a pinned hash map, walking its keys only (no value copies).
-pub fn hash_len<K: Pod, V: Pod>(pins: &PinLayout, name: &'static str) -> Result<usize> {
-    let map = open(pins, name)?;
-    let hash: HashMap<MapData, K, V> =
-        HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
-    let mut count = 0;
-    for key in hash.keys() {
-        key.map_err(|source| DatapathError::Map { name, source })?;
-        count += 1;
-    }
-    Ok(count)
-}
-
 /// A pinned map's capacity (`max_entries`), as the kernel holds it.
 pub fn capacity(pins: &PinLayout, name: &'static str) -> Result<u32> {
     aya::maps::MapInfo::from_pin(pins.map(name))

@@ -1,10 +1,10 @@
 //! Where the agent keeps its pinned state on bpffs, and how it gets there.
 //!
 //! ```text
-//! <bpffs>/v1/maps/<MAP>                    maps, reused across restarts
-//! <bpffs>/v1/links/<ifindex>-<hook>-<ifname> TCX links, so programs stay attached
+//! <bpffs>/v2/maps/<MAP>                    maps, reused across restarts
+//! <bpffs>/v2/links/<ifindex>-<hook>-<ifname> TCX links, so programs stay attached
 //! ```
-//! The `v1` folder is the map-layout version: a future layout change uses a new folder, so
+//! The `v2` folder is the map-layout version: a future layout change uses a new folder, so
 //! a new agent never misreads maps pinned by an old one.
 
 use std::{
@@ -16,8 +16,8 @@ use std::{
 
 use thiserror::Error;
 
-/// Version of the pinned map layout; bump when a map's key or value type changes.
-pub(super) const LAYOUT_VERSION: &str = "v1";
+/// Version of the pinned map layout; bump when a map's type, key or value type changes.
+pub(super) const LAYOUT_VERSION: &str = "v2";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/egress-gateway";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -200,14 +200,15 @@ mod tests {
     fn other_layout_versions_are_removed_and_ours_kept() {
         let root = std::env::temp_dir().join(format!("egress-pins-{}", std::process::id()));
         let layout = PinLayout::new(&root);
-        for dir in ["v0/maps", "v1/maps", "v7/links", "notes"] {
+        let ours = format!("{LAYOUT_VERSION}/maps");
+        for dir in ["v0/maps", ours.as_str(), "v7/links", "notes"] {
             fs::create_dir_all(root.join(dir)).unwrap();
         }
         fs::write(root.join("v0/maps/EGRESS_POLICIES"), b"old layout").unwrap();
         let removed = layout.remove_other_versions().unwrap();
         assert_eq!(removed.len(), 2, "{removed:?}");
         assert!(!root.join("v0").exists() && !root.join("v7").exists());
-        assert!(root.join("v1/maps").exists() && root.join("notes").exists());
+        assert!(root.join(&ours).exists() && root.join("notes").exists());
         fs::remove_dir_all(&root).unwrap();
     }
 }

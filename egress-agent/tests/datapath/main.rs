@@ -10,4 +10,5 @@
 mod from_egress;
 mod from_pod;
 mod from_tunnel;
+mod full_maps;
 mod support;

@@ -49,7 +49,26 @@ pub(crate) struct Node {
 
 impl Node {
     pub(crate) fn new(node_ip: Ipv4Addr) -> Self {
-        let mut ebpf = EbpfLoader::new().load(OBJECT).expect("load object");
+        Self::with_loader(node_ip, &mut EbpfLoader::new())
+    }
+
+    /// A node whose flow and NAT maps hold `entries` each, as `--flow-map-size` and
+    /// `--nat-map-size` make them.
+    pub(crate) fn with_flow_capacity(node_ip: Ipv4Addr, entries: u32) -> Self {
+        let mut loader = EbpfLoader::new();
+        for name in [
+            map_names::NAT_FORWARD,
+            map_names::NAT_REVERSE,
+            map_names::STEERED_FLOWS,
+            map_names::INBOUND_FLOWS,
+        ] {
+            loader.map_max_entries(name, entries);
+        }
+        Self::with_loader(node_ip, &mut loader)
+    }
+
+    fn with_loader(node_ip: Ipv4Addr, loader: &mut EbpfLoader<'_>) -> Self {
+        let mut ebpf = loader.load(OBJECT).expect("load object");
         for name in [
             program_names::FROM_POD,
             program_names::TO_POD,
