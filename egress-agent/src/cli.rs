@@ -147,9 +147,14 @@ pub struct RunArgs {
     /// Seconds an established TCP connection may stay idle before its NAT entry is freed.
     #[arg(long, default_value_t = 6 * 3600)]
     tcp_idle_timeout: u64,
-    /// Seconds a TCP connection that saw a FIN or RST keeps its NAT entry.
+    /// Seconds a TCP connection closed by both sides' FINs, or an RST from either, keeps
+    /// its NAT entry.
     #[arg(long, default_value_t = 10)]
     tcp_closing_timeout: u64,
+    /// Seconds a TCP connection one side half-closed (sent a FIN) may stay idle: the other
+    /// side may still be sending.
+    #[arg(long, default_value_t = 120)]
+    tcp_half_closed_timeout: u64,
     /// Capacity of each NAT map (one entry per flow translated on this gateway; Cilium's
     /// default). When full, new flows are dropped (`drop_flow_table_full`), never evicted.
     #[arg(long, default_value_t = DEFAULT_NAT_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
@@ -184,6 +189,7 @@ impl RunArgs {
             },
             timeouts: Timeouts {
                 tcp_closing: Duration::from_secs(self.tcp_closing_timeout),
+                tcp_half_closed: Duration::from_secs(self.tcp_half_closed_timeout),
                 tcp_idle: Duration::from_secs(self.tcp_idle_timeout),
                 other_idle: Duration::from_secs(self.udp_idle_timeout),
             },

@@ -79,6 +79,7 @@ impl AgentConfig {
             ("--udp-idle-timeout", self.timeouts.other_idle),
             ("--tcp-idle-timeout", self.timeouts.tcp_idle),
             ("--tcp-closing-timeout", self.timeouts.tcp_closing),
+            ("--tcp-half-closed-timeout", self.timeouts.tcp_half_closed),
         ] {
             if timeout.as_secs() < MIN_IDLE_TIMEOUT_SECS {
                 return Err(ConfigError::TimeoutTooShort {

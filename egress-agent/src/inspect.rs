@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, path::Path, process::ExitCode};
 use anyhow::Context as _;
 use egress_common::{
     counters::reason,
-    flow::{FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    flow::{FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TcpState},
     map_names,
     nat::NatForward,
     policy::{GATEWAY_EXCLUDED, GATEWAY_NONE},
@@ -128,7 +128,20 @@ struct NatEntry {
     destination: String,
     egress: String,
     pod_node: String,
+    state: &'static str,
     last_seen_ns: u64,
+}
+
+/// A TCP connection's state as the datapath tracked it; other flows are just "active".
+fn flow_state(protocol: u8, flags: u32) -> &'static str {
+    if protocol != PROTO_TCP {
+        return "active";
+    }
+    match TcpState::of(flags) {
+        TcpState::Open => "established",
+        TcpState::HalfClosed => "half-closed",
+        TcpState::Closed => "closed",
+    }
 }
 
 pub fn nat_list(bpffs: &Path, output: Output) -> anyhow::Result<ExitCode> {
@@ -143,13 +156,21 @@ pub fn nat_list(bpffs: &Path, output: Output) -> anyhow::Result<ExitCode> {
             destination: endpoint(flow.dst_ip, flow.dst_port),
             egress: endpoint(nat.nat_ip, nat.nat_port),
             pod_node: Ipv4Addr::from(nat.pod_node_ip).to_string(),
+            state: flow_state(flow.protocol, nat.flags),
             last_seen_ns: nat.last_seen_ns,
         })
         .collect();
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
         Output::Table => print_table(
-            &["Protocol", "Pod", "Destination", "Egress", "Pod node"],
+            &[
+                "Protocol",
+                "Pod",
+                "Destination",
+                "Egress",
+                "Pod node",
+                "State",
+            ],
             entries.iter().map(|entry| {
                 vec![
                     entry.protocol.to_owned(),
@@ -157,6 +178,7 @@ pub fn nat_list(bpffs: &Path, output: Output) -> anyhow::Result<ExitCode> {
                     entry.destination.clone(),
                     entry.egress.clone(),
                     entry.pod_node.clone(),
+                    entry.state.to_owned(),
                 ]
             }),
         ),

@@ -13,7 +13,8 @@ pub struct NatForward {
     pub _pad: [u8; 2],
     /// Underlay address of the node that holds the pod.
     pub pod_node_ip: Ipv4,
-    /// `flow::FLOW_CLOSING` once a FIN or RST was seen.
+    /// TCP lifecycle flags (`flow::FLOW_FIN_FROM_POD` and the others), set by both
+    /// directions.
     pub flags: u32,
     pub last_seen_ns: u64,
 }
@@ -28,8 +29,18 @@ pub struct NatReverse {
     pub _pad: [u8; 2],
     /// Where replies go: the tunnel peer, or this node for a pod on the gateway itself.
     pub pod_node_ip: Ipv4,
-    pub _pad2: u32,
+    /// `NAT_TIME_WAIT` once the flow ended and only its port is held (see there).
+    pub flags: u32,
     pub last_seen_ns: u64,
 }
+
+/// Flag of a reverse entry kept after its flow ended (the forward half is gone): the remote
+/// closed first and holds TIME_WAIT for the port, so the port is not handed to a new flow to
+/// it yet. Replies hitting it are dropped. The agent removes it after `TIME_WAIT_SECS`, or
+/// earlier when ports run out.
+pub const NAT_TIME_WAIT: u32 = 1;
+
+/// How long a remote may hold TIME_WAIT (Linux: 60 s, TCP_TIMEWAIT_LEN).
+pub const TIME_WAIT_SECS: u64 = 60;
 
 assert_size!(NatForward = 24, NatReverse = 24);

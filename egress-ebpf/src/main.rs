@@ -43,15 +43,15 @@ use egress_common::{
     Ipv4,
     config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
     counters::reason,
-    flow::{FLOW_CLOSING, InboundFlow, PROTO_UDP, SteeredFlow, last_seen_is_stale},
-    nat::NatReverse,
+    flow::{FlowKey, InboundFlow, PROTO_UDP, SteeredFlow, last_seen_is_stale, with_close_event},
+    nat::{NAT_TIME_WAIT, NatReverse},
     policy::{GATEWAY_EXCLUDED, GATEWAY_NONE, POLICY_LOOKUP_PREFIX, PolicyKey, PolicyValue},
 };
 
 use crate::{
     maps::{
-        CLUSTER_CIDRS, EGRESS_IPS, EGRESS_POLICIES, INBOUND_FLOWS, LOCAL_PODS, NAT_REVERSE, NODES,
-        STEERED_FLOWS, config, count,
+        CLUSTER_CIDRS, EGRESS_IPS, EGRESS_POLICIES, INBOUND_FLOWS, LOCAL_PODS, NAT_FORWARD,
+        NAT_REVERSE, NODES, STEERED_FLOWS, config, count,
     },
     nat::Translation,
     packet::{
@@ -135,8 +135,14 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
             if last_seen_is_stale((*steered).last_seen_ns, now) {
                 (*steered).last_seen_ns = now;
             }
-            if packet.is_tcp_closing() {
-                (*steered).flags |= FLOW_CLOSING;
+            // A SYN on a closed tuple opens a new connection.
+            let flags = if packet.is_tcp_open() {
+                0
+            } else {
+                with_close_event((*steered).flags, packet.close_event(true))
+            };
+            if (*steered).flags != flags {
+                (*steered).flags = flags;
             }
         }
     } else {
@@ -316,12 +322,16 @@ fn deliver_reply(ctx: &mut TcContext, packet: &Packet, config: &DatapathConfig) 
         return drop(reason::DROP_UNKNOWN_REPLY, packet);
     };
     // Replies keep the flow alive too (a feed, a download): the remote may do all the
-    // sending.
+    // sending. Its FIN or RST is the connection's end as much as the pod's.
     let now = now();
-    // SAFETY: valid for this run; last_seen is advisory.
+    // SAFETY: valid for this run; last_seen and flags are advisory.
     unsafe {
         if last_seen_is_stale((*steered).last_seen_ns, now) {
             (*steered).last_seen_ns = now;
+        }
+        let flags = with_close_event((*steered).flags, packet.close_event(false));
+        if (*steered).flags != flags {
+            (*steered).flags = flags;
         }
     }
     if clamp_mss(ctx, packet, config.tunnel_mss).is_err() {
@@ -357,22 +367,14 @@ fn snat_and_send(
         count(reason::PASS_TTL_EXCEEDED, packet.len);
         return PASS;
     }
-    let closing = packet.is_tcp_closing();
-    let (translation, verdict) = match nat::translate(
-        ctx,
-        &packet.flow,
-        policy.egress_ip,
-        pod_node_ip,
-        config,
-        now,
-        closing,
-    ) {
-        Translation::Existing(t) => (t, reason::SNAT_EXISTING_FLOW),
-        Translation::New(t) => (t, reason::SNAT_NEW_FLOW),
-        Translation::Exhausted => return drop(reason::DROP_NAT_EXHAUSTED, packet),
-        Translation::TableFull => return drop(reason::DROP_FLOW_TABLE_FULL, packet),
-        Translation::Error => return drop(reason::DROP_ERROR, packet),
-    };
+    let (translation, verdict) =
+        match nat::translate(ctx, packet, policy.egress_ip, pod_node_ip, config, now) {
+            Translation::Existing(t) => (t, reason::SNAT_EXISTING_FLOW),
+            Translation::New(t) => (t, reason::SNAT_NEW_FLOW),
+            Translation::Exhausted => return drop(reason::DROP_NAT_EXHAUSTED, packet),
+            Translation::TableFull => return drop(reason::DROP_FLOW_TABLE_FULL, packet),
+            Translation::Error => return drop(reason::DROP_ERROR, packet),
+        };
     if rewrite(
         ctx,
         packet,
@@ -410,6 +412,14 @@ pub(crate) fn from_egress(mut ctx: TcContext) -> i32 {
             }
             *reverse
         };
+        if reverse.flags & NAT_TIME_WAIT != 0 {
+            // The flow ended; only its port is held. Late segments go nowhere.
+            return drop(reason::DROP_UNKNOWN_REPLY, &packet);
+        }
+        let event = packet.close_event(false);
+        if event != 0 {
+            record_remote_close(&packet, &reverse, event);
+        }
         if rewrite(
             &mut ctx,
             &packet,
@@ -442,6 +452,24 @@ pub(crate) fn from_egress(mut ctx: TcContext) -> i32 {
     }
     // The node's own traffic to its egress IP.
     PASS
+}
+
+/// Notes the remote's FIN or RST on the flow's forward entry, where the pod's are noted:
+/// the garbage collector reads the connection's state from there.
+#[inline(always)]
+fn record_remote_close(packet: &Packet, reverse: &NatReverse, event: u32) {
+    let flow = FlowKey {
+        src_ip: reverse.pod_ip,
+        dst_ip: packet.flow.src_ip,
+        src_port: reverse.pod_port,
+        dst_port: packet.flow.src_port,
+        protocol: packet.flow.protocol,
+        _pad: [0; 3],
+    };
+    if let Some(forward) = NAT_FORWARD.get_ptr_mut(&flow) {
+        // SAFETY: valid for this run; flags are advisory.
+        unsafe { (*forward).flags = with_close_event((*forward).flags, event) };
+    }
 }
 
 /// Sends a reverse-translated packet to the pod: directly when it runs here, else through

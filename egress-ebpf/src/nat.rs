@@ -14,11 +14,14 @@ use egress_common::{
     Ipv4, Port,
     config::{DatapathConfig, NAT_PORT_RETRIES},
     counters::reason,
-    flow::{FLOW_CLOSING, FlowKey, PROTO_TCP, PROTO_UDP, last_seen_is_stale},
+    flow::{FlowKey, PROTO_TCP, PROTO_UDP, last_seen_is_stale, with_close_event},
     nat::{NatForward, NatReverse},
 };
 
-use crate::maps::{NAT_FORWARD, NAT_REVERSE, count};
+use crate::{
+    maps::{NAT_FORWARD, NAT_REVERSE, count},
+    packet::Packet,
+};
 
 pub(crate) enum Translation {
     Existing(NatForward),
@@ -40,14 +43,14 @@ const EEXIST: i32 = -17;
 #[inline(always)]
 pub(crate) fn translate(
     ctx: &TcContext,
-    flow: &FlowKey,
+    packet: &Packet,
     egress_ip: Ipv4,
     pod_node_ip: Ipv4,
     config: &DatapathConfig,
     now: u64,
-    closing: bool,
 ) -> Translation {
-    let flags = if closing { FLOW_CLOSING } else { 0 };
+    let flow = &packet.flow;
+    let event = packet.close_event(true);
     if let Some(forward) = NAT_FORWARD.get_ptr_mut(flow) {
         // SAFETY: the entry stays valid for this program run; last_seen and flags are
         // advisory (the agent's garbage collector reads them).
@@ -55,9 +58,15 @@ pub(crate) fn translate(
             if last_seen_is_stale((*forward).last_seen_ns, now) {
                 (*forward).last_seen_ns = now;
             }
-            // Written only when it changes: most packets carry no FIN or RST.
-            if (*forward).flags & flags != flags {
-                (*forward).flags |= flags;
+            // A SYN on a closed tuple opens a new connection over the same translation.
+            let flags = if packet.is_tcp_open() {
+                0
+            } else {
+                with_close_event((*forward).flags, event)
+            };
+            // Written only when it changes: most packets carry no SYN, FIN or RST.
+            if (*forward).flags != flags {
+                (*forward).flags = flags;
             }
             *forward
         };
@@ -106,7 +115,7 @@ pub(crate) fn translate(
         pod_port: flow.src_port,
         _pad: [0; 2],
         pod_node_ip,
-        _pad2: 0,
+        flags: 0,
         last_seen_ns: now,
     };
     let own_port = u32::from(u16::from_be_bytes(flow.src_port));
@@ -143,7 +152,7 @@ pub(crate) fn translate(
         nat_port,
         _pad: [0; 2],
         pod_node_ip,
-        flags,
+        flags: with_close_event(0, event),
         last_seen_ns: now,
     };
     match NAT_FORWARD.insert(flow, &forward, u64::from(BPF_NOEXIST)) {
@@ -196,8 +205,9 @@ fn claim(
         Ok(()) => Some(Claim::Claimed { adopted: false }),
         Err(EEXIST) => {
             // The reply key is this flow's own (it names this pod and port): the forward
-            // half was lost, the reverse one survived. Rebuild around it, so the flow keeps
-            // its port and the remote sees no change.
+            // half was lost, or the flow ended and the pod reconnects over the same tuple
+            // (its port held for TIME_WAIT). Rebuild around it, so the flow keeps its port
+            // and the remote sees the tuple it knows.
             // SAFETY: valid for this run; the fields read and written are plain data.
             let entry = NAT_REVERSE.get_ptr_mut(&key).filter(|entry| unsafe {
                 (**entry).pod_ip == flow.src_ip && (**entry).pod_port == flow.src_port
@@ -205,6 +215,7 @@ fn claim(
             // SAFETY: as above.
             unsafe {
                 (*entry).pod_node_ip = pod_node_ip;
+                (*entry).flags = 0;
                 (*entry).last_seen_ns = now;
             }
             Some(Claim::Claimed { adopted: true })

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     Ipv4, Port,
-    flow::{FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    flow::{FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, close_event},
 };
 
 pub(crate) const ETH_HLEN: usize = 14;
@@ -21,9 +21,7 @@ const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
-const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_OPTION_END: u8 = 0;
 const TCP_OPTION_NOP: u8 = 1;
@@ -63,10 +61,15 @@ impl Packet {
         self.is_tcp() && self.tcp_flags & TCP_FLAG_SYN != 0
     }
 
-    /// A TCP FIN or RST: the connection is ending.
+    /// What this segment says about its connection's end (`flow::close_event`): 0 for
+    /// anything but a TCP FIN or RST. `from_pod` tells which side sent it.
     #[inline(always)]
-    pub(crate) fn is_tcp_closing(&self) -> bool {
-        self.is_tcp() && self.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0
+    pub(crate) fn close_event(&self, from_pod: bool) -> u32 {
+        if self.is_tcp() {
+            close_event(self.tcp_flags, from_pod)
+        } else {
+            0
+        }
     }
 
     /// An ICMP echo reply: the answer to a ping that came in, never the start of a flow.

@@ -644,6 +644,69 @@ fn nat_port_exhaustion_fails_cleanly_and_recovers() {
     assert!(matched > 0, "the capture saw the connections");
 }
 
+/// A server that resets every connection: three times the NAT port range in connections to
+/// one remote, none refused for want of a port. The remote's RST closes the flow on both
+/// nodes, so its port is free again after the closing timeout (it used to stay held for the
+/// 6 h idle timeout: a resetting server exhausted a gateway's ports for its address).
+#[test]
+fn a_server_that_resets_every_connection_never_exhausts_the_ports() {
+    skip_unless_root!();
+    const PORTS: u32 = 64;
+    let mut cluster = cluster_with(&[], &[]);
+    cluster
+        .set_agent_args(
+            "k8s-worker-2",
+            &[
+                "--nat-port-range",
+                "2000-2063",
+                "--tcp-closing-timeout",
+                "2",
+            ],
+        )
+        .unwrap();
+    let pod = serve_my_app(&mut cluster);
+    cluster.start_capture().unwrap();
+    let connections = (3 * PORTS).to_string();
+    let resets = cluster
+        .peer_client(
+            &pod,
+            &[
+                "tcp-resets",
+                "198.51.100.10:8080",
+                "--connections",
+                &connections,
+                "--interval-ms",
+                "100",
+            ],
+        )
+        .unwrap();
+    let packets = cluster.stop_capture().unwrap();
+    assert!(
+        resets.status.success(),
+        "tcp-resets: {}",
+        String::from_utf8_lossy(&resets.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&resets.stdout).unwrap();
+    assert_eq!(
+        summary["connected"],
+        3 * PORTS,
+        "connections were refused: {summary}, counters {:?}",
+        cluster.counters("k8s-worker-2")
+    );
+    assert_eq!(
+        cluster
+            .counter_packets("k8s-worker-2", "drop_nat_exhausted")
+            .unwrap(),
+        0
+    );
+    let matched = LeakDetector::new()
+        .matched_port(8080, [WORKER_2])
+        .forbidden_sources([pod.ip])
+        .check(&packets)
+        .unwrap();
+    assert!(matched > 0, "the capture saw the connections");
+}
+
 // ----- MTU and ICMP errors -----
 
 fn link_mtu(cluster: &Cluster, netns: &str, interface: &str) -> u32 {

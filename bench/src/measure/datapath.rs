@@ -537,7 +537,7 @@ impl BenchNode {
             pod_port: pod_port.to_be_bytes(),
             _pad: [0; 2],
             pod_node_ip: POD_NODE.octets(),
-            _pad2: 0,
+            flags: 0,
             last_seen_ns: 0,
         };
         let mut forwards = self.hash::<FlowKey, NatForward>(map_names::NAT_FORWARD)?;

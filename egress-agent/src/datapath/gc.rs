@@ -1,6 +1,7 @@
 //! Expiry of NAT and flow-tracking entries. The maps never evict (a full one refuses new
 //! flows), so entries of finished flows must go: closed TCP connections after a short grace
-//! period, idle flows after a timeout. Each pass also counts what stays, for the maps'
+//! period, half-closed ones and idle flows after their timeouts. A port whose remote may
+//! still hold TIME_WAIT stays held a while. Each pass also counts what stays, for the maps'
 //! pressure gauges.
 
 use std::{
@@ -10,18 +11,29 @@ use std::{
 
 use aya::maps::{HashMap, MapData, MapError};
 use egress_common::{
-    flow::{FLOW_CLOSING, FlowKey, InboundFlow, PROTO_TCP, SteeredFlow},
+    counters::reason,
+    flow::{
+        FLOW_REMOTE_CLOSED_FIRST, FLOW_RESET, FlowKey, InboundFlow, PROTO_TCP, SteeredFlow,
+        TcpState,
+    },
     map_names,
-    nat::{NatForward, NatReverse},
+    nat::{NAT_TIME_WAIT, NatForward, NatReverse, TIME_WAIT_SECS},
 };
 
-use super::{Datapath, DatapathError, sync::ignore_missing};
+use super::{Datapath, DatapathError, pinned, sync::ignore_missing};
+
+/// `bpf_map_update_elem` flag: only overwrite an entry that exists.
+const BPF_EXIST: u64 = 2;
 
 /// How long entries may stay idle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
-    /// TCP connections that saw a FIN or RST (late retransmissions still find their entry).
+    /// TCP connections closed by both FINs or an RST (late retransmissions still find their
+    /// entry).
     pub tcp_closing: Duration,
+    /// TCP connections one side half-closed, while the other may go on sending (conntrack's
+    /// FIN_WAIT is 2 minutes too).
+    pub tcp_half_closed: Duration,
     /// Established TCP connections without traffic.
     pub tcp_idle: Duration,
     /// UDP and ICMP flows without traffic.
@@ -32,6 +44,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Self {
             tcp_closing: Duration::from_secs(10),
+            tcp_half_closed: Duration::from_mins(2),
             tcp_idle: Duration::from_hours(6),
             other_idle: Duration::from_mins(1),
         }
@@ -39,15 +52,19 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
+    fn limit(&self, protocol: u8, flags: u32) -> Duration {
+        if protocol != PROTO_TCP {
+            return self.other_idle;
+        }
+        match TcpState::of(flags) {
+            TcpState::Open => self.tcp_idle,
+            TcpState::HalfClosed => self.tcp_half_closed,
+            TcpState::Closed => self.tcp_closing,
+        }
+    }
+
     fn expired(&self, protocol: u8, flags: u32, last_seen_ns: u64, now_ns: u64) -> bool {
-        let limit = if protocol != PROTO_TCP {
-            self.other_idle
-        } else if flags & FLOW_CLOSING != 0 {
-            self.tcp_closing
-        } else {
-            self.tcp_idle
-        };
-        now_ns.saturating_sub(last_seen_ns) > limit.as_nanos() as u64
+        now_ns.saturating_sub(last_seen_ns) > self.limit(protocol, flags).as_nanos() as u64
     }
 }
 
@@ -57,6 +74,93 @@ pub struct GcStats {
     pub flows_expired: usize,
     /// Entries left in each flow and NAT map after the pass.
     pub entries: BTreeMap<&'static str, usize>,
+}
+
+/// What one pass does to the NAT maps, planned from their contents.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct NatPlan {
+    pub(super) remove_forward: Vec<FlowKey>,
+    pub(super) remove_reverse: Vec<FlowKey>,
+    /// Reverse entries of ended flows kept as TIME_WAIT holds of their port.
+    pub(super) hold_reverse: Vec<FlowKey>,
+    /// Entries each map keeps.
+    pub(super) forward_left: usize,
+    pub(super) reverse_left: usize,
+}
+
+/// The key a reply to `flow`, translated by `nat`, arrives with.
+fn reply_key(flow: &FlowKey, nat: &NatForward) -> FlowKey {
+    FlowKey {
+        src_ip: flow.dst_ip,
+        dst_ip: nat.nat_ip,
+        src_port: flow.dst_port,
+        dst_port: nat.nat_port,
+        protocol: flow.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// Plans a pass over the NAT maps. A pair is as fresh as its newer half (replies refresh
+/// only the reverse entry, and a flow where the remote does all the sending must live on)
+/// and expires by its TCP state. A connection the remote closed first keeps its reverse
+/// entry for `TIME_WAIT_SECS` as a hold on the port, unless `ports_short` (flows were refused
+/// for want of a port since the last pass). A reverse entry without its forward twin goes
+/// once idle for the closing timeout.
+pub(super) fn plan_nat(
+    forward: &[(FlowKey, NatForward)],
+    reverse: &BTreeMap<FlowKey, NatReverse>,
+    timeouts: &Timeouts,
+    now_ns: u64,
+    ports_short: bool,
+) -> NatPlan {
+    let mut plan = NatPlan::default();
+    // Reverse keys already decided: live twins, and the halves of expired pairs.
+    let mut decided = BTreeSet::new();
+    for (flow, nat) in forward {
+        let reply = reply_key(flow, nat);
+        // The entry at the reply key is the twin only if it names the flow's pod: once a
+        // half was lost, the key may serve another flow.
+        let twin = reverse
+            .get(&reply)
+            .filter(|entry| entry.pod_ip == flow.src_ip && entry.pod_port == flow.src_port);
+        let last_seen = twin.map_or(nat.last_seen_ns, |entry| {
+            entry.last_seen_ns.max(nat.last_seen_ns)
+        });
+        if !timeouts.expired(flow.protocol, nat.flags, last_seen, now_ns) {
+            decided.insert(reply);
+            continue;
+        }
+        plan.remove_forward.push(*flow);
+        if twin.is_some() && decided.insert(reply) {
+            let remote_holds_time_wait = flow.protocol == PROTO_TCP
+                && nat.flags & FLOW_REMOTE_CLOSED_FIRST != 0
+                && nat.flags & FLOW_RESET == 0;
+            if remote_holds_time_wait && !ports_short {
+                plan.hold_reverse.push(reply);
+            } else {
+                plan.remove_reverse.push(reply);
+            }
+        }
+    }
+    let time_wait = Duration::from_secs(TIME_WAIT_SECS).as_nanos() as u64;
+    let orphan_idle = timeouts.tcp_closing.as_nanos() as u64;
+    for (reply, entry) in reverse {
+        if decided.contains(reply) {
+            continue;
+        }
+        let idle = now_ns.saturating_sub(entry.last_seen_ns);
+        let gone = if entry.flags & NAT_TIME_WAIT == 0 {
+            idle > orphan_idle
+        } else {
+            ports_short || idle > time_wait
+        };
+        if gone {
+            plan.remove_reverse.push(*reply);
+        }
+    }
+    plan.forward_left = forward.len() - plan.remove_forward.len();
+    plan.reverse_left = reverse.len() - plan.remove_reverse.len();
+    plan
 }
 
 /// Nanoseconds on the clock `bpf_ktime_get_ns` uses.
@@ -69,8 +173,8 @@ pub fn monotonic_now_ns() -> u64 {
 }
 
 impl Datapath {
-    /// Removes expired entries: NAT pairs together (an orphaned reverse entry whose forward
-    /// twin is gone goes too), then steered and inbound flows.
+    /// Removes expired entries: NAT pairs together (see [`plan_nat`]), then steered and
+    /// inbound flows.
     pub fn collect_garbage(
         &mut self,
         timeouts: &Timeouts,
@@ -80,81 +184,58 @@ impl Datapath {
         let map_err =
             |name: &'static str| move |source: MapError| DatapathError::Map { name, source };
 
-        // A pair is as fresh as its newer half: replies refresh only the reverse entry, and a
-        // flow where the remote does all the sending (a feed, a download) must live on.
+        let exhausted = pinned::counters(&self.pins)?
+            .get(reason::DROP_NAT_EXHAUSTED as usize)
+            .map_or(0, |counter| counter.packets);
+        let ports_short = exhausted > self.nat_exhausted_seen;
+        self.nat_exhausted_seen = exhausted;
+
         let reverse: HashMap<&mut MapData, FlowKey, NatReverse> =
             self.map_mut(map_names::NAT_REVERSE)?;
         let reverse_entries: BTreeMap<FlowKey, NatReverse> =
             reverse.iter().filter_map(Result::ok).collect();
-        // The reverse entry at a flow's reply key is its twin only if it names the flow's
-        // pod: once a half was lost, the key may serve another flow.
-        let twin = |flow: &FlowKey, reply: &FlowKey| {
-            reverse_entries
-                .get(reply)
-                .filter(|entry| entry.pod_ip == flow.src_ip && entry.pod_port == flow.src_port)
-        };
         let forward: HashMap<&mut MapData, FlowKey, NatForward> =
             self.map_mut(map_names::NAT_FORWARD)?;
-        let entries: Vec<(FlowKey, NatForward)> = forward.iter().filter_map(Result::ok).collect();
-        let mut expired_forward = Vec::new();
-        let mut live_replies = BTreeSet::new();
-        for (flow, nat) in &entries {
-            let reply = FlowKey {
-                src_ip: flow.dst_ip,
-                dst_ip: nat.nat_ip,
-                src_port: flow.dst_port,
-                dst_port: nat.nat_port,
-                protocol: flow.protocol,
-                _pad: [0; 3],
-            };
-            let twin = twin(flow, &reply);
-            let last_seen = twin.map_or(nat.last_seen_ns, |entry| {
-                entry.last_seen_ns.max(nat.last_seen_ns)
-            });
-            if timeouts.expired(flow.protocol, nat.flags, last_seen, now_ns) {
-                expired_forward.push((*flow, twin.map(|_| reply)));
-            } else {
-                live_replies.insert(reply);
+        let forward_entries: Vec<(FlowKey, NatForward)> =
+            forward.iter().filter_map(Result::ok).collect();
+        let plan = plan_nat(
+            &forward_entries,
+            &reverse_entries,
+            timeouts,
+            now_ns,
+            ports_short,
+        );
+
+        // Holds first: once the forward half is gone, the datapath may rebuild around the
+        // reverse one (and clears the hold when it does).
+        let mut reverse: HashMap<&mut MapData, FlowKey, NatReverse> =
+            self.map_mut(map_names::NAT_REVERSE)?;
+        for reply in &plan.hold_reverse {
+            if let Some(entry) = reverse_entries.get(reply) {
+                let held = NatReverse {
+                    flags: NAT_TIME_WAIT,
+                    last_seen_ns: now_ns,
+                    ..*entry
+                };
+                // Gone meanwhile: nothing to hold.
+                let _ = reverse.insert(reply, held, BPF_EXIST);
             }
+        }
+        for reply in &plan.remove_reverse {
+            ignore_missing(reverse.remove(reply)).map_err(map_err(map_names::NAT_REVERSE))?;
         }
         let mut forward: HashMap<&mut MapData, FlowKey, NatForward> =
             self.map_mut(map_names::NAT_FORWARD)?;
-        for (flow, _) in &expired_forward {
+        for flow in &plan.remove_forward {
             ignore_missing(forward.remove(flow)).map_err(map_err(map_names::NAT_FORWARD))?;
         }
-        let mut reverse: HashMap<&mut MapData, FlowKey, NatReverse> =
-            self.map_mut(map_names::NAT_REVERSE)?;
-        // Every reverse entry without a live forward twin: the expired pairs' and those whose
-        // forward entry was lost (once idle for the closing grace period). One set,
-        // so no key is deleted twice.
-        let expired_replies: BTreeSet<FlowKey> = expired_forward
-            .iter()
-            .filter_map(|(_, reply)| *reply)
-            .filter(|reply| !live_replies.contains(reply))
-            .collect();
-        let doomed: Vec<FlowKey> = reverse
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(reply, entry)| {
-                expired_replies.contains(reply)
-                    || (!live_replies.contains(reply)
-                        && now_ns.saturating_sub(entry.last_seen_ns)
-                            > timeouts.tcp_closing.as_nanos() as u64)
-            })
-            .map(|(reply, _)| reply)
-            .collect();
-        for reply in &doomed {
-            ignore_missing(reverse.remove(reply)).map_err(map_err(map_names::NAT_REVERSE))?;
-        }
-        stats.nat_expired = expired_forward.len();
-        stats.entries.insert(
-            map_names::NAT_FORWARD,
-            entries.len() - expired_forward.len(),
-        );
-        stats.entries.insert(
-            map_names::NAT_REVERSE,
-            reverse_entries.len().saturating_sub(doomed.len()),
-        );
+        stats.nat_expired = plan.remove_forward.len();
+        stats
+            .entries
+            .insert(map_names::NAT_FORWARD, plan.forward_left);
+        stats
+            .entries
+            .insert(map_names::NAT_REVERSE, plan.reverse_left);
 
         let (expired, left) = self
             .expire_flows::<SteeredFlow>(map_names::STEERED_FLOWS, |flow, entry| {
@@ -197,21 +278,154 @@ impl Datapath {
 
 #[cfg(test)]
 mod tests {
+    use egress_common::flow::{
+        FLOW_FIN_FROM_POD, FLOW_FIN_FROM_REMOTE, PROTO_UDP, close_event, with_close_event,
+    };
+
     use super::*;
 
     const S: u64 = 1_000_000_000;
+    const NOW: u64 = 100_000 * S;
+    const FIN: u8 = 0x01;
+    const RST: u8 = 0x04;
 
     #[test]
-    fn expiry_depends_on_protocol_and_closing() {
+    fn expiry_depends_on_protocol_and_tcp_state() {
         let t = Timeouts::default();
-        let now = 100_000 * S;
-        assert!(!t.expired(PROTO_TCP, 0, now - 3600 * S, now));
-        assert!(t.expired(PROTO_TCP, 0, now - 7 * 3600 * S, now));
-        assert!(t.expired(PROTO_TCP, FLOW_CLOSING, now - 11 * S, now));
-        assert!(!t.expired(PROTO_TCP, FLOW_CLOSING, now - 5 * S, now));
-        assert!(t.expired(17, 0, now - 61 * S, now));
-        assert!(!t.expired(17, 0, now - 30 * S, now));
+        let closed = FLOW_FIN_FROM_POD | FLOW_FIN_FROM_REMOTE;
+        assert!(!t.expired(PROTO_TCP, 0, NOW - 3600 * S, NOW));
+        assert!(t.expired(PROTO_TCP, 0, NOW - 7 * 3600 * S, NOW));
+        assert!(t.expired(PROTO_TCP, closed, NOW - 11 * S, NOW));
+        assert!(t.expired(PROTO_TCP, FLOW_RESET, NOW - 11 * S, NOW));
+        assert!(!t.expired(PROTO_TCP, closed, NOW - 5 * S, NOW));
+        // Half-closed: the other side may still be sending.
+        assert!(!t.expired(PROTO_TCP, FLOW_FIN_FROM_POD, NOW - 60 * S, NOW));
+        assert!(t.expired(PROTO_TCP, FLOW_FIN_FROM_REMOTE, NOW - 121 * S, NOW));
+        assert!(t.expired(PROTO_UDP, 0, NOW - 61 * S, NOW));
+        assert!(!t.expired(PROTO_UDP, 0, NOW - 30 * S, NOW));
         // Entries stamped after `now` (clock read earlier) are not expired.
-        assert!(!t.expired(17, 0, now + S, now));
+        assert!(!t.expired(PROTO_UDP, 0, NOW + S, NOW));
+    }
+
+    fn pair(
+        pod_port: u16,
+        nat_port: u16,
+        flags: u32,
+        idle_secs: u64,
+    ) -> (FlowKey, NatForward, NatReverse) {
+        let flow = FlowKey {
+            src_ip: [10, 0, 1, 5],
+            dst_ip: [198, 51, 100, 10],
+            src_port: pod_port.to_be_bytes(),
+            dst_port: 443u16.to_be_bytes(),
+            protocol: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let last_seen_ns = NOW - idle_secs * S;
+        let forward = NatForward {
+            nat_ip: [192, 0, 2, 100],
+            nat_port: nat_port.to_be_bytes(),
+            pod_node_ip: [192, 0, 2, 1],
+            flags,
+            last_seen_ns,
+            ..NatForward::default()
+        };
+        let reverse = NatReverse {
+            pod_ip: flow.src_ip,
+            pod_port: flow.src_port,
+            pod_node_ip: forward.pod_node_ip,
+            last_seen_ns,
+            ..NatReverse::default()
+        };
+        (flow, forward, reverse)
+    }
+
+    fn plan(pairs: &[(FlowKey, NatForward, NatReverse)], ports_short: bool) -> NatPlan {
+        let forward: Vec<_> = pairs.iter().map(|(flow, nat, _)| (*flow, *nat)).collect();
+        let reverse: BTreeMap<_, _> = pairs
+            .iter()
+            .map(|(flow, nat, reverse)| (reply_key(flow, nat), *reverse))
+            .collect();
+        plan_nat(&forward, &reverse, &Timeouts::default(), NOW, ports_short)
+    }
+
+    fn closed(first: bool, second: bool) -> u32 {
+        // `first` and `second`: whether the pod sent the first and the second FIN.
+        let one = with_close_event(0, close_event(FIN, first));
+        with_close_event(one, close_event(FIN, second))
+    }
+
+    #[test]
+    fn a_port_the_remote_holds_in_time_wait_stays_held_then_goes() {
+        let remote_first = pair(40000, 5000, closed(false, true), 11);
+        let plan = plan(&[remote_first], false);
+        assert_eq!(plan.remove_forward, vec![remote_first.0]);
+        assert_eq!(
+            plan.hold_reverse,
+            vec![reply_key(&remote_first.0, &remote_first.1)]
+        );
+        assert!(plan.remove_reverse.is_empty());
+        assert_eq!((plan.forward_left, plan.reverse_left), (0, 1));
+
+        // The hold itself goes after TIME_WAIT_SECS, or at once when ports ran out.
+        let reply = reply_key(&remote_first.0, &remote_first.1);
+        let held = |idle_secs: u64| {
+            BTreeMap::from([(
+                reply,
+                NatReverse {
+                    flags: NAT_TIME_WAIT,
+                    last_seen_ns: NOW - idle_secs * S,
+                    ..remote_first.2
+                },
+            )])
+        };
+        let t = Timeouts::default();
+        assert!(
+            plan_nat(&[], &held(30), &t, NOW, false)
+                .remove_reverse
+                .is_empty()
+        );
+        assert_eq!(
+            plan_nat(&[], &held(61), &t, NOW, false).remove_reverse,
+            vec![reply]
+        );
+        assert_eq!(
+            plan_nat(&[], &held(30), &t, NOW, true).remove_reverse,
+            vec![reply]
+        );
+    }
+
+    #[test]
+    fn ports_of_resets_and_of_pods_that_closed_first_are_freed_at_once() {
+        let pod_first = pair(40000, 5000, closed(true, false), 11);
+        let reset = pair(
+            40001,
+            5001,
+            with_close_event(0, close_event(RST, false)),
+            11,
+        );
+        let short = pair(40002, 5002, closed(false, true), 11);
+        let plan_free = plan(&[pod_first, reset], false);
+        assert!(plan_free.hold_reverse.is_empty());
+        assert_eq!(plan_free.remove_reverse.len(), 2);
+        // A remote's TIME_WAIT yields when no other port is free.
+        let plan_short = plan(&[short], true);
+        assert!(plan_short.hold_reverse.is_empty());
+        assert_eq!(plan_short.remove_reverse.len(), 1);
+    }
+
+    #[test]
+    fn live_and_half_closed_pairs_stay_whole() {
+        let live = pair(40000, 5000, 0, 3600);
+        let half = pair(40001, 5001, with_close_event(0, close_event(FIN, true)), 60);
+        let plan = plan(&[live, half], false);
+        assert_eq!(
+            plan,
+            NatPlan {
+                forward_left: 2,
+                reverse_left: 2,
+                ..NatPlan::default()
+            }
+        );
     }
 }

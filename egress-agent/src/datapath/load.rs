@@ -80,6 +80,7 @@ impl Datapath {
             ebpf,
             pins,
             refreshed: BTreeSet::new(),
+            nat_exhausted_seen: 0,
         })
     }
 

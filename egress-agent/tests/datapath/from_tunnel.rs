@@ -388,30 +388,6 @@ fn mss_of_syn_acks_leaving_the_tunnel_is_clamped() {
     assert_checksums(&output);
 }
 
-#[test]
-fn closing_connections_are_marked_for_quick_expiry() {
-    if !root() {
-        return;
-    }
-    let node = gateway_node();
-    from_pod_node(
-        &node,
-        &packet(POD, 45000, DEST, 443, L4::Tcp { flags: SYN }),
-    );
-    assert_eq!(
-        node.nat_forward()[0].1.flags & egress_common::flow::FLOW_CLOSING,
-        0
-    );
-    from_pod_node(
-        &node,
-        &packet(POD, 45000, DEST, 443, L4::Tcp { flags: FIN | ACK }),
-    );
-    assert_ne!(
-        node.nat_forward()[0].1.flags & egress_common::flow::FLOW_CLOSING,
-        0
-    );
-}
-
 // ---- property: random packets ----
 
 #[test]

@@ -12,3 +12,4 @@ mod from_pod;
 mod from_tunnel;
 mod full_maps;
 mod support;
+mod tcp_lifecycle;

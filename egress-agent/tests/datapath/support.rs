@@ -12,16 +12,19 @@ pub(crate) use aya::{
 pub(crate) use egress_agent::datapath::testing::{
     OBJECT,
     packets::{
-        ACK, FIN, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, checksum, packet, pseudo_sum,
-        scenario::*, seen, ttl_of, with_ttl,
+        ACK, FIN, L4, RST, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, checksum, packet,
+        pseudo_sum, scenario::*, seen, ttl_of, with_ttl,
     },
 };
 pub(crate) use egress_common::{
     config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
     counters::{Counter, reason},
-    flow::{FlowKey, InboundFlow, PROTO_ICMP, SteeredFlow},
+    flow::{
+        FLOW_FIN_FROM_POD, FLOW_FIN_FROM_REMOTE, FLOW_REMOTE_CLOSED_FIRST, FLOW_RESET, FlowKey,
+        InboundFlow, PROTO_ICMP, SteeredFlow, TcpState,
+    },
     map_names,
-    nat::{NatForward, NatReverse},
+    nat::{NAT_TIME_WAIT, NatForward, NatReverse},
     nodes::{EgressIp, LocalPod, NodeInfo},
     policy::{GATEWAY_EXCLUDED, GATEWAY_NONE, PolicyKey, PolicyValue},
     program_names,
@@ -181,6 +184,12 @@ impl Node {
     pub(crate) fn nat_reverse(&self) -> Vec<(FlowKey, NatReverse)> {
         let map: HashMap<&MapData, FlowKey, NatReverse> =
             HashMap::try_from(self.ebpf.map(map_names::NAT_REVERSE).unwrap()).unwrap();
+        map.iter().map(Result::unwrap).collect()
+    }
+
+    pub(crate) fn steered_entries(&self) -> Vec<(FlowKey, SteeredFlow)> {
+        let map: HashMap<&MapData, FlowKey, SteeredFlow> =
+            HashMap::try_from(self.ebpf.map(map_names::STEERED_FLOWS).unwrap()).unwrap();
         map.iter().map(Result::unwrap).collect()
     }
 

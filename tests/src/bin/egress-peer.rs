@@ -2,10 +2,11 @@
 //!
 //! `serve`: HTTP on TCP (`/` answers with the client's source IP, `/bytes/N` with N bytes,
 //! `/drip/N` with N KiB at 10 KiB/s, `/hold` echoes the source IP for every line the client
-//! sends until it closes) and a UDP echo of the datagram's source `ip:port`, on one or more
+//! sends until it closes, `/reset` resets the connection with an RST) and a UDP echo of the datagram's source `ip:port`, on one or more
 //! ports each; every connection/datagram is appended to a log.
 //! `udp` / `tcp-burst`: clients printing the source the server saw, one line per reply.
 //! `tcp-hold` / `udp-stream`: long-lived flows until a stop file appears, then a JSON summary.
+//! `tcp-resets`: connections one after another to `/reset`, with a JSON summary.
 //! `udp-probe`: one datagram on a connected socket, printing `refused`, `reply <src>` or
 //! `timeout` (an ICMP port unreachable must reach the pod as ECONNREFUSED).
 #![allow(
@@ -98,6 +99,17 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         interval_ms: u64,
     },
+    /// Open `connections` connections one after another to the server's `/reset`, which
+    /// answers each with an RST; prints a JSON summary (connected, failed).
+    TcpResets {
+        server: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        connections: u32,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
     /// Send one datagram on a connected socket and report what came back.
     UdpProbe {
         server: SocketAddr,
@@ -124,6 +136,17 @@ fn main() -> ExitCode {
             connections,
             timeout_ms,
         } => tcp_burst(server, connections, Duration::from_millis(timeout_ms)),
+        Command::TcpResets {
+            server,
+            connections,
+            interval_ms,
+            timeout_ms,
+        } => tcp_resets(
+            server,
+            connections,
+            Duration::from_millis(interval_ms),
+            Duration::from_millis(timeout_ms),
+        ),
         Command::TcpHold {
             server,
             connections,
@@ -268,6 +291,10 @@ fn answer_http(stream: TcpStream, source: SocketAddr) -> Result<()> {
         }
         return Ok(());
     }
+    if path == "/reset" {
+        reset(&stream)?;
+        return Ok(());
+    }
     if let Some(size) = path.strip_prefix("/bytes/") {
         let Ok(size) = size.parse::<u64>() else {
             return respond(&mut stream, "400 Bad Request", b"bad size\n");
@@ -313,6 +340,31 @@ fn answer_http(stream: TcpStream, source: SocketAddr) -> Result<()> {
         );
     }
     respond(&mut stream, "404 Not Found", b"not found\n")
+}
+
+/// Closes with an RST instead of a FIN (SO_LINGER with a zero timeout), as servers and
+/// load balancers that reset their connections do.
+fn reset(stream: &TcpStream) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a linger struct of the size passed.
+    let result = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error()).context("setting SO_LINGER");
+    }
+    // The stream (and its clone in the reader) close when dropped: with an RST.
+    Ok(())
 }
 
 fn respond(stream: &mut TcpStream, status: &str, body: &[u8]) -> Result<()> {
@@ -396,6 +448,37 @@ fn tcp_burst(server: SocketAddr, connections: u32, timeout: Duration) -> Result<
     if failures > 0 {
         bail!("{failures} of {connections} connections failed");
     }
+    Ok(())
+}
+
+fn tcp_resets(
+    server: SocketAddr,
+    connections: u32,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<()> {
+    let (mut connected, mut failed) = (0u32, 0u32);
+    for _ in 0..connections {
+        match TcpStream::connect_timeout(&server, timeout) {
+            Ok(mut stream) => {
+                connected += 1;
+                stream.set_read_timeout(Some(timeout))?;
+                let _ = write!(stream, "GET /reset HTTP/1.1\r\nHost: {server}\r\n\r\n");
+                // Until the RST (or EOF): the connection ends on the server's side only.
+                let mut sink = Vec::new();
+                let _ = stream.read_to_end(&mut sink);
+            }
+            Err(error) => {
+                eprintln!("connect: {error}");
+                failed += 1;
+            }
+        }
+        thread::sleep(interval);
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "connected": connected, "failed": failed })
+    );
     Ok(())
 }
 

@@ -45,6 +45,7 @@ pub enum L4 {
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
 pub const ACK: u8 = 0x10;
 
 pub fn checksum(data: &[u8], initial: u32) -> u16 {
