@@ -159,15 +159,28 @@ fn metrics_count_redirected_and_translated_traffic() {
         "{worker_1}"
     );
 
-    // The gateway translated the flow and still holds its NAT entry.
-    let worker_2 = wait_for_positive(
+    // The gateway translated the flow and still holds its NAT entry, as the next garbage
+    // collection (every few seconds) counts it, with the map's fill next to it.
+    wait_for_positive(
         &cluster,
         "k8s-worker-2",
         "egress_gateway_packets_total{reason=\"snat_new_flow\"}",
     );
+    let worker_2 = wait_for_positive(&cluster, "k8s-worker-2", "egress_gateway_nat_entries");
+    let capacity = sample(
+        &worker_2,
+        "egress_gateway_map_capacity{map=\"NAT_FORWARD\"}",
+    )
+    .expect("NAT_FORWARD's capacity");
+    let pressure = sample(
+        &worker_2,
+        "egress_gateway_map_pressure{map=\"NAT_FORWARD\"}",
+    )
+    .expect("NAT_FORWARD's pressure");
+    let entries = sample(&worker_2, "egress_gateway_nat_entries").unwrap();
     assert!(
-        sample(&worker_2, "egress_gateway_nat_entries").is_some_and(|entries| entries >= 1.0),
-        "{worker_2}"
+        (pressure - entries / capacity).abs() < 1e-9,
+        "pressure {pressure} = {entries} / {capacity}"
     );
     assert_eq!(
         sample(
