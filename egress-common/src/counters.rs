@@ -60,8 +60,8 @@ pub mod reason {
         DROP_NOT_ALLOWED = 11 => "drop_not_allowed",
         /// No free NAT port after the bounded retries.
         DROP_NAT_EXHAUSTED = 12 => "drop_nat_exhausted",
-        /// Matched traffic the gateway cannot translate: fragments, protocols other than TCP,
-        /// UDP and ICMP echo, malformed headers.
+        /// Matched traffic the gateway cannot translate: protocols other than TCP, UDP and
+        /// ICMP echo, malformed headers.
         DROP_UNSUPPORTED = 13 => "drop_unsupported",
         /// A tunnel reply for a pod or flow this node does not know.
         DROP_UNKNOWN_REPLY = 14 => "drop_unknown_reply",
@@ -79,6 +79,9 @@ pub mod reason {
         /// A new flow found its flow-tracking or NAT map full: dropped, so that no flow ever
         /// leaves with another source, and established flows keep their entries.
         DROP_FLOW_TABLE_FULL = 19 => "drop_flow_table_full",
+        /// A later fragment of matched or translated traffic whose first fragment was not
+        /// seen (lost, or arrived later): its flow is unknown, so it is dropped.
+        DROP_FRAGMENT_UNKNOWN = 20 => "drop_fragment_unknown",
     }
 
     /// Capacity of the `COUNTERS` map.

@@ -150,7 +150,37 @@ pub struct InboundFlow {
     pub last_seen_ns: u64,
 }
 
-assert_size!(FlowKey = 16, SteeredFlow = 16, InboundFlow = 8);
+/// A fragmented datagram (`FRAGMENTS`): later fragments carry no layer-4 header, so they
+/// are matched to their first fragment by the fields the receiver reassembles them by.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragmentKey {
+    pub src_ip: Ipv4,
+    pub dst_ip: Ipv4,
+    /// The IPv4 identification field, as in the packet.
+    pub id: [u8; 2],
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// What the first fragment of a datagram said, so its later fragments follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentPorts {
+    pub src_port: Port,
+    pub dst_port: Port,
+    /// For ICMP, the first fragment's type (echo request or reply).
+    pub icmp_type: u8,
+    pub _pad: [u8; 3],
+}
+
+assert_size!(
+    FlowKey = 16,
+    SteeredFlow = 16,
+    InboundFlow = 8,
+    FragmentKey = 12,
+    FragmentPorts = 8
+);
 
 #[cfg(test)]
 mod tests {

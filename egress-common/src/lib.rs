@@ -68,6 +68,9 @@ pub mod map_names {
         COUNTERS = "COUNTERS",
         /// In-cluster destinations (pod CIDRs, `--cluster-cidr`), never steered.
         CLUSTER_CIDRS = "CLUSTER_CIDRS",
+        /// Ports of fragmented datagrams, by (source, destination, protocol, IP id), from
+        /// their first fragment.
+        FRAGMENTS = "FRAGMENTS",
     }
 }
 

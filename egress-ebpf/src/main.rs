@@ -71,6 +71,16 @@ fn drop(reason: u32, packet: &Packet) -> i32 {
     DROP
 }
 
+/// Why a matched packet that cannot be translated is dropped.
+#[inline(always)]
+fn untranslatable(packet: &Packet) -> u32 {
+    if packet.later_fragment {
+        reason::DROP_FRAGMENT_UNKNOWN
+    } else {
+        reason::DROP_UNSUPPORTED
+    }
+}
+
 #[inline(always)]
 fn policy_for(source_ip: Ipv4, dest_ip: Ipv4) -> Option<&'static PolicyValue> {
     let key = aya_ebpf::btf_maps::lpm_trie::Key::new(
@@ -126,7 +136,7 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
         return PASS;
     }
     if !packet.translatable {
-        return drop(reason::DROP_UNSUPPORTED, &packet);
+        return drop(untranslatable(&packet), &packet);
     }
     let now = now();
     if let Some(steered) = STEERED_FLOWS.get_ptr_mut(&packet.flow) {
@@ -298,7 +308,10 @@ fn gateway_request(
     }
     // A pod's echo reply answers an inbound ping and never opens a flow: from_pod keeps it
     // on its path, so one arriving here came from elsewhere.
-    if !packet.translatable || packet.is_icmp_echo_reply() {
+    if !packet.translatable {
+        return drop(untranslatable(packet), packet);
+    }
+    if packet.is_icmp_echo_reply() {
         return drop(reason::DROP_UNSUPPORTED, packet);
     }
     snat_and_send(ctx, packet, &policy, remote, config, now())
@@ -308,6 +321,9 @@ fn gateway_request(
 /// steered (for an ICMP error, the flow of the packet it quotes).
 #[inline(always)]
 fn deliver_reply(ctx: &mut TcContext, packet: &Packet, config: &DatapathConfig) -> i32 {
+    if packet.later_fragment && !packet.translatable {
+        return drop(reason::DROP_FRAGMENT_UNKNOWN, packet);
+    }
     // SAFETY: plain lookups.
     let Some(pod) = (unsafe { LOCAL_PODS.get(&packet.flow.dst_ip) }) else {
         return drop(reason::DROP_UNKNOWN_REPLY, packet);
@@ -366,6 +382,12 @@ fn snat_and_send(
         unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
         count(reason::PASS_TTL_EXCEEDED, packet.len);
         return PASS;
+    }
+    // A later fragment follows its first fragment's translation; it cannot start one (its
+    // datagram's port went out in the first fragment).
+    // SAFETY: plain lookup.
+    if packet.later_fragment && unsafe { NAT_FORWARD.get(&packet.flow) }.is_none() {
+        return drop(reason::DROP_FRAGMENT_UNKNOWN, packet);
     }
     let (translation, verdict) =
         match nat::translate(ctx, packet, policy.egress_ip, pod_node_ip, config, now) {

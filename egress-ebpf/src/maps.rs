@@ -14,7 +14,7 @@ use egress_common::{
     Ipv4,
     config::DatapathConfig,
     counters::{Counter, reason},
-    flow::{FlowKey, InboundFlow, SteeredFlow},
+    flow::{FlowKey, FragmentKey, FragmentPorts, InboundFlow, SteeredFlow},
     nat::{NatForward, NatReverse},
     nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
@@ -41,6 +41,12 @@ pub(crate) static STEERED_FLOWS: HashMap<FlowKey, SteeredFlow, 65536> = HashMap:
 /// egress IP), and a flood of inbound datagrams must not lock out new ones.
 #[btf_map]
 pub(crate) static INBOUND_FLOWS: LruHashMap<FlowKey, InboundFlow, 65536> = LruHashMap::new();
+
+/// Fragmented datagrams in flight -> their ports (Cilium's `cilium_ipv4_frag_datagrams`,
+/// same default size). LRU: a datagram's fragments follow each other closely, and one whose
+/// entry went has its later fragments dropped, never misrouted.
+#[btf_map]
+pub(crate) static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, 8192> = LruHashMap::new();
 
 /// Underlay addresses of every node of the cluster.
 #[btf_map]

@@ -7,15 +7,23 @@ use aya_ebpf::{
 };
 use egress_common::{
     Ipv4, Port,
-    flow::{FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, close_event},
+    flow::{FlowKey, FragmentKey, FragmentPorts, PROTO_ICMP, PROTO_TCP, PROTO_UDP, close_event},
 };
+
+use crate::maps::FRAGMENTS;
 
 pub(crate) const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const IP_ID_OFF: usize = ETH_HLEN + 4;
+const IP_FRAG_OFF: usize = ETH_HLEN + 6;
+const IP_MORE_FRAGMENTS: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
 const IP_TTL_OFF: usize = ETH_HLEN + 8;
 const IP_CHECK_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
+/// `icmp_type` of a packet whose ICMP type is unknown (not ICMP, or a later fragment).
+const ICMP_TYPE_UNKNOWN: u8 = u8::MAX;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -34,10 +42,14 @@ pub(crate) struct Packet {
     pub(crate) flow: FlowKey,
     /// Offset of the layer-4 header from the start of the frame.
     pub(crate) l4_off: usize,
-    /// The flow can be translated: TCP, UDP or ICMP echo, not a fragment, headers complete.
+    /// The flow can be translated: TCP, UDP or ICMP echo with complete headers, or a later
+    /// fragment of such a datagram whose first fragment was seen.
     pub(crate) translatable: bool,
-    pub(crate) fragment: bool,
+    /// A fragment other than the first: it has no layer-4 header, its ports (and ICMP type)
+    /// come from its datagram's first fragment, and only its IPv4 header may be rewritten.
+    pub(crate) later_fragment: bool,
     pub(crate) tcp_flags: u8,
+    /// `ICMP_TYPE_UNKNOWN` unless known.
     pub(crate) icmp_type: u8,
     pub(crate) ttl: u8,
     pub(crate) len: u32,
@@ -75,7 +87,7 @@ impl Packet {
     /// An ICMP echo reply: the answer to a ping that came in, never the start of a flow.
     #[inline(always)]
     pub(crate) fn is_icmp_echo_reply(&self) -> bool {
-        self.flow.protocol == PROTO_ICMP && !self.fragment && self.icmp_type == ICMP_ECHO_REPLY
+        self.flow.protocol == PROTO_ICMP && self.icmp_type == ICMP_ECHO_REPLY
     }
 
     /// An ICMP error (destination unreachable, time exceeded, parameter problem), which
@@ -83,7 +95,7 @@ impl Packet {
     #[inline(always)]
     pub(crate) fn is_icmp_error(&self) -> bool {
         self.flow.protocol == PROTO_ICMP
-            && !self.fragment
+            && !self.later_fragment
             && matches!(
                 self.icmp_type,
                 ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
@@ -93,6 +105,10 @@ impl Packet {
 
 /// Parses an Ethernet + IPv4 frame. `None` for anything else (ARP, IPv6, truncated IPv4
 /// header): such packets are none of the datapath's business.
+///
+/// Fragments: the first fragment of a datagram is parsed as any packet, and its ports are
+/// remembered (`FRAGMENTS`); a later fragment gets them from there, so every fragment of a
+/// datagram takes the same path, in both directions and on every node (as Cilium does).
 #[inline(always)]
 pub(crate) fn parse(ctx: &TcContext) -> Option<Packet> {
     let ether_type: [u8; 2] = ctx.load(12).ok()?;
@@ -106,9 +122,10 @@ pub(crate) fn parse(ctx: &TcContext) -> Option<Packet> {
     }
     let tot_len: [u8; 2] = ctx.load(ETH_HLEN + 2).ok()?;
     let tot_len = u16::from_be_bytes(tot_len) as usize;
-    let frags: [u8; 2] = ctx.load(ETH_HLEN + 6).ok()?;
-    // More-fragments flag or a non-zero offset: layer-4 ports are absent or incomplete.
-    let fragment = u16::from_be_bytes(frags) & 0x3fff != 0;
+    let frags: [u8; 2] = ctx.load(IP_FRAG_OFF).ok()?;
+    let frags = u16::from_be_bytes(frags);
+    let more_fragments = frags & IP_MORE_FRAGMENTS != 0;
+    let later_fragment = frags & IP_OFFSET_MASK != 0;
     // TTL and protocol are neighbours: one load.
     let [ttl, protocol]: [u8; 2] = ctx.load(IP_TTL_OFF).ok()?;
     let src_ip: Ipv4 = ctx.load(IP_SRC_OFF).ok()?;
@@ -125,31 +142,70 @@ pub(crate) fn parse(ctx: &TcContext) -> Option<Packet> {
         },
         l4_off,
         translatable: false,
-        fragment,
+        later_fragment,
         tcp_flags: 0,
-        icmp_type: 0,
+        icmp_type: ICMP_TYPE_UNKNOWN,
         ttl,
         len: ctx.len(),
     };
-    // A fragment, or a header claiming more bytes than the frame holds, is never
-    // translated: its ports are missing or cannot be trusted.
-    if fragment || tot_len < ihl || ETH_HLEN + tot_len > packet.len as usize {
+    // A header claiming more bytes than the frame holds is never translated: its ports
+    // cannot be trusted.
+    if tot_len < ihl || ETH_HLEN + tot_len > packet.len as usize {
         return Some(packet);
     }
-    let l4_len = tot_len - ihl;
-    match protocol {
-        PROTO_TCP | PROTO_UDP => {
+    if more_fragments || later_fragment {
+        let id: [u8; 2] = ctx.load(IP_ID_OFF).ok()?;
+        let key = FragmentKey {
+            src_ip,
+            dst_ip,
+            id,
+            protocol,
+            _pad: 0,
+        };
+        if later_fragment {
+            // SAFETY: plain lookup.
+            if let Some(first) = unsafe { FRAGMENTS.get(&key) } {
+                packet.flow.src_port = first.src_port;
+                packet.flow.dst_port = first.dst_port;
+                packet.icmp_type = first.icmp_type;
+                packet.translatable = true;
+            }
+            return Some(packet);
+        }
+        parse_l4(ctx, &mut packet, tot_len - ihl);
+        if packet.translatable {
+            let first = FragmentPorts {
+                src_port: packet.flow.src_port,
+                dst_port: packet.flow.dst_port,
+                icmp_type: packet.icmp_type,
+                _pad: [0; 3],
+            };
+            let _ = FRAGMENTS.insert(&key, &first, 0);
+        }
+        return Some(packet);
+    }
+    parse_l4(ctx, &mut packet, tot_len - ihl);
+    Some(packet)
+}
+
+/// Fills in the ports (or echo identifier), TCP flags and ICMP type from the layer-4 header
+/// of `l4_len` bytes; marks the packet translatable when they are complete.
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, packet: &mut Packet, l4_len: usize) {
+    let l4_off = packet.l4_off;
+    match packet.flow.protocol {
+        protocol @ (PROTO_TCP | PROTO_UDP) => {
             if l4_len < if protocol == PROTO_TCP { 20 } else { 8 } {
-                return Some(packet);
+                return;
             }
             let Ok(ports) = ctx.load::<[u8; 4]>(l4_off) else {
-                return Some(packet);
+                return;
             };
             packet.flow.src_port = [ports[0], ports[1]];
             packet.flow.dst_port = [ports[2], ports[3]];
             if protocol == PROTO_TCP {
                 let Ok(tcp_flags) = ctx.load::<u8>(l4_off + 13) else {
-                    return Some(packet);
+                    return;
                 };
                 packet.tcp_flags = tcp_flags;
             }
@@ -157,10 +213,10 @@ pub(crate) fn parse(ctx: &TcContext) -> Option<Packet> {
         }
         PROTO_ICMP => {
             if l4_len < 8 {
-                return Some(packet);
+                return;
             }
             let Ok(head) = ctx.load::<[u8; 8]>(l4_off) else {
-                return Some(packet);
+                return;
             };
             packet.icmp_type = head[0];
             let id = [head[4], head[5]];
@@ -179,7 +235,6 @@ pub(crate) fn parse(ctx: &TcContext) -> Option<Packet> {
         }
         _ => {}
     }
-    Some(packet)
 }
 
 /// Decrements the TTL as a router does when it forwards, fixing the header checksum. The
@@ -200,7 +255,8 @@ pub(crate) enum End {
     Destination,
 }
 
-/// Rewrites one end's address and port (or ICMP echo identifier) with checksums fixed.
+/// Rewrites one end's address and port (or ICMP echo identifier) with checksums fixed; of a
+/// later fragment, only the address.
 #[inline(always)]
 pub(crate) fn rewrite(
     ctx: &mut TcContext,
@@ -231,14 +287,17 @@ pub(crate) fn rewrite(
     };
     let old_ip_word = u64::from(u32::from_ne_bytes(old_ip));
     let new_ip_word = u64::from(u32::from_ne_bytes(new_ip));
+    // A later fragment has no layer-4 header: its datagram's checksum and ports were fixed
+    // in the first fragment.
+    let l4_header = !packet.later_fragment;
     if old_ip != new_ip {
-        if packet.flow.protocol != PROTO_ICMP {
+        if packet.flow.protocol != PROTO_ICMP && l4_header {
             ctx.l4_csum_replace(check_off, old_ip_word, new_ip_word, flags | 4)?;
         }
         ctx.l3_csum_replace(IP_CHECK_OFF, old_ip_word, new_ip_word, 4)?;
         ctx.store(ip_off, &new_ip, 0)?;
     }
-    if old_port != new_port {
+    if old_port != new_port && l4_header {
         let old_port_word = u64::from(u16::from_ne_bytes(old_port));
         let new_port_word = u64::from(u16::from_ne_bytes(new_port));
         ctx.l4_csum_replace(

@@ -21,9 +21,13 @@ pub struct CapturedPacket {
     /// TCP/UDP ports; `None` for other protocols and non-first fragments.
     pub src_port: Option<u16>,
     pub dst_port: Option<u16>,
+    /// IPv4 identification, which ties a datagram's fragments together.
+    pub ip_id: u16,
+    /// A fragment other than the first (no ports of its own).
+    pub later_fragment: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum IpProtocol {
     Icmp,
     Tcp,
@@ -188,6 +192,8 @@ fn parse_ethernet(frame: &[u8]) -> Option<CapturedPacket> {
         protocol,
         src_port: ports.map(|(src, _)| src),
         dst_port: ports.map(|(_, dst)| dst),
+        ip_id: u16::from_be_bytes([ip[4], ip[5]]),
+        later_fragment: fragment_offset != 0,
     })
 }
 
@@ -239,6 +245,8 @@ mod tests {
                     protocol: IpProtocol::Tcp,
                     src_port: Some(40000),
                     dst_port: Some(8080),
+                    ip_id: 0,
+                    later_fragment: false,
                 },
                 CapturedPacket {
                     src: Ipv4Addr::new(192, 0, 2, 200),
@@ -246,6 +254,8 @@ mod tests {
                     protocol: IpProtocol::Udp,
                     src_port: Some(40000),
                     dst_port: Some(8080),
+                    ip_id: 0,
+                    later_fragment: false,
                 },
             ]
         );

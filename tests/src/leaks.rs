@@ -61,15 +61,29 @@ impl LeakDetector {
         self
     }
 
-    /// Classifies every packet the destination received.
+    /// Classifies every packet the destination received. A later fragment has no ports: it
+    /// counts for the port of its datagram's first fragment (same protocol and IP id,
+    /// whatever its source, so a fragment that left with another source is caught too).
     pub fn inspect(&self, packets: &[CapturedPacket]) -> LeakReport {
         let mut report = LeakReport::default();
-        for packet in packets.iter().filter(|packet| packet.dst == DESTINATION_IP) {
+        let to_destination = || packets.iter().filter(|packet| packet.dst == DESTINATION_IP);
+        let first_fragment_ports: BTreeMap<(IpProtocol, u16), u16> = to_destination()
+            .filter(|packet| !packet.later_fragment)
+            .filter_map(|packet| Some(((packet.protocol, packet.ip_id), packet.dst_port?)))
+            .collect();
+        for packet in to_destination() {
             if self.forbidden.contains(&packet.src) {
                 report.leaks.push(*packet);
                 continue;
             }
-            let allowed = match (packet.protocol, packet.dst_port) {
+            let port = if packet.later_fragment {
+                first_fragment_ports
+                    .get(&(packet.protocol, packet.ip_id))
+                    .copied()
+            } else {
+                packet.dst_port
+            };
+            let allowed = match (packet.protocol, port) {
                 (IpProtocol::Tcp | IpProtocol::Udp, Some(port)) => self.allowed.get(&port),
                 _ => None,
             };
@@ -123,6 +137,8 @@ mod tests {
             protocol,
             src_port: dst_port.map(|_| 40000),
             dst_port,
+            ip_id: 7,
+            later_fragment: false,
         }
     }
 
@@ -148,6 +164,8 @@ mod tests {
                 protocol: IpProtocol::Tcp,
                 src_port: Some(9001),
                 dst_port: Some(40000),
+                ip_id: 0,
+                later_fragment: false,
             },
         ];
         let report = detector.inspect(&packets);
@@ -161,5 +179,22 @@ mod tests {
                 .contains("2 of 3")
         );
         assert_eq!(detector.check(&packets[..2]).unwrap(), 2);
+    }
+
+    #[test]
+    fn later_fragments_count_for_their_first_fragments_port() {
+        let egress = Ipv4Addr::new(192, 0, 2, 200);
+        let detector = LeakDetector::new().matched_port(9001, [egress]);
+        let first = packet([192, 0, 2, 200], IpProtocol::Udp, Some(9001));
+        let later = |src: [u8; 4]| CapturedPacket {
+            src: src.into(),
+            src_port: None,
+            dst_port: None,
+            later_fragment: true,
+            ..first
+        };
+        let report = detector.inspect(&[first, later([192, 0, 2, 200]), later([10, 0, 0, 11])]);
+        assert_eq!(report.matched, 3);
+        assert_eq!(report.leaks, vec![later([10, 0, 0, 11])]);
     }
 }

@@ -716,6 +716,52 @@ fn link_mtu(cluster: &Cluster, netns: &str, interface: &str) -> u32 {
     stdout(&output).trim().parse().unwrap()
 }
 
+/// An 8 KB UDP request and an 8 KB reply (DNS over EDNS, syslog, QUIC-sized datagrams)
+/// cross the gateway, each fragmented by the 1500-byte path: every fragment takes its
+/// datagram's path and leaves with the egress IP (matched fragments used to be dropped, and
+/// fragmented replies went to the gateway's own stack).
+#[test]
+fn an_8_kb_udp_request_and_reply_cross_the_gateway_fragmented() {
+    skip_unless_root!();
+    let mut cluster = cluster_with(&[], &[]);
+    let pod = serve_my_app(&mut cluster);
+    assert_eq!(link_mtu(&cluster, &pod.netns, "eth0"), 1500, "pod MTU");
+    cluster.start_capture().unwrap();
+    let big = cluster
+        .peer_client(&pod, &["udp-big", "198.51.100.10:8081", "--size", "8192"])
+        .unwrap();
+    let packets = cluster.stop_capture().unwrap();
+    assert!(
+        big.status.success(),
+        "udp-big: {}; counters on the gateway {:?}, on the pod's node {:?}",
+        String::from_utf8_lossy(&big.stderr),
+        cluster.counters("k8s-worker-2"),
+        cluster.counters("k8s-worker-1")
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&big.stdout).unwrap();
+    assert_eq!(summary["received"], 8192, "{summary}");
+    assert!(
+        summary["source"]
+            .as_str()
+            .is_some_and(|source| source.starts_with("10.0.0.12:")),
+        "the request left with the egress IP: {summary}"
+    );
+    let fragments = packets
+        .iter()
+        .filter(|packet| packet.later_fragment && packet.dst == egress_tests::peer::DESTINATION_IP)
+        .count();
+    assert!(
+        fragments >= 5,
+        "the request arrived fragmented: {fragments} later fragments"
+    );
+    let matched = LeakDetector::new()
+        .matched_port(8081, [WORKER_2])
+        .forbidden_sources([pod.ip])
+        .check(&packets)
+        .unwrap();
+    assert!(matched > fragments, "every fragment counted: {matched}");
+}
+
 #[test]
 fn hundred_megabytes_cross_the_tunnel_with_1500_byte_pods() {
     skip_unless_root!();

@@ -136,19 +136,6 @@ fn no_gateway_drops() {
     assert_eq!(node.counter(reason::DROP_NO_GATEWAY), 3);
 }
 
-#[test]
-fn matched_fragments_are_dropped_not_leaked() {
-    if !root() {
-        return;
-    }
-    let mut node = Node::new(POD_NODE);
-    node.policy(POD, "198.51.100.0/24", with_gateway(GATEWAY.octets()));
-    let mut input = packet(POD, 40000, DEST, 443, L4::Udp);
-    input[14 + 6] = 0x20; // more fragments
-    assert_eq!(node.run(program_names::FROM_POD, &input).0, TC_ACT_SHOT);
-    assert_eq!(node.counter(reason::DROP_UNSUPPORTED), 1);
-}
-
 // ---- gateway: SNAT ----
 
 #[test]

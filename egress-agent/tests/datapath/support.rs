@@ -12,8 +12,8 @@ pub(crate) use aya::{
 pub(crate) use egress_agent::datapath::testing::{
     OBJECT,
     packets::{
-        ACK, FIN, L4, RST, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, checksum, packet,
-        pseudo_sum, scenario::*, seen, ttl_of, with_ttl,
+        ACK, FIN, FRAGMENT_ID, L4, RST, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, checksum,
+        fragments, packet, pseudo_sum, reassemble, scenario::*, seen, ttl_of, with_ttl,
     },
 };
 pub(crate) use egress_common::{

@@ -6,6 +6,7 @@
 //! ports each; every connection/datagram is appended to a log.
 //! `udp` / `tcp-burst`: clients printing the source the server saw, one line per reply.
 //! `tcp-hold` / `udp-stream`: long-lived flows until a stop file appears, then a JSON summary.
+//! `udp-big`: one large datagram each way (fragmented), with a JSON summary.
 //! `tcp-resets`: connections one after another to `/reset`, with a JSON summary.
 //! `udp-probe`: one datagram on a connected socket, printing `refused`, `reply <src>` or
 //! `timeout` (an ICMP port unreachable must reach the pod as ECONNREFUSED).
@@ -66,6 +67,16 @@ enum Command {
         count: u32,
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
+    },
+    /// Send one datagram of `size` bytes asking for a reply of `size` bytes (both are
+    /// fragmented on a 1500-byte path); prints a JSON summary (source the server saw, bytes
+    /// sent and received).
+    UdpBig {
+        server: SocketAddr,
+        #[arg(long, default_value_t = 8192)]
+        size: usize,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
     },
     /// Open many TCP connections at once and print the source IP each one was seen with.
     TcpBurst {
@@ -136,6 +147,11 @@ fn main() -> ExitCode {
             connections,
             timeout_ms,
         } => tcp_burst(server, connections, Duration::from_millis(timeout_ms)),
+        Command::UdpBig {
+            server,
+            size,
+            timeout_ms,
+        } => udp_big(server, size, Duration::from_millis(timeout_ms)),
         Command::TcpResets {
             server,
             connections,
@@ -238,15 +254,25 @@ fn accept_http(listener: TcpListener, log: Log) {
 }
 
 fn udp_echo(socket: UdpSocket, log: Log) {
-    let mut buffer = [0u8; 2048];
+    let mut buffer = vec![0u8; 65536];
     loop {
         let Ok((length, source)) = socket.recv_from(&mut buffer) else {
             continue;
         };
         record(&log, PeerProtocol::Udp, source);
         // `feed COUNT INTERVAL_MS`: COUNT datagrams back, one every INTERVAL_MS.
-        let request = String::from_utf8_lossy(&buffer[..length]);
+        // `big SIZE`: one datagram of SIZE bytes back, the source first.
+        let head = &buffer[..length.min(64)];
+        let request = String::from_utf8_lossy(head);
         let mut words = request.split_whitespace();
+        if words.clone().next() == Some("big")
+            && let Some(Ok(size)) = words.nth(1).map(str::parse::<usize>)
+        {
+            let mut reply = format!("{source}\n").into_bytes();
+            reply.resize(size.clamp(reply.len(), 65_000), b'x');
+            let _ = socket.send_to(&reply, source);
+            continue;
+        }
         if words.next() == Some("feed")
             && let (Some(Ok(count)), Some(Ok(interval))) = (
                 words.next().map(str::parse::<u32>),
@@ -448,6 +474,23 @@ fn tcp_burst(server: SocketAddr, connections: u32, timeout: Duration) -> Result<
     if failures > 0 {
         bail!("{failures} of {connections} connections failed");
     }
+    Ok(())
+}
+
+fn udp_big(server: SocketAddr, size: usize, timeout: Duration) -> Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    let mut request = format!("big {size}\n").into_bytes();
+    request.resize(size.max(request.len()), b'y');
+    socket.send_to(&request, server)?;
+    let mut buffer = vec![0u8; 65536];
+    let (length, _) = socket.recv_from(&mut buffer).context("no reply")?;
+    let reply = &buffer[..length];
+    let source = String::from_utf8_lossy(reply.split(|b| *b == b'\n').next().unwrap_or(&[]));
+    println!(
+        "{}",
+        serde_json::json!({ "source": source, "sent": request.len(), "received": length })
+    );
     Ok(())
 }
 

@@ -181,3 +181,45 @@ pub fn seen(frame: &[u8]) -> Seen {
         dport,
     }
 }
+
+/// IPv4 identification of the fragments [`fragments`] makes.
+pub const FRAGMENT_ID: u16 = 0x4242;
+
+/// Splits a frame built by [`packet`] into two IPv4 fragments, as a sender with a small
+/// MTU would: the first carries `first_len` bytes of the layer-4 datagram (a multiple of 8,
+/// header included), the second the rest.
+pub fn fragments(frame: &[u8], first_len: usize) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(first_len % 8, 0, "fragment offsets count 8-byte units");
+    let l4 = &frame[34..];
+    let fragment = |part: &[u8], offset: usize, more: bool| {
+        let mut ip = frame[14..34].to_vec();
+        ip[2..4].copy_from_slice(&((20 + part.len()) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&FRAGMENT_ID.to_be_bytes());
+        let flags = if more { 0x2000 } else { 0 } | (offset / 8) as u16;
+        ip[6..8].copy_from_slice(&flags.to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let sum = checksum(&ip, 0);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let mut out = frame[..14].to_vec();
+        out.extend_from_slice(&ip);
+        out.extend_from_slice(part);
+        out
+    };
+    (
+        fragment(&l4[..first_len], 0, true),
+        fragment(&l4[first_len..], first_len, false),
+    )
+}
+
+/// The datagram two fragments make, as the receiver reassembles it (headers of the first).
+pub fn reassemble(first: &[u8], later: &[u8]) -> Vec<u8> {
+    let mut frame = first.to_vec();
+    frame.extend_from_slice(&later[34..]);
+    let total = (frame.len() - 14) as u16;
+    frame[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
+    frame[14 + 6..14 + 8].copy_from_slice(&[0, 0]);
+    frame[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let sum = checksum(&frame[14..34], 0);
+    frame[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
