@@ -72,6 +72,11 @@ pub mod map_names {
         /// their first fragment.
         FRAGMENTS = "FRAGMENTS",
     }
+
+    /// Test objects only (feature `test-programs`), never pinned: where the last redirect
+    /// sent its packet, as `[ifindex, tunnel remote (network order), VNI, 0]` (the tunnel
+    /// fields 0 for a redirect out of an interface).
+    pub const TEST_LAST_REDIRECT: &str = "TEST_LAST_REDIRECT";
 }
 
 /// Names of the TC programs in the eBPF object.

@@ -547,6 +547,8 @@ fn tunnel_to(
         return drop(reason::DROP_ERROR, packet);
     }
     count(verdict, packet.len);
+    #[cfg(feature = "test-programs")]
+    test_programs::note_redirect(config.tunnel_ifindex, remote, vni);
     // SAFETY: helper with plain arguments.
     unsafe { bpf_redirect(config.tunnel_ifindex, 0) as i32 }
 }
@@ -565,6 +567,8 @@ fn redirect_neigh(packet: &Packet, ifindex: u32, verdict: u32) -> i32 {
         return drop(reason::DROP_ERROR, packet);
     }
     count(verdict, packet.len);
+    #[cfg(feature = "test-programs")]
+    test_programs::note_redirect(ifindex, [0; 4], 0);
     ret
 }
 

@@ -2,9 +2,29 @@
 //! `test-programs` feature: the agent's datapath tests and `cargo xtask bench` load them, the
 //! agent never does.
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    btf_maps::Array,
+    macros::{btf_map, classifier},
+    programs::TcContext,
+};
+use egress_common::Ipv4;
 
 use crate::{DROP, PASS, from_tunnel_peer, packet::parse};
+
+/// Where the last redirect sent its packet (`map_names::TEST_LAST_REDIRECT`): tests check
+/// the interface, tunnel remote and VNI, which BPF_PROG_TEST_RUN does not report.
+#[btf_map]
+static TEST_LAST_REDIRECT: Array<[u32; 4], 1> = Array::new();
+
+/// Notes a redirect out of `ifindex`, through the tunnel to `remote` with `vni` when
+/// `ifindex` is the tunnel device.
+#[inline(always)]
+pub(crate) fn note_redirect(ifindex: u32, remote: Ipv4, vni: u32) {
+    if let Some(slot) = TEST_LAST_REDIRECT.get_ptr_mut(0) {
+        // SAFETY: the one slot of a test map; tests run one packet at a time.
+        unsafe { *slot = [ifindex, u32::from_ne_bytes(remote), vni, 0] };
+    }
+}
 
 /// Test-only twin of `from_tunnel`: BPF_PROG_TEST_RUN cannot attach tunnel metadata, so the
 /// outer source (network byte order) comes from `cb[0]` and the VNI from `cb[1]`. The agent

@@ -30,6 +30,14 @@ fn reply_is_reverse_translated_and_sent_back_to_the_pods_node() {
     assert_eq!((out.dst, out.dport), (POD, 45000));
     assert_checksums(&output);
     assert_eq!(node.counter(reason::REVERSE_SNAT), 1);
+    assert_eq!(
+        node.sent_to(),
+        Some(SentTo::Tunnel {
+            remote: POD_NODE,
+            vni: VNI_TO_POD_NODE
+        }),
+        "back to the pod's node, on the reply VNI"
+    );
 }
 
 #[test]

@@ -46,6 +46,13 @@ fn new_connection_is_redirected_to_the_remote_gateway() {
     // The pod's node does not translate: the gateway does.
     assert_eq!(output, input);
     assert_eq!(node.counter(reason::REDIRECT_TO_GATEWAY), 1);
+    assert_eq!(
+        node.sent_to(),
+        Some(SentTo::Tunnel {
+            remote: GATEWAY,
+            vni: VNI_TO_GATEWAY
+        })
+    );
     assert_eq!(node.steered().len(), 1);
     // Later packets of the steered connection follow it.
     let next = packet(POD, 40000, DEST, 443, L4::Tcp { flags: ACK });
@@ -156,8 +163,16 @@ fn pod_on_the_gateway_is_translated_without_tunnel() {
     );
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(seen(&output).src, EGRESS_IP);
+    assert_eq!(node.sent_to(), Some(SentTo::Interface(EGRESS_IFINDEX)));
     assert_eq!(node.counter(reason::SNAT_NEW_FLOW), 1);
     assert_eq!(node.counter(reason::REDIRECT_TO_GATEWAY), 0);
+    // Its reply goes straight to the pod, no tunnel.
+    node.local_pod(POD, POD_IFINDEX);
+    let reply = packet(DEST, 443, EGRESS_IP, 20000, L4::Tcp { flags: SYN | ACK });
+    let (verdict, back) = node.run(program_names::FROM_EGRESS, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(seen(&back).dst, POD);
+    assert_eq!(node.sent_to(), Some(SentTo::Interface(POD_IFINDEX)));
 }
 
 #[test]

@@ -18,6 +18,7 @@ fn snat_of_a_new_flow_keeps_a_free_port_in_range() {
     assert_eq!(out.sport, 20000, "a free port inside the NAT range is kept");
     assert_eq!((out.dst, out.dport), (DEST, 443));
     assert_checksums(&output);
+    assert_eq!(node.sent_to(), Some(SentTo::Interface(EGRESS_IFINDEX)));
     assert_eq!(node.counter(reason::SNAT_NEW_FLOW), 1);
     assert_eq!(node.nat_forward().len(), 1);
     assert_eq!(node.nat_reverse().len(), 1);
@@ -167,6 +168,18 @@ fn a_reused_flow_from_another_node_sends_its_replies_there() {
         "replies go to the node the flow comes from now"
     );
     assert_eq!(node.nat_forward()[0].1.pod_node_ip, new_node.octets());
+    let reply = packet(DEST, 53, EGRESS_IP, seen(&second).sport, L4::Udp);
+    assert_eq!(
+        node.run(program_names::FROM_EGRESS, &reply).0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        node.sent_to(),
+        Some(SentTo::Tunnel {
+            remote: new_node,
+            vni: VNI_TO_POD_NODE
+        })
+    );
 }
 
 /// A flow whose reply half was lost (evicted from its LRU map) is translated afresh, both
@@ -305,6 +318,7 @@ fn reply_through_the_tunnel_reaches_only_a_steered_local_pod() {
     let (verdict, output) = from_gateway_node(&node, &reply);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(output, reply);
+    assert_eq!(node.sent_to(), Some(SentTo::Interface(POD_IFINDEX)));
     assert_eq!(node.counter(reason::REPLY_TO_POD), 1);
 }
 

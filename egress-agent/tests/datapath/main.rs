@@ -7,6 +7,7 @@
     reason = "an integration test links every dependency of its package and uses a few"
 )]
 
+mod cilium_scenarios;
 mod fragments;
 mod from_egress;
 mod from_pod;

@@ -146,6 +146,7 @@ impl Node {
 
     /// Runs `program`; `cb` feeds `test_from_tunnel` its outer source and VNI.
     pub(crate) fn run_with_cb(&self, program: &str, packet: &[u8], cb: [u32; 2]) -> (u32, Vec<u8>) {
+        self.last_redirect().set(0, [0; 4], 0).unwrap();
         let program: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
         let mut out = vec![0u8; packet.len() + 256];
         // struct __sk_buff up to the end of cb[5]: cb starts at byte 48.
@@ -162,6 +163,30 @@ impl Node {
             .expect("test run");
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
+    }
+
+    /// `TEST_LAST_REDIRECT` through a descriptor of its own, so a shared `Node` can reset it
+    /// before every run.
+    fn last_redirect(&self) -> Array<MapData, [u32; 4]> {
+        let aya::maps::Map::Array(data) = self.ebpf.map(map_names::TEST_LAST_REDIRECT).unwrap()
+        else {
+            panic!("TEST_LAST_REDIRECT is not an array");
+        };
+        let id = data.info().unwrap().id();
+        Array::try_from(aya::maps::Map::Array(MapData::from_id(id).unwrap())).unwrap()
+    }
+
+    /// Where the last run's redirect sent its packet; `None` when it redirected nothing.
+    pub(crate) fn sent_to(&self) -> Option<SentTo> {
+        let [ifindex, remote, vni, _] = self.last_redirect().get(&0, 0).unwrap();
+        match (ifindex, remote) {
+            (0, _) => None,
+            (TUNNEL_IFINDEX, remote) => Some(SentTo::Tunnel {
+                remote: Ipv4Addr::from(remote.to_ne_bytes()),
+                vni,
+            }),
+            (ifindex, _) => Some(SentTo::Interface(ifindex)),
+        }
     }
 
     pub(crate) fn counter(&self, index: u32) -> u64 {
@@ -198,6 +223,15 @@ impl Node {
             HashMap::try_from(self.ebpf.map(map_names::STEERED_FLOWS).unwrap()).unwrap();
         map.keys().map(Result::unwrap).collect()
     }
+}
+
+/// Where a redirected packet went.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum SentTo {
+    /// Out of an interface (`bpf_redirect_neigh`): an egress interface or a pod's.
+    Interface(u32),
+    /// Into the tunnel device, to `remote` with `vni`.
+    Tunnel { remote: Ipv4Addr, vni: u32 },
 }
 
 pub(crate) fn to_gateway(egress_ip: Ipv4Addr) -> PolicyValue {
