@@ -37,7 +37,7 @@ pub struct NatReverse {
 /// Flag of a reverse entry kept after its flow ended (the forward half is gone): the remote
 /// closed first and holds TIME_WAIT for the port, so the port is not handed to a new flow to
 /// it yet. Replies hitting it are dropped. The agent removes it after `TIME_WAIT_SECS`, or
-/// earlier when ports run out.
+/// earlier once flows are refused (no port free, or a map full).
 pub const NAT_TIME_WAIT: u32 = 1;
 
 /// How long a remote may hold TIME_WAIT (Linux: 60 s, TCP_TIMEWAIT_LEN).

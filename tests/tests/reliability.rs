@@ -292,9 +292,9 @@ impl Churn {
 /// labels) and its gateway label moves between all three nodes. After every step the maps of
 /// every node equal the inventory, short flows of churn pods leave with the right source, and
 /// no packet of any flow leaked; the stable flows never break.
-fn churn_soak(duration: Duration) {
+fn churn_soak(duration: Duration, agent_args: &[&str]) {
     let ports: Vec<u16> = STABLE_PORTS.iter().chain(&CHURN_PORTS).copied().collect();
-    let mut cluster = cluster_with(&ports, &[]);
+    let mut cluster = cluster_with(&ports, agent_args);
     for node in ["k8s-worker-1", "k8s-worker-2", "k8s-worker-3"] {
         cluster.add_secondary_interface(node).unwrap();
     }
@@ -381,8 +381,17 @@ fn churn_soak(duration: Duration) {
         soak.pass();
         passes += 1;
     }
+    let refused: Vec<u64> = ["k8s-worker-1", "k8s-worker-2", "k8s-worker-3"]
+        .iter()
+        .map(|node| {
+            soak.cluster
+                .counter_packets(node, "drop_flow_table_full")
+                .unwrap()
+        })
+        .collect();
     eprintln!(
-        "churn soak: {passes} passes, {} steps in {:?}, {} matched packets checked",
+        "churn soak: {passes} passes, {} steps in {:?}, {} matched packets checked, \
+         flows refused by full maps per node {refused:?}",
         soak.steps,
         started.elapsed(),
         soak.matched_packets
@@ -406,8 +415,32 @@ fn churn_soak(duration: Duration) {
 #[test]
 fn churn_soak_quick() {
     skip_unless_root!();
-    churn_soak(Duration::from_secs(30));
+    churn_soak(Duration::from_secs(30), &[]);
 }
+
+/// The churn with flow and NAT maps small enough to run near full: the garbage collection
+/// keeps up (closed connections, then ports held for TIME_WAIT, go first), so the churn's
+/// flows get in, and the stable flows keep their entries throughout.
+#[test]
+fn churn_soak_quick_with_small_maps() {
+    skip_unless_root!();
+    churn_soak(
+        Duration::from_secs(30),
+        &[
+            "--flow-map-size",
+            SMALL_MAPS,
+            "--nat-map-size",
+            SMALL_MAPS,
+            "--tcp-closing-timeout",
+            "2",
+            "--udp-idle-timeout",
+            "5",
+        ],
+    );
+}
+
+/// Entries of each flow and NAT map in `churn_soak_quick_with_small_maps`.
+const SMALL_MAPS: &str = "128";
 
 #[test]
 #[ignore = "long soak: EGRESS_SOAK_SECS=600 cargo test -p egress-tests --test reliability -- --ignored churn_soak_long"]
@@ -417,7 +450,7 @@ fn churn_soak_long() {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(300);
-    churn_soak(Duration::from_secs(seconds));
+    churn_soak(Duration::from_secs(seconds), &[]);
 }
 
 // ----- capacity and expiry -----
@@ -705,6 +738,96 @@ fn a_server_that_resets_every_connection_never_exhausts_the_ports() {
         .check(&packets)
         .unwrap();
     assert!(matched > 0, "the capture saw the connections");
+}
+
+// ----- full maps -----
+
+/// More concurrent flows than the flow and NAT maps hold: maps of 1,024 entries (set by
+/// flags) and three pods opening 1,024 UDP flows each, two of them on one node. The excess
+/// is refused and counted (`drop_flow_table_full`), the flows that got in keep working, and
+/// no packet of any flow reaches the destination with another source (an LRU map used to
+/// evict established flows, whose next packets then left with the node's IP).
+#[test]
+fn more_flows_than_the_maps_hold_are_refused_never_leaked() {
+    skip_unless_root!();
+    const CAPACITY: u64 = 1024;
+    let mut cluster = cluster_with(&[], &["--flow-map-size", "1024", "--nat-map-size", "1024"]);
+    let pods: Vec<Pod> = [
+        ("k8s-worker-1", "my-app-a"),
+        ("k8s-worker-1", "my-app-b"),
+        ("k8s-worker-3", "my-app-c"),
+    ]
+    .into_iter()
+    .map(|(node, name)| {
+        cluster
+            .add_pod(node, "default", name, &[("app", "my-app")])
+            .unwrap()
+    })
+    .collect();
+    howto_gateway(&mut cluster);
+    cluster.start_all_agents().unwrap();
+    for pod in &pods {
+        cluster
+            .wait_for_pod_gateway(pod, WORKER_2, PROGRAMMED)
+            .unwrap();
+    }
+    cluster.start_capture().unwrap();
+    let peer = cluster.peer_bin().to_string_lossy().into_owned();
+    let flows = CAPACITY.to_string();
+    let clients: Vec<_> = pods
+        .iter()
+        .map(|pod| {
+            cluster
+                .spawn_in_pod(
+                    pod,
+                    &format!("flows-{}", pod.name),
+                    &[
+                        peer.as_str(),
+                        "udp-flows",
+                        "198.51.100.10:8081",
+                        "--flows",
+                        &flows,
+                    ],
+                )
+                .unwrap()
+        })
+        .collect();
+    let mut answered = 0;
+    for client in clients {
+        let finished = client.wait(Duration::from_mins(2)).unwrap();
+        assert!(finished.status.success(), "udp-flows: {}", finished.stderr);
+        let summary: serde_json::Value = serde_json::from_str(finished.stdout.trim()).unwrap();
+        assert_eq!(
+            summary["answered_again"], summary["answered"],
+            "flows that got in lost their path: {summary}"
+        );
+        answered += summary["answered"].as_u64().unwrap();
+    }
+    let packets = cluster.stop_capture().unwrap();
+    let refused: u64 = ["k8s-worker-1", "k8s-worker-2", "k8s-worker-3"]
+        .iter()
+        .map(|node| {
+            cluster
+                .counter_packets(node, "drop_flow_table_full")
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        (CAPACITY * 3 / 4..=CAPACITY).contains(&answered),
+        "{answered} flows answered through a 1,024-entry NAT map"
+    );
+    // Every flow not answered was refused and counted (its datagram, sent once).
+    assert!(
+        refused >= 3 * CAPACITY - answered - CAPACITY / 16,
+        "{refused} refused, {answered} answered of {}",
+        3 * CAPACITY
+    );
+    let matched = LeakDetector::new()
+        .matched_port(8081, [WORKER_2])
+        .forbidden_sources(pods.iter().map(|pod| pod.ip))
+        .check(&packets)
+        .unwrap();
+    assert!(matched as u64 >= 2 * answered, "the capture saw the flows");
 }
 
 // ----- MTU and ICMP errors -----

@@ -103,15 +103,15 @@ fn reply_key(flow: &FlowKey, nat: &NatForward) -> FlowKey {
 /// Plans a pass over the NAT maps. A pair is as fresh as its newer half (replies refresh
 /// only the reverse entry, and a flow where the remote does all the sending must live on)
 /// and expires by its TCP state. A connection the remote closed first keeps its reverse
-/// entry for `TIME_WAIT_SECS` as a hold on the port, unless `ports_short` (flows were refused
-/// for want of a port since the last pass). A reverse entry without its forward twin goes
+/// entry for `TIME_WAIT_SECS` as a hold on the port, unless `reclaim_holds` (flows were refused
+/// for want of a port, or of room in a map, since the last pass). A reverse entry without its forward twin goes
 /// once idle for the closing timeout.
 pub(super) fn plan_nat(
     forward: &[(FlowKey, NatForward)],
     reverse: &BTreeMap<FlowKey, NatReverse>,
     timeouts: &Timeouts,
     now_ns: u64,
-    ports_short: bool,
+    reclaim_holds: bool,
 ) -> NatPlan {
     let mut plan = NatPlan::default();
     // Reverse keys already decided: live twins, and the halves of expired pairs.
@@ -135,7 +135,7 @@ pub(super) fn plan_nat(
             let remote_holds_time_wait = flow.protocol == PROTO_TCP
                 && nat.flags & FLOW_REMOTE_CLOSED_FIRST != 0
                 && nat.flags & FLOW_RESET == 0;
-            if remote_holds_time_wait && !ports_short {
+            if remote_holds_time_wait && !reclaim_holds {
                 plan.hold_reverse.push(reply);
             } else {
                 plan.remove_reverse.push(reply);
@@ -152,7 +152,7 @@ pub(super) fn plan_nat(
         let gone = if entry.flags & NAT_TIME_WAIT == 0 {
             idle > orphan_idle
         } else {
-            ports_short || idle > time_wait
+            reclaim_holds || idle > time_wait
         };
         if gone {
             plan.remove_reverse.push(*reply);
@@ -184,11 +184,16 @@ impl Datapath {
         let map_err =
             |name: &'static str| move |source: MapError| DatapathError::Map { name, source };
 
-        let exhausted = pinned::counters(&self.pins)?
-            .get(reason::DROP_NAT_EXHAUSTED as usize)
-            .map_or(0, |counter| counter.packets);
-        let ports_short = exhausted > self.nat_exhausted_seen;
-        self.nat_exhausted_seen = exhausted;
+        // Flows refused for want of a port or of room since the last pass: the ports held
+        // for TIME_WAIT are given up first.
+        let counters = pinned::counters(&self.pins)?;
+        let refused = [reason::DROP_NAT_EXHAUSTED, reason::DROP_FLOW_TABLE_FULL]
+            .iter()
+            .filter_map(|reason| counters.get(*reason as usize))
+            .map(|counter| counter.packets)
+            .sum::<u64>();
+        let reclaim_holds = refused > self.refused_flows_seen;
+        self.refused_flows_seen = refused;
 
         let reverse: HashMap<&mut MapData, FlowKey, NatReverse> =
             self.map_mut(map_names::NAT_REVERSE)?;
@@ -203,7 +208,7 @@ impl Datapath {
             &reverse_entries,
             timeouts,
             now_ns,
-            ports_short,
+            reclaim_holds,
         );
 
         // Holds first: once the forward half is gone, the datapath may rebuild around the
@@ -340,13 +345,13 @@ mod tests {
         (flow, forward, reverse)
     }
 
-    fn plan(pairs: &[(FlowKey, NatForward, NatReverse)], ports_short: bool) -> NatPlan {
+    fn plan(pairs: &[(FlowKey, NatForward, NatReverse)], reclaim_holds: bool) -> NatPlan {
         let forward: Vec<_> = pairs.iter().map(|(flow, nat, _)| (*flow, *nat)).collect();
         let reverse: BTreeMap<_, _> = pairs
             .iter()
             .map(|(flow, nat, reverse)| (reply_key(flow, nat), *reverse))
             .collect();
-        plan_nat(&forward, &reverse, &Timeouts::default(), NOW, ports_short)
+        plan_nat(&forward, &reverse, &Timeouts::default(), NOW, reclaim_holds)
     }
 
     fn closed(first: bool, second: bool) -> u32 {

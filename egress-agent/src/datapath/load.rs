@@ -80,7 +80,7 @@ impl Datapath {
             ebpf,
             pins,
             refreshed: BTreeSet::new(),
-            nat_exhausted_seen: 0,
+            refused_flows_seen: 0,
         })
     }
 

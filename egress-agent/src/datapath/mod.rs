@@ -66,9 +66,10 @@ pub struct Datapath {
     pins: PinLayout,
     /// Pinned links whose program this process has already replaced with its own.
     refreshed: BTreeSet<Attachment>,
-    /// `drop_nat_exhausted` as the last garbage collection saw it: when it grew, ports ran
-    /// out, and ports held for a remote's TIME_WAIT are given up.
-    nat_exhausted_seen: u64,
+    /// `drop_nat_exhausted` + `drop_flow_table_full` as the last garbage collection saw
+    /// them: when they grew, flows were refused, and ports held for a remote's TIME_WAIT are
+    /// given up.
+    refused_flows_seen: u64,
 }
 
 impl Datapath {

@@ -6,6 +6,7 @@
 //! ports each; every connection/datagram is appended to a log.
 //! `udp` / `tcp-burst`: clients printing the source the server saw, one line per reply.
 //! `tcp-hold` / `udp-stream`: long-lived flows until a stop file appears, then a JSON summary.
+//! `udp-flows`: many UDP flows at once, each answered or not, with a JSON summary.
 //! `udp-big`: one large datagram each way (fragmented), with a JSON summary.
 //! `tcp-resets`: connections one after another to `/reset`, with a JSON summary.
 //! `udp-probe`: one datagram on a connected socket, printing `refused`, `reply <src>` or
@@ -75,6 +76,16 @@ enum Command {
         server: SocketAddr,
         #[arg(long, default_value_t = 8192)]
         size: usize,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
+    /// Open `flows` UDP flows at once (one socket each), a datagram from each, then a second
+    /// datagram from every flow that was answered; prints a JSON summary (flows, answered,
+    /// answered_again). Flows beyond what the path holds go unanswered.
+    UdpFlows {
+        server: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        flows: u32,
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
@@ -152,6 +163,11 @@ fn main() -> ExitCode {
             size,
             timeout_ms,
         } => udp_big(server, size, Duration::from_millis(timeout_ms)),
+        Command::UdpFlows {
+            server,
+            flows,
+            timeout_ms,
+        } => udp_flows(server, flows, Duration::from_millis(timeout_ms)),
         Command::TcpResets {
             server,
             connections,
@@ -491,6 +507,71 @@ fn udp_big(server: SocketAddr, size: usize, timeout: Duration) -> Result<()> {
         "{}",
         serde_json::json!({ "source": source, "sent": request.len(), "received": length })
     );
+    Ok(())
+}
+
+fn udp_flows(server: SocketAddr, flows: u32, timeout: Duration) -> Result<()> {
+    raise_open_files_limit()?;
+    let sockets = (0..flows)
+        .map(|_| {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(server)?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let round = |sockets: &[&UdpSocket]| -> Vec<bool> {
+        for (index, socket) in sockets.iter().enumerate() {
+            let _ = socket.send(b"flow\n");
+            // Paced a little: a burst beyond the veth queues would drop datagrams there.
+            if index % 64 == 63 {
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let mut answered = vec![false; sockets.len()];
+        let mut buffer = [0u8; 256];
+        while std::time::Instant::now() < deadline && answered.contains(&false) {
+            for (index, socket) in sockets.iter().enumerate() {
+                if !answered[index] && socket.recv(&mut buffer).is_ok() {
+                    answered[index] = true;
+                }
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        answered
+    };
+    let all: Vec<&UdpSocket> = sockets.iter().collect();
+    let first = round(&all);
+    let answered: Vec<&UdpSocket> = all
+        .iter()
+        .zip(&first)
+        .filter_map(|(socket, ok)| ok.then_some(*socket))
+        .collect();
+    let again = round(&answered).iter().filter(|ok| **ok).count();
+    println!(
+        "{}",
+        serde_json::json!({ "flows": flows, "answered": answered.len(), "answered_again": again })
+    );
+    Ok(())
+}
+
+/// A socket per flow: lift the soft limit on open files to the hard one.
+fn raise_open_files_limit() -> Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out pointer, then the same struct back.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrlimit");
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+            return Err(std::io::Error::last_os_error()).context("setrlimit");
+        }
+    }
     Ok(())
 }
 
