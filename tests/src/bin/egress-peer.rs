@@ -79,9 +79,10 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
-    /// Open `flows` UDP flows at once (one socket each), a datagram from each, then a second
-    /// datagram from every flow that was answered; prints a JSON summary (flows, answered,
-    /// answered_again). Flows beyond what the path holds go unanswered.
+    /// Open `flows` UDP flows at once (one socket each), a datagram from each (resent once a
+    /// second until answered or the timeout), then the same again from every flow that was
+    /// answered; prints a JSON summary (flows, answered, answered_again). Flows beyond what
+    /// the path holds go unanswered.
     UdpFlows {
         server: SocketAddr,
         #[arg(long, default_value_t = 100)]
@@ -520,18 +521,25 @@ fn udp_flows(server: SocketAddr, flows: u32, timeout: Duration) -> Result<()> {
             Ok(socket)
         })
         .collect::<Result<Vec<_>>>()?;
+    // A round sends from every socket not answered yet, once a second (as a UDP client
+    // retries), until all are answered or the timeout passes.
     let round = |sockets: &[&UdpSocket]| -> Vec<bool> {
-        for (index, socket) in sockets.iter().enumerate() {
-            let _ = socket.send(b"flow\n");
-            // Paced a little: a burst beyond the veth queues would drop datagrams there.
-            if index % 64 == 63 {
-                thread::sleep(Duration::from_millis(2));
-            }
-        }
         let deadline = std::time::Instant::now() + timeout;
         let mut answered = vec![false; sockets.len()];
         let mut buffer = [0u8; 256];
+        let mut next_send = std::time::Instant::now();
         while std::time::Instant::now() < deadline && answered.contains(&false) {
+            if std::time::Instant::now() >= next_send {
+                let unanswered = sockets.iter().zip(&answered).filter(|(_, ok)| !**ok);
+                for (index, (socket, _)) in unanswered.enumerate() {
+                    let _ = socket.send(b"flow\n");
+                    // Paced a little: a burst beyond the veth queues drops datagrams there.
+                    if index % 64 == 63 {
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                }
+                next_send += Duration::from_secs(1);
+            }
             for (index, socket) in sockets.iter().enumerate() {
                 if !answered[index] && socket.recv(&mut buffer).is_ok() {
                     answered[index] = true;
