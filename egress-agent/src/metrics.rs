@@ -212,6 +212,18 @@ pub fn render(report: &Report, datapath: &DatapathSample, histograms: &Histogram
         gauge(unserved),
     );
     registry.register(
+        "policy_ipv6_cidrs_not_programmed",
+        "IPv6 destination and excluded CIDRs of loaded policies, not programmed (IPv6 is not \
+         supported yet; the policies' IPv4 parts are)",
+        gauge(
+            report
+                .policies
+                .values()
+                .map(|summary| summary.ipv6_not_programmed.len())
+                .sum(),
+        ),
+    );
+    registry.register(
         "objects_rejected",
         "Objects of any kind refused as invalid",
         gauge(report.refused.len()),
@@ -443,6 +455,7 @@ mod tests {
                         egress_ip: Some(Ipv4Addr::new(10, 0, 0, 12)),
                         matched_pods: 3,
                         problem: None,
+                        ipv6_not_programmed: vec!["::/0".parse().unwrap()],
                     },
                 ),
                 (
@@ -517,6 +530,7 @@ mod tests {
         expect("egress_gateway_policies_loaded", 2.0);
         expect("egress_gateway_policies_rejected", 1.0);
         expect("egress_gateway_policies_with_problem", 1.0);
+        expect("egress_gateway_policy_ipv6_cidrs_not_programmed", 1.0);
         expect("egress_gateway_policy_entries_dropped", 0.0);
         expect("egress_gateway_objects_rejected", 2.0);
         expect("egress_gateway_map_entries{map=\"EGRESS_POLICIES\"}", 6.0);

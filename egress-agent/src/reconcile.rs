@@ -50,6 +50,8 @@ struct Said {
     unwired_pods: SayOnce<BTreeSet<Ipv4Addr>>,
     /// Each policy's problem.
     policy_problems: SayOnce<BTreeMap<String, Option<String>>>,
+    /// Each dual-stack policy's IPv6 CIDRs, not programmed.
+    ipv6_not_programmed: SayOnce<BTreeMap<String, Vec<ipnet::Ipv6Net>>>,
     /// Pairs of conflicting policies, (winner, loser): a changed entry count is no news.
     conflicts: SayOnce<Vec<(String, String)>>,
     policy_map_fit: SayOnce<PolicyMapFit>,
@@ -225,6 +227,24 @@ impl<'a> Reconciler<'a> {
     /// Logs when a policy starts or stops failing (matched traffic is dropped meanwhile), and
     /// each new conflict between policies.
     fn say_policy_problems(&mut self, desired: &DesiredState) {
+        let ipv6: BTreeMap<String, Vec<ipnet::Ipv6Net>> = desired
+            .policies
+            .iter()
+            .filter(|(_, summary)| !summary.ipv6_not_programmed.is_empty())
+            .map(|(name, summary)| (name.clone(), summary.ipv6_not_programmed.clone()))
+            .collect();
+        if let Some(before) = self.said.ipv6_not_programmed.update(ipv6) {
+            for (name, cidrs) in self.said.ipv6_not_programmed.last() {
+                if before.get(name) != Some(cidrs) {
+                    warn!(
+                        policy = name,
+                        ?cidrs,
+                        "IPv6 CIDRs are loaded but not programmed (IPv6 is not supported yet); \
+                         the policy's IPv4 part is"
+                    );
+                }
+            }
+        }
         let problems: BTreeMap<String, Option<String>> = desired
             .policies
             .iter()

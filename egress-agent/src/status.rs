@@ -138,6 +138,19 @@ pub fn status(
                 ),
                 (None, None) => String::from("programmed"),
             };
+            let message = if summary.ipv6_not_programmed.is_empty() {
+                message
+            } else {
+                let cidrs: Vec<String> = summary
+                    .ipv6_not_programmed
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                format!(
+                    "{message}; IPv6 CIDRs {} not programmed (IPv6 is not supported yet)",
+                    cidrs.join(", ")
+                )
+            };
             (ready, reason, message)
         }
     };
@@ -310,6 +323,7 @@ mod tests {
             egress_ip: Some(Ipv4Addr::new(10, 0, 0, 12)),
             matched_pods: 2,
             problem,
+            ipv6_not_programmed: Vec::new(),
         }
     }
 
@@ -466,6 +480,29 @@ mod tests {
         assert!(condition.message.contains("spec.destinationCIDRs"));
         assert_eq!((invalid.matched_pods, invalid.gateway_nodes.len()), (0, 0));
         assert_eq!(invalid.observed_generation, Some(7));
+    }
+
+    /// A dual-stack policy is Ready for its IPv4 part, and says its IPv6 part is not
+    /// programmed.
+    #[test]
+    fn status_of_a_dual_stack_policy_names_the_ipv6_part_not_programmed() {
+        let dual = PolicySummary {
+            ipv6_not_programmed: vec!["::/0".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            ..summary(&["w2"], None)
+        };
+        let input = StatusInput {
+            node_name: "w2",
+            generation: Some(1),
+            summary: Some(&dual),
+            refusals: vec![],
+        };
+        let condition = &status(&input, None, at(100)).conditions[0];
+        assert_eq!(condition.status, "True");
+        assert_eq!(
+            condition.message,
+            "2 pods egress through gateway node w2; IPv6 CIDRs ::/0, fd00::/8 not programmed \
+             (IPv6 is not supported yet)"
+        );
     }
 
     #[test]

@@ -141,6 +141,8 @@ pub struct PolicySummary {
     pub matched_pods: usize,
     /// The first problem found, if any.
     pub problem: Option<PolicyProblem>,
+    /// The policy's IPv6 CIDRs: loaded, not programmed (the datapath is IPv4 only so far).
+    pub ipv6_not_programmed: Vec<ipnet::Ipv6Net>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -206,7 +208,10 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
 
     // Policies in name order: on conflicts the first name wins (exclusions aside).
     for (policy_index, policy) in inv.policies.values().enumerate() {
-        let mut summary = PolicySummary::default();
+        let mut summary = PolicySummary {
+            ipv6_not_programmed: policy.ipv6_cidrs.clone(),
+            ..PolicySummary::default()
+        };
         let mut problems = Vec::new();
 
         let mut gateways = Vec::new();
@@ -757,7 +762,7 @@ mod tests {
 
     #[test]
     fn egress_gateways_spread_is_deterministic_and_uses_all() {
-        let p = "metadata: {name: fleet}\nspec:\n  selectors: [{podSelector: {matchLabels: {app: crawler}}}]\n  destinationCIDRs: [0.0.0.0/0]\n  egressGateways:\n  - {nodeSelector: {matchLabels: {kubernetes.io/hostname: gw-a}}, interface: eth1}\n  - {nodeSelector: {matchLabels: {kubernetes.io/hostname: gone}}}\n  - {nodeSelector: {matchLabels: {kubernetes.io/hostname: gw-b}}, interface: eth1}\n";
+        let p = "metadata: {name: fleet}\nspec:\n  selectors: [{podSelector: {matchLabels: {app: crawler}}}]\n  destinationCIDRs: [0.0.0.0/0]\n  egressGateway: {nodeSelector: {matchLabels: {kubernetes.io/hostname: gw-a}}, interface: eth1}\n  egressGateways:\n  - {nodeSelector: {matchLabels: {kubernetes.io/hostname: gw-a}}, interface: eth1}\n  - {nodeSelector: {matchLabels: {kubernetes.io/hostname: gone}}}\n  - {nodeSelector: {matchLabels: {kubernetes.io/hostname: gw-b}}, interface: eth1}\n";
         let mut inv = inventory(&[p]);
         for i in 0..32u8 {
             inv.upsert_pod(pod(

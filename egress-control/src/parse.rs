@@ -472,6 +472,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "all-destinations-dual-stack",
                 "ci-runners-to-registry",
                 "crawlers",
                 "egress-sample",
@@ -508,12 +509,20 @@ mod tests {
                 r#"CiliumEgressGatewayPolicy "bad-operator": spec.selectors[0].podSelector.matchExpressions[0].operator: unknown operator "Equals""#,
             ),
             (
+                "gateways-without-egress-gateway.yaml",
+                r#"CiliumEgressGatewayPolicy "gateways-without-egress-gateway": spec.egressGateway: is required even with spec.egressGateways"#,
+            ),
+            (
                 "interface-and-egress-ip.yaml",
                 r#"CiliumEgressGatewayPolicy "interface-and-egress-ip": spec.egressGateway: interface and egressIP are mutually exclusive"#,
             ),
             (
                 "missing-gateway.yaml",
                 r#"CiliumEgressGatewayPolicy "missing-gateway": spec.egressGateway: is required"#,
+            ),
+            (
+                "node-selector-only.yaml",
+                r#"CiliumEgressGatewayPolicy "node-selector-only": spec.selectors[0]: needs a podSelector or a namespaceSelector"#,
             ),
             (
                 "not-yaml.yaml",

@@ -298,6 +298,7 @@ fn synthetic_pod(i: u32, policies: u32) -> Pod {
         ]),
         node_name: Some(format!("node-{:03}", i % NODES)),
         ips: vec![Ipv4Addr::from(0x0a80_0000 + i)],
+        service_account: "default".to_owned(),
     }
 }
 

@@ -22,6 +22,16 @@ pub use self::{
 
 /// Pseudo-label Cilium gives every pod: its namespace.
 pub const POD_NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
+/// Pseudo-label Cilium gives every pod: its service account.
+pub const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
+/// Cilium's pseudo-labels of a pod's namespace labels: this prefix, then the label's key.
+pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
+/// Pseudo-label Cilium gives every pod: its cluster's name (Cluster Mesh).
+pub const CLUSTER_LABEL: &str = "io.cilium.k8s.policy.cluster";
+/// The cluster name Cilium uses unless configured (`cluster-name`).
+pub const DEFAULT_CLUSTER_NAME: &str = "default";
+/// What Cilium's pseudo-labels start with; they are not among a pod's own labels.
+const CILIUM_PSEUDO_LABEL_PREFIX: &str = "io.cilium.k8s.";
 /// Label the API server puts on every namespace.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
@@ -49,6 +59,8 @@ pub struct Pod {
     pub node_name: Option<String>,
     /// IPv4 addresses that count: none for finished or host-network pods.
     pub ips: Vec<Ipv4Addr>,
+    /// `spec.serviceAccountName` (`default` when unset, as the API server fills it in).
+    pub service_account: String,
 }
 
 impl From<&k8s::Node> for Node {
@@ -131,6 +143,10 @@ impl From<&k8s::Pod> for Pod {
                 .and_then(|s| s.node_name.clone())
                 .filter(|n| !n.is_empty()),
             ips,
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "default".into()),
         }
     }
 }
@@ -212,18 +228,15 @@ impl Inventory {
     }
 
     fn selector_matches(&self, sel: &PolicySelector, pod: &Pod, node_name: &str) -> bool {
-        let pod_ok = sel.pod_selector.matches_with(|key| {
-            if key == POD_NAMESPACE_LABEL {
-                Some(pod.namespace.as_str())
-            } else {
-                pod.labels.get(key).map(String::as_str)
-            }
-        });
+        let namespace_labels = self.namespace_labels(&pod.namespace);
+        let pod_ok = sel
+            .pod_selector
+            .matches_with(|key| pod_label(pod, &namespace_labels, key));
         pod_ok
             && sel
                 .namespace_selector
                 .as_ref()
-                .is_none_or(|s| s.matches(&self.namespace_labels(&pod.namespace)))
+                .is_none_or(|s| s.matches(&namespace_labels))
             && sel.node_selector.as_ref().is_none_or(|s| {
                 self.nodes
                     .get(node_name)
@@ -243,6 +256,24 @@ impl Inventory {
         self.nodes
             .values()
             .find(|n| n.internal_ip.is_some() && selector.matches(&n.labels))
+    }
+}
+
+/// A pod's label as a Cilium podSelector sees it: its own labels and Cilium's pseudo-labels
+/// (namespace, service account, the namespace's labels, cluster name).
+fn pod_label<'a>(
+    pod: &'a Pod,
+    namespace_labels: &'a BTreeMap<String, String>,
+    key: &str,
+) -> Option<&'a str> {
+    match key {
+        POD_NAMESPACE_LABEL => Some(pod.namespace.as_str()),
+        SERVICE_ACCOUNT_LABEL => Some(pod.service_account.as_str()),
+        CLUSTER_LABEL => Some(DEFAULT_CLUSTER_NAME),
+        _ => match key.strip_prefix(NAMESPACE_LABELS_PREFIX) {
+            Some(namespace_key) => namespace_labels.get(namespace_key).map(String::as_str),
+            None => pod.labels.get(key).map(String::as_str),
+        },
     }
 }
 
@@ -298,9 +329,11 @@ impl<'a> PodIndex<'a> {
     /// The pods carrying the rarest label the selector requires (all pods when it requires
     /// none), in (namespace, name) order.
     fn candidates(&self, selector: &'a Selector) -> &[&'a Pod] {
+        // Cilium's other pseudo-labels are not indexed: they narrow nothing down here.
         selector
             .match_labels
             .iter()
+            .filter(|(key, _)| !key.starts_with(CILIUM_PSEUDO_LABEL_PREFIX))
             .map(|(key, value)| {
                 self.by_label
                     .get(&(key.as_str(), value.as_str()))
@@ -337,6 +370,7 @@ pub mod test_support {
 
     pub fn pod(ns: &str, name: &str, node: &str, ip: [u8; 4], l: &[(&str, &str)]) -> Pod {
         Pod {
+            service_account: "default".into(),
             namespace: ns.into(),
             name: name.into(),
             labels: labels(l),
@@ -483,6 +517,53 @@ status:
         assert!(!inv.pod_matches(&p, &fake));
     }
 
+    /// Cilium's pseudo-labels in a podSelector: the pod's service account, its namespace's
+    /// labels, the cluster name; with or without the `k8s:` source prefix.
+    #[test]
+    fn cilium_pseudo_labels_select_by_service_account_namespace_labels_and_cluster() {
+        let mut inv = Inventory::default();
+        inv.upsert_node(node("n1", Some([10, 0, 0, 1]), &[]));
+        inv.namespaces.insert(
+            "payments".into(),
+            Namespace {
+                name: "payments".into(),
+                labels: labels(&[("team", "money")]),
+            },
+        );
+        let mut reporter = pod("payments", "reporter", "n1", [10, 244, 0, 1], &[]);
+        reporter.service_account = "reporting".into();
+        inv.upsert_pod(reporter);
+        inv.upsert_pod(pod("payments", "other", "n1", [10, 244, 0, 2], &[]));
+        inv.upsert_pod(pod("default", "elsewhere", "n1", [10, 244, 0, 3], &[]));
+        let selected = |selector: &str| {
+            let yaml = format!(
+                "metadata: {{name: p}}\nspec:\n  selectors: [{{podSelector: {{matchLabels: {{{selector}}}}}}}]\n  destinationCIDRs: [0.0.0.0/0]\n  egressGateway: {{nodeSelector: {{}}}}\n"
+            );
+            let policy = policy::validate(&serde_yaml::from_str(&yaml).unwrap()).unwrap();
+            inv.matching_pods(&policy)
+                .iter()
+                .map(|pod| pod.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            selected("io.cilium.k8s.policy.serviceaccount: reporting"),
+            ["reporter"]
+        );
+        assert_eq!(
+            selected("k8s:io.cilium.k8s.policy.serviceaccount: reporting"),
+            ["reporter"]
+        );
+        assert_eq!(
+            selected("io.cilium.k8s.namespace.labels.team: money"),
+            ["other", "reporter"]
+        );
+        assert_eq!(selected("io.cilium.k8s.policy.cluster: default").len(), 3);
+        assert_eq!(
+            selected("k8s:io.kubernetes.pod.namespace: default"),
+            ["elsewhere"]
+        );
+    }
+
     #[test]
     fn namespace_selector_uses_namespace_labels_and_implicit_name_label() {
         let inv = inventory();
@@ -540,7 +621,7 @@ status:
     fn upserts_and_removals_apply_watch_events() {
         let mut inv = inventory();
         let p = policy(
-            "metadata: {name: p}\nspec:\n  selectors: [{}]\n  destinationCIDRs: [0.0.0.0/0]\n  egressGateway: {nodeSelector: {}}\n",
+            "metadata: {name: p}\nspec:\n  selectors: [{podSelector: {}}]\n  destinationCIDRs: [0.0.0.0/0]\n  egressGateway: {nodeSelector: {}}\n",
         );
         assert!(inv.upsert_policy(p.clone()).is_none());
         assert_eq!(inv.upsert_policy(p.clone()), Some(p));

@@ -5,7 +5,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::Deserialize;
 
@@ -64,6 +64,9 @@ pub struct Policy {
     /// Normalised (host bits cleared), deduplicated, sorted.
     pub destination_cidrs: Vec<Ipv4Net>,
     pub excluded_cidrs: Vec<Ipv4Net>,
+    /// IPv6 destination and excluded CIDRs (normalised): loaded but not programmed until the
+    /// datapath does IPv6, and reported as such (a dual-stack policy's IPv4 part works).
+    pub ipv6_cidrs: Vec<Ipv6Net>,
     /// At least one entry.
     pub gateways: Vec<GatewaySpec>,
 }
@@ -98,6 +101,16 @@ pub enum PolicyError {
     Required,
     #[error("is required (or a non-empty spec.egressGateways)")]
     GatewayRequired,
+    #[error(
+        "is required even with spec.egressGateways: Cilium's API server refuses a policy \
+         without it (spec.egressGateway: Required value)"
+    )]
+    GatewayRequiredWithList,
+    #[error(
+        "needs a podSelector or a namespaceSelector: Cilium refuses an entry with only a \
+         nodeSelector (here it would select every pod on those nodes)"
+    )]
+    NodeSelectorOnly,
     #[error("must not be empty")]
     Empty,
     #[error("invalid CIDR {cidr:?}: {reason}")]
@@ -144,6 +157,10 @@ pub fn validate(raw: &RawPolicy) -> Result<Policy, Vec<FieldError>> {
         Some(list) => {
             for (i, s) in list.iter().enumerate() {
                 let path = format!("spec.selectors[{i}]");
+                if s.pod_selector.is_none() && s.namespace_selector.is_none() {
+                    errors.push(path, PolicyError::NodeSelectorOnly);
+                    continue;
+                }
                 let pod = selector(
                     s.pod_selector.as_ref(),
                     &format!("{path}.podSelector"),
@@ -171,6 +188,7 @@ pub fn validate(raw: &RawPolicy) -> Result<Policy, Vec<FieldError>> {
         }
     }
 
+    let mut ipv6_cidrs = BTreeSet::new();
     let destination_cidrs = match spec.destination_cidrs.as_deref() {
         None => {
             errors.push("spec.destinationCIDRs", PolicyError::Required);
@@ -180,18 +198,23 @@ pub fn validate(raw: &RawPolicy) -> Result<Policy, Vec<FieldError>> {
             errors.push("spec.destinationCIDRs", PolicyError::Empty);
             Vec::new()
         }
-        Some(list) => cidrs(list, "spec.destinationCIDRs", &mut errors),
+        Some(list) => cidrs(list, "spec.destinationCIDRs", &mut ipv6_cidrs, &mut errors),
     };
     let excluded_cidrs = cidrs(
         spec.excluded_cidrs.as_deref().unwrap_or_default(),
         "spec.excludedCIDRs",
+        &mut ipv6_cidrs,
         &mut errors,
     );
 
-    // As in Cilium, a non-empty egressGateways replaces egressGateway.
+    // As in Cilium, a non-empty egressGateways replaces egressGateway, which its API server
+    // requires all the same.
     let mut gateways = Vec::new();
     match (&spec.egress_gateways, &spec.egress_gateway) {
-        (Some(list), _) if !list.is_empty() => {
+        (Some(list), single) if !list.is_empty() => {
+            if single.is_none() {
+                errors.push("spec.egressGateway", PolicyError::GatewayRequiredWithList);
+            }
             if list.len() > MAX_GATEWAYS {
                 errors.push(
                     "spec.egressGateways",
@@ -218,6 +241,7 @@ pub fn validate(raw: &RawPolicy) -> Result<Policy, Vec<FieldError>> {
         selectors,
         destination_cidrs,
         excluded_cidrs,
+        ipv6_cidrs: ipv6_cidrs.into_iter().collect(),
         gateways,
     })
 }
@@ -259,12 +283,21 @@ fn selector(
     }
 }
 
-fn cidrs(list: &[String], path: &str, errors: &mut Errors) -> Vec<Ipv4Net> {
+/// The IPv4 CIDRs of `list`; IPv6 ones go to `ipv6`.
+fn cidrs(
+    list: &[String],
+    path: &str,
+    ipv6: &mut BTreeSet<Ipv6Net>,
+    errors: &mut Errors,
+) -> Vec<Ipv4Net> {
     let mut out = BTreeSet::new();
     for (i, s) in list.iter().enumerate() {
         match parse_cidr(s) {
-            Ok(net) => {
+            Ok(Cidr::V4(net)) => {
                 out.insert(net);
+            }
+            Ok(Cidr::V6(net)) => {
+                ipv6.insert(net);
             }
             Err(reason) => errors.push(
                 format!("{path}[{i}]"),
@@ -278,8 +311,13 @@ fn cidrs(list: &[String], path: &str, errors: &mut Errors) -> Vec<Ipv4Net> {
     out.into_iter().collect()
 }
 
-/// Parses an IPv4 CIDR. Host bits are cleared, as Go's `net.ParseCIDR` does for Cilium.
-fn parse_cidr(s: &str) -> Result<Ipv4Net, String> {
+enum Cidr {
+    V4(Ipv4Net),
+    V6(Ipv6Net),
+}
+
+/// Parses a CIDR. Host bits are cleared, as Go's `net.ParseCIDR` does for Cilium.
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
     let Some((addr, len)) = s.trim().split_once('/') else {
         return Err(match s.trim().parse::<IpAddr>() {
             Ok(_) => "missing prefix length (expected e.g. 192.0.2.0/24)".into(),
@@ -289,15 +327,17 @@ fn parse_cidr(s: &str) -> Result<Ipv4Net, String> {
     let addr: IpAddr = addr
         .parse()
         .map_err(|_| format!("{addr:?} is not an IP address"))?;
-    let IpAddr::V4(addr) = addr else {
-        return Err("IPv6 is not supported yet".into());
-    };
     let len: u8 = len
         .parse()
         .map_err(|_| format!("prefix length {len:?} is not a number"))?;
-    let net =
-        Ipv4Net::new(addr, len).map_err(|_| format!("prefix length {len} is longer than 32"))?;
-    Ok(net.trunc())
+    match addr {
+        IpAddr::V4(addr) => Ipv4Net::new(addr, len)
+            .map(|net| Cidr::V4(net.trunc()))
+            .map_err(|_| format!("prefix length {len} is longer than 32")),
+        IpAddr::V6(addr) => Ipv6Net::new(addr, len)
+            .map(|net| Cidr::V6(net.trunc()))
+            .map_err(|_| format!("prefix length {len} is longer than 128")),
+    }
 }
 
 fn gateway(raw: &RawGateway, path: &str, errors: &mut Errors) -> Option<GatewaySpec> {
@@ -427,7 +467,7 @@ spec:
     fn cidr_errors() {
         let yaml = BASE.replace(
             r#"["10.1.2.3/16"]"#,
-            r#"["198.51.100.0/33", "x", "2001:db8::/32", "10.0.0.1", "10.0.0.0/8"]"#,
+            r#"["198.51.100.0/33", "x", "2001:db8::/129", "10.0.0.1", "10.0.0.0/8"]"#,
         ) + "  egressGateway: {nodeSelector: {}}\n  excludedCIDRs: ['10.0.0.0/abc']\n";
         let errs = parse(&yaml).unwrap_err();
         let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
@@ -437,13 +477,60 @@ spec:
         );
         assert!(shown[1].starts_with(r#"policy "p": spec.destinationCIDRs[1]: invalid CIDR "x""#));
         assert!(
-            shown[2].ends_with("IPv6 is not supported yet"),
+            shown[2].ends_with("prefix length 129 is longer than 128"),
             "{}",
             shown[2]
         );
         assert!(shown[3].contains("missing prefix length"));
         assert!(shown[4].starts_with(r#"policy "p": spec.excludedCIDRs[0]"#));
         assert_eq!(errs.len(), 5);
+    }
+
+    /// The most common shape of published policies, Cilium's documentation included: the
+    /// IPv4 part is programmed, the IPv6 part kept aside (not programmed yet).
+    #[test]
+    fn dual_stack_policies_load_with_their_ipv6_part_aside() {
+        let yaml = BASE.replace(r#"["10.1.2.3/16"]"#, r#"["0.0.0.0/0", "::/0"]"#)
+            + "  egressGateway: {nodeSelector: {}}\n  excludedCIDRs: ['10.0.0.0/8', 'fd00::/8']\n";
+        let p = parse(&yaml).unwrap();
+        assert_eq!(p.destination_cidrs, vec!["0.0.0.0/0".parse().unwrap()]);
+        assert_eq!(p.excluded_cidrs, vec!["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(
+            p.ipv6_cidrs,
+            vec!["::/0".parse().unwrap(), "fd00::/8".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn a_selector_with_only_a_node_selector_is_refused_as_cilium_does() {
+        let yaml = BASE.replace(
+            "selectors: [{podSelector: {matchLabels: {app: a}}}]",
+            "selectors: [{nodeSelector: {matchLabels: {pool: batch}}}, {namespaceSelector: {}, nodeSelector: {}}]",
+        ) + "  egressGateway: {nodeSelector: {}}\n";
+        let errors = parse(&yaml).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "spec.selectors[0]");
+        assert_eq!(errors[0].error, PolicyError::NodeSelectorOnly);
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("podSelector or a namespaceSelector")
+        );
+    }
+
+    #[test]
+    fn egress_gateways_without_egress_gateway_is_refused_as_cilium_s_api_server_does() {
+        let errors = parse(&with(
+            "  egressGateways:\n  - {nodeSelector: {matchLabels: {n: a}}}\n",
+        ))
+        .unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].field, "spec.egressGateway");
+        assert!(
+            errors[0].to_string().contains("Required value"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]
@@ -471,7 +558,10 @@ spec:
         assert_eq!(p.gateways[1].egress, EgressSource::Interface("eth1".into()));
 
         let many = "  - {nodeSelector: {}}\n".repeat(65);
-        let errs = parse(&with(&format!("  egressGateways:\n{many}"))).unwrap_err();
+        let errs = parse(&with(&format!(
+            "  egressGateway: {{nodeSelector: {{}}}}\n  egressGateways:\n{many}"
+        )))
+        .unwrap_err();
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].error, PolicyError::TooManyGateways(65));
     }

@@ -17,6 +17,11 @@ pub enum SelectorError {
     ValuesRequired(Operator),
     #[error("operator {0} takes no values")]
     ValuesForbidden(Operator),
+    #[error(
+        "label source {label_source:?} of key {key:?} never matches a pod's labels here (only k8s: and \
+         any: do, as every label comes from Kubernetes)"
+    )]
+    UnsupportedSource { key: String, label_source: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -75,16 +80,18 @@ impl Selector {
         let mut selector = Selector::default();
         for (key, value) in raw.match_labels.iter().flatten() {
             let before = errors.len();
+            let key = without_source(key, "matchLabels", &mut errors);
             check_key(key, "matchLabels", &mut errors);
             check_value(value, &format!("matchLabels[{key:?}]"), &mut errors);
             if errors.len() == before {
-                selector.match_labels.insert(key.clone(), value.clone());
+                selector.match_labels.insert(key.to_owned(), value.clone());
             }
         }
         for (i, expr) in raw.match_expressions.iter().flatten().enumerate() {
             let path = format!("matchExpressions[{i}]");
             let before = errors.len();
-            check_key(&expr.key, &format!("{path}.key"), &mut errors);
+            let key = without_source(&expr.key, &format!("{path}.key"), &mut errors);
+            check_key(key, &format!("{path}.key"), &mut errors);
             let operator = match expr.operator.as_str() {
                 "In" => Operator::In,
                 "NotIn" => Operator::NotIn,
@@ -116,7 +123,7 @@ impl Selector {
             }
             if errors.len() == before {
                 selector.match_expressions.push(Requirement {
-                    key: expr.key.clone(),
+                    key: key.to_owned(),
                     operator,
                     values: values.iter().cloned().collect(),
                 });
@@ -143,6 +150,30 @@ impl Selector {
                 .match_expressions
                 .iter()
                 .all(|req| req.matches(label(&req.key)))
+    }
+}
+
+/// A key without Cilium's label source prefix: `k8s:app` and `any:app` select the
+/// Kubernetes label `app` (Kubernetes keys never hold a `:`). Other sources (`reserved:`,
+/// `cidr:`, ...) are refused: no pod label comes from them.
+fn without_source<'a>(
+    key: &'a str,
+    path: &str,
+    errors: &mut Vec<(String, SelectorError)>,
+) -> &'a str {
+    match key.split_once(':') {
+        None => key,
+        Some(("k8s" | "any", rest)) => rest,
+        Some((source, _)) => {
+            errors.push((
+                path.to_owned(),
+                SelectorError::UnsupportedSource {
+                    key: key.to_owned(),
+                    label_source: source.to_owned(),
+                },
+            ));
+            key
+        }
     }
 }
 
@@ -351,5 +382,34 @@ mod tests {
         assert!(!check("/name", "v"));
         assert!(!check("a/b/c", "v"));
         assert!(!check("", "v"));
+    }
+
+    #[test]
+    fn cilium_label_sources_k8s_and_any_are_the_plain_key() {
+        let parsed = |key: &str| {
+            Selector::parse(&LabelSelector {
+                match_labels: Some(labels(&[(key, "web")])),
+                match_expressions: Some(vec![expr(key, "In", &["web"])]),
+            })
+        };
+        for key in ["k8s:app", "any:app", "app"] {
+            let s = parsed(key).unwrap();
+            assert_eq!(s.match_labels, labels(&[("app", "web")]), "{key}");
+            assert_eq!(s.match_expressions[0].key, "app");
+            assert!(s.matches(&labels(&[("app", "web")])));
+        }
+        let namespace = parsed("k8s:io.kubernetes.pod.namespace").unwrap();
+        assert!(
+            namespace
+                .match_labels
+                .contains_key("io.kubernetes.pod.namespace")
+        );
+        let errors = parsed("reserved:host").unwrap_err();
+        assert_eq!(errors[0].0, "matchLabels");
+        assert!(
+            errors[0].1.to_string().contains("\"reserved\""),
+            "{}",
+            errors[0].1
+        );
     }
 }
