@@ -33,14 +33,20 @@ pub fn check(dir: &Path, policy_map_size: u32) -> anyhow::Result<ExitCode> {
     for error in &loaded.errors {
         eprintln!("{error}");
     }
+    for warning in &loaded.warnings {
+        eprintln!("warning: {warning}");
+    }
     let inventory = &loaded.inventory;
     println!(
-        "{} policies, {} nodes, {} namespaces, {} pods loaded; {} refused",
+        "{} policies, {} nodes, {} namespaces, {} pods loaded; {} objects refused ({} errors), \
+         {} warnings",
         inventory.policies.len(),
         inventory.nodes.len(),
         inventory.namespaces.len(),
         inventory.pods.len(),
-        loaded.errors.len()
+        loaded.refused_objects(),
+        loaded.errors.len(),
+        loaded.warnings.len()
     );
     // Policy entries are the same on every node (only egress IPs differ on gateways), so
     // any node name counts them.

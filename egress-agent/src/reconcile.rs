@@ -45,6 +45,7 @@ pub struct Reconciler<'a> {
 #[derive(Default)]
 struct Said {
     refusals: SayOnce<Vec<Refusal>>,
+    warnings: SayOnce<Vec<Refusal>>,
     node_missing: SayOnce<bool>,
     /// Local pods without a host interface yet.
     unwired_pods: SayOnce<BTreeSet<Ipv4Addr>>,
@@ -92,6 +93,16 @@ impl<'a> Reconciler<'a> {
         {
             for refusal in &snapshot.refused {
                 error!("{}", refusal.message);
+            }
+        }
+        if self
+            .said
+            .warnings
+            .update(snapshot.warnings.clone())
+            .is_some()
+        {
+            for warning in &snapshot.warnings {
+                warn!("{}", warning.message);
             }
         }
         self.snapshot = snapshot;

@@ -196,10 +196,11 @@ fn check_exit_codes_for_refused_objects_and_capacity() {
         "{err}"
     );
 
-    // A refused object alongside: exit 1, the valid ones still counted.
+    // Refused objects alongside: exit 1, the valid ones still counted, a policy with two
+    // bad fields counted once; a misspelt field warned about.
     fs::write(
         dir.0.join("bad.yaml"),
-        "apiVersion: v1\nkind: Nod\nmetadata: {name: x}\n",
+        "apiVersion: v1\nkind: Nod\nmetadata: {name: x}\n---\napiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata: {name: two-errors}\nspec: {selectors: [{podSelector: {}}], destinationCIDRs: [x, y], egressGateway: {nodeSelector: {}, egressIp: 192.0.2.1}}\n",
     )
     .unwrap();
     let output = agent(&["check", "--manifests", folder]);
@@ -210,7 +211,18 @@ fn check_exit_codes_for_refused_objects_and_capacity() {
         stderr(&output)
     );
     assert!(
-        stdout(&output).contains("1 policies, 1 nodes, 0 namespaces, 3 pods loaded; 1 refused"),
+        stderr(&output).contains(
+            "warning: ", 
+        ) && stderr(&output).contains(
+            "CiliumEgressGatewayPolicy \"two-errors\": spec.egressGateway.egressIp: unknown field, ignored (misspelt?)"
+        ),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        stdout(&output).contains(
+            "1 policies, 1 nodes, 0 namespaces, 3 pods loaded; 2 objects refused (3 errors), 1 warnings"
+        ),
         "{}",
         stdout(&output)
     );

@@ -29,6 +29,21 @@ pub const MAX_FILE_SIZE: u64 = 4 << 20;
 pub struct LoadResult {
     pub inventory: Inventory,
     pub errors: Vec<ManifestError>,
+    /// Loaded, but worth a look: unknown (misspelt?) policy fields.
+    pub warnings: Vec<ManifestError>,
+}
+
+impl LoadResult {
+    /// Objects refused, each counted once however many of its fields are wrong.
+    pub fn refused_objects(&self) -> usize {
+        let mut objects: Vec<(&Path, &ObjectRef)> = self
+            .errors
+            .iter()
+            .map(|error| (error.file.as_path(), &error.object))
+            .collect();
+        objects.dedup();
+        objects.len()
+    }
 }
 
 /// One problem in one file, with the object it concerns when known.
@@ -86,6 +101,8 @@ pub enum ManifestErrorKind {
     Duplicate(PathBuf),
     #[error("{field}: {error}")]
     Policy { field: String, error: PolicyError },
+    #[error("{0}: unknown field, ignored (misspelt?)")]
+    UnknownField(String),
 }
 
 impl fmt::Display for ObjectRef {
@@ -139,6 +156,7 @@ pub fn load_text(file: &Path, text: &str) -> LoadResult {
 pub struct Loader {
     inventory: Inventory,
     errors: Vec<ManifestError>,
+    warnings: Vec<ManifestError>,
     /// (kind, name) -> file that defined it first.
     seen: BTreeMap<(&'static str, String), PathBuf>,
 }
@@ -192,9 +210,11 @@ impl Loader {
     /// in order).
     pub fn finish(mut self) -> LoadResult {
         self.errors.sort_by(|a, b| a.file.cmp(&b.file));
+        self.warnings.sort_by(|a, b| a.file.cmp(&b.file));
         LoadResult {
             inventory: self.inventory,
             errors: self.errors,
+            warnings: self.warnings,
         }
     }
 
@@ -292,7 +312,13 @@ impl Loader {
             "Namespace" => serde_yaml::from_value::<k8s::Namespace>(value)
                 .map(|n| Decoded::Namespace(Namespace::from(&n))),
             "Pod" => serde_yaml::from_value::<k8s::Pod>(value).map(|p| Decoded::Pod(Pod::from(&p))),
-            _ => serde_yaml::from_value::<RawPolicy>(value).map(|p| Decoded::Policy(Box::new(p))),
+            _ => match policy::decode(value) {
+                Ok(policy) => Ok(Decoded::Policy(Box::new(policy))),
+                Err(error) => {
+                    let error = ManifestErrorKind::Decode(error.to_string());
+                    return self.errors.push(fail(object, error));
+                }
+            },
         };
         let decoded = match decoded {
             Ok(d) => d,
@@ -321,20 +347,38 @@ impl Loader {
             Decoded::Pod(p) => {
                 self.inventory.upsert_pod(p);
             }
-            Decoded::Policy(raw) => match policy::validate(&raw) {
-                Ok(p) => {
-                    self.inventory.upsert_policy(p);
-                }
-                Err(errors) => {
-                    self.errors.extend(errors.into_iter().map(|e| {
-                        let error = ManifestErrorKind::Policy {
-                            field: e.field,
-                            error: e.error,
-                        };
-                        fail(object.clone(), error)
+            Decoded::Policy(decoded) => {
+                self.warnings
+                    .extend(decoded.unknown_fields.iter().map(|field| {
+                        fail(
+                            object.clone(),
+                            ManifestErrorKind::UnknownField(field.clone()),
+                        )
                     }));
-                }
-            },
+                self.load_policy(&decoded.raw, &object, path);
+            }
+        }
+    }
+
+    fn load_policy(&mut self, raw: &RawPolicy, object: &ObjectRef, path: &Path) {
+        let fail = |object: ObjectRef, error| ManifestError {
+            file: path.to_owned(),
+            object,
+            error,
+        };
+        match policy::validate(raw) {
+            Ok(p) => {
+                self.inventory.upsert_policy(p);
+            }
+            Err(errors) => {
+                self.errors.extend(errors.into_iter().map(|e| {
+                    let error = ManifestErrorKind::Policy {
+                        field: e.field,
+                        error: e.error,
+                    };
+                    fail(object.clone(), error)
+                }));
+            }
         }
     }
 }
@@ -343,7 +387,7 @@ enum Decoded {
     Node(Node),
     Namespace(Namespace),
     Pod(Pod),
-    Policy(Box<RawPolicy>),
+    Policy(Box<policy::Decoded>),
 }
 
 /// The known kind `kind` is probably a typo of: same letters in another case, or one or two

@@ -16,10 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_control::inventory::{
-    Inventory, Namespace, Node, Pod,
-    policy::{self, RawPolicy},
-};
+use egress_control::inventory::{Inventory, Namespace, Node, Pod, policy};
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1 as k8s;
 use kube::{
@@ -32,7 +29,7 @@ use kube::{
         watcher,
     },
 };
-use serde::{Deserialize as _, de::DeserializeOwned};
+use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
@@ -236,20 +233,29 @@ fn build_snapshot(stores: &Stores) -> Snapshot {
         inventory.upsert_pod(Pod::from(pod.as_ref()));
     }
     let mut refused = Vec::new();
+    let mut warnings = Vec::new();
     let mut policy_generations = BTreeMap::new();
     for object in stores.policies.state() {
         let name = object.name_any();
         policy_generations.insert(name.clone(), object.metadata.generation.unwrap_or(0));
         match decode_policy(&object) {
-            Ok(raw) => match policy::validate(&raw) {
-                Ok(valid) => {
-                    inventory.upsert_policy(valid);
-                }
-                Err(errors) => refused.extend(errors.into_iter().map(|error| Refusal {
+            Ok(decoded) => {
+                warnings.extend(decoded.unknown_fields.iter().map(|field| Refusal {
                     policy: Some(name.clone()),
-                    message: error.to_string(),
-                })),
-            },
+                    message: format!(
+                        "policy {name:?}: {field}: unknown field, ignored (misspelt?)"
+                    ),
+                }));
+                match policy::validate(&decoded.raw) {
+                    Ok(valid) => {
+                        inventory.upsert_policy(valid);
+                    }
+                    Err(errors) => refused.extend(errors.into_iter().map(|error| Refusal {
+                        policy: Some(name.clone()),
+                        message: error.to_string(),
+                    })),
+                }
+            }
             Err(error) => refused.push(Refusal {
                 policy: Some(name.clone()),
                 message: format!("policy {name:?}: cannot decode: {error}"),
@@ -258,16 +264,22 @@ fn build_snapshot(stores: &Stores) -> Snapshot {
     }
     // Store order is arbitrary; refusals are compared between snapshots.
     refused.sort_by(|a, b| (&a.policy, &a.message).cmp(&(&b.policy, &b.message)));
+    warnings.sort_by(|a, b| (&a.policy, &a.message).cmp(&(&b.policy, &b.message)));
     Snapshot {
         inventory,
         refused,
+        warnings,
         policy_generations,
         published: Some(Instant::now()),
     }
 }
 
-fn decode_policy(object: &DynamicObject) -> Result<RawPolicy, serde_json::Error> {
-    RawPolicy::deserialize(serde_json::to_value(object)?)
+fn decode_policy(object: &DynamicObject) -> Result<policy::Decoded, policy::DecodeError> {
+    let value = serde_json::to_value(object).map_err(|error| policy::DecodeError {
+        path: ".".into(),
+        message: error.to_string(),
+    })?;
+    policy::decode(value)
 }
 
 #[cfg(test)]
@@ -370,13 +382,31 @@ mod tests {
             },
             "status": {"matchedPods": 1},
         }));
-        let valid = policy::validate(&decode_policy(&object).unwrap()).unwrap();
+        let decoded = decode_policy(&object).unwrap();
+        assert!(decoded.unknown_fields.is_empty(), "status is not a spec field");
+        let valid = policy::validate(&decoded.raw).unwrap();
         assert_eq!(valid.name, "p");
+
+        // A misspelt field is named (the API server keeps unknown fields of Cilium's CRD,
+        // which preserves them), and the policy still loads.
+        let misspelt = dynamic(serde_json::json!({
+            "metadata": {"name": "typo"},
+            "spec": {
+                "selectors": [{"podSelector": {}}],
+                "destinationCIDRs": ["198.51.100.0/24"],
+                "egressGateway": {"nodeSelector": {}, "egressIp": "10.0.0.11"},
+            },
+        }));
+        assert_eq!(
+            decode_policy(&misspelt).unwrap().unknown_fields,
+            ["spec.egressGateway.egressIp"]
+        );
 
         let bad = dynamic(serde_json::json!({
             "metadata": {"name": "bad"},
             "spec": {"selectors": "not a list"},
         }));
-        assert!(decode_policy(&bad).is_err());
+        let error = decode_policy(&bad).unwrap_err();
+        assert_eq!(error.path, "spec.selectors", "{error}");
     }
 }

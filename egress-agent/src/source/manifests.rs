@@ -80,19 +80,16 @@ pub fn watch(dir: PathBuf) -> watch::Receiver<Arc<Snapshot>> {
 
 fn load(dir: &Path) -> Snapshot {
     let loaded = load_dir(dir);
-    let refused = loaded
-        .errors
-        .iter()
-        .map(|error| Refusal {
-            policy: (error.object.kind.as_deref() == Some("CiliumEgressGatewayPolicy"))
-                .then(|| error.object.name.clone())
-                .flatten(),
-            message: error.to_string(),
-        })
-        .collect();
+    let refusal = |error: &ManifestError| Refusal {
+        policy: (error.object.kind.as_deref() == Some("CiliumEgressGatewayPolicy"))
+            .then(|| error.object.name.clone())
+            .flatten(),
+        message: error.to_string(),
+    };
     Snapshot {
+        refused: loaded.errors.iter().map(refusal).collect(),
+        warnings: loaded.warnings.iter().map(refusal).collect(),
         inventory: loaded.inventory,
-        refused,
         policy_generations: BTreeMap::new(),
         published: Some(Instant::now()),
     }

@@ -22,6 +22,8 @@ pub struct Refusal {
 pub struct Snapshot {
     pub inventory: Inventory,
     pub refused: Vec<Refusal>,
+    /// Loaded, but worth a look: unknown (misspelt?) policy fields.
+    pub warnings: Vec<Refusal>,
     /// `metadata.generation` of every policy object, valid or not, when the source knows it
     /// (the Kubernetes API does): the policy status says which spec it describes.
     pub policy_generations: BTreeMap<String, i64>,

@@ -135,6 +135,63 @@ pub struct FieldError {
     pub error: PolicyError,
 }
 
+/// A policy object decoded, with the fields it has that no Cilium release defines here.
+#[derive(Debug)]
+pub struct Decoded {
+    pub raw: RawPolicy,
+    /// Paths of unknown fields under `spec` (`spec.egressGateway.egressIp`): a misspelt
+    /// field is warned about by name, as kubectl's field validation does, and otherwise
+    /// ignored, so policies of newer Cilium releases still load.
+    pub unknown_fields: Vec<String>,
+}
+
+/// Why a policy object could not be decoded: the field path and what was wrong there.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct DecodeError {
+    /// Like `spec.egressGateway.nodeSelector.matchLabels.x`; `.` for the object itself.
+    pub path: String,
+    pub message: String,
+}
+
+/// Decodes a policy object from any serde format (YAML from a file, JSON from the API
+/// server), naming the field of a decode error and collecting unknown spec fields.
+pub fn decode<'de, D: serde::Deserializer<'de>>(object: D) -> Result<Decoded, DecodeError> {
+    let mut unknown_fields = Vec::new();
+    let mut note_unknown = |path: serde_ignored::Path<'_>| {
+        let path = field_path(&path);
+        // apiVersion, kind and status are not part of RawPolicy; only spec is validated.
+        if path.starts_with("spec.") {
+            unknown_fields.push(path);
+        }
+    };
+    let ignored = serde_ignored::Deserializer::new(object, &mut note_unknown);
+    let raw = serde_path_to_error::deserialize(ignored).map_err(|error| DecodeError {
+        path: error.path().to_string(),
+        message: error.inner().to_string(),
+    })?;
+    Ok(Decoded {
+        raw,
+        unknown_fields,
+    })
+}
+
+/// A field's path as the errors write it: `spec.selectors[0].podSelector`.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => match field_path(parent) {
+            parent if parent.is_empty() => key.clone(),
+            parent => format!("{parent}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
 /// Validates a raw policy, collecting every problem rather than stopping at the first.
 pub fn validate(raw: &RawPolicy) -> Result<Policy, Vec<FieldError>> {
     let name = raw.metadata.name.clone().unwrap_or_default();
@@ -531,6 +588,31 @@ spec:
             "{}",
             errors[0]
         );
+    }
+
+    #[test]
+    fn unknown_spec_fields_are_named_and_decode_errors_carry_the_field_path() {
+        let yaml = with(
+            "  egressGateway: {nodeSelector: {}, egressIp: 192.0.2.1}\n  excludedCIDR: [10.0.0.0/8]\nstatus: {anything: 1}\n",
+        );
+        let value: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        let decoded = decode(value).unwrap();
+        assert_eq!(
+            decoded.unknown_fields,
+            ["spec.egressGateway.egressIp", "spec.excludedCIDR"]
+        );
+        assert!(
+            validate(&decoded.raw).is_ok(),
+            "unknown fields do not refuse a policy"
+        );
+
+        let bad = with("  egressGateway: {nodeSelector: {matchLabels: {x: true}}}\n");
+        let error = decode(serde_yaml::from_str::<serde_yaml::Value>(&bad).unwrap()).unwrap_err();
+        assert_eq!(error.path, "spec.egressGateway.nodeSelector.matchLabels.x");
+        assert!(error.message.contains("expected a string"), "{error}");
+        let json = serde_json::json!({"metadata": {"name": "p"}, "spec": {"selectors": "all"}});
+        let error = decode(json).unwrap_err();
+        assert_eq!(error.path, "spec.selectors");
     }
 
     #[test]
