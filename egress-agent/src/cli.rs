@@ -23,6 +23,15 @@ pub const DEFAULT_TUNNEL_DEVICE: &str = "egw0";
 pub const DEFAULT_NAT_MAP_SIZE: u32 = 524_288;
 /// Concurrent flows of one node's selected pods (Cilium's non-TCP conntrack default).
 pub const DEFAULT_FLOW_MAP_SIZE: u32 = 262_144;
+/// Nodes of the cluster: room for 5,000 and more.
+pub const DEFAULT_NODE_MAP_SIZE: u32 = 16_384;
+/// In-cluster addresses: a pod CIDR per node and an entry per pod IP (Cilium's ipcache holds
+/// 512,000).
+pub const DEFAULT_CLUSTER_MAP_SIZE: u32 = 524_288;
+/// Pods on one node (kubelet's default is 110).
+pub const DEFAULT_LOCAL_POD_MAP_SIZE: u32 = 4_096;
+/// Egress IPs one gateway serves.
+pub const DEFAULT_EGRESS_IP_MAP_SIZE: u32 = 1_024;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,7 +48,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent on this node.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate manifests without touching the kernel. Exits 1 when any object is refused,
     /// 3 when the policy entries they imply exceed --policy-map-size (even if some are
     /// refused too).
@@ -134,9 +143,15 @@ pub struct RunArgs {
     #[arg(long, default_value_t = PortRange { min: DEFAULT_NAT_PORT_MIN, max: DEFAULT_NAT_PORT_MAX })]
     nat_port_range: PortRange,
     /// Pod CIDR of the cluster, never steered to a gateway (repeatable). Nodes'
-    /// `spec.podCIDRs` are used too; add this when the CNI does not fill them in.
+    /// `spec.podCIDRs` and every pod IP are used too; add this when the CNI does not fill
+    /// podCIDRs in.
     #[arg(long = "cluster-cidr", value_name = "CIDR")]
     cluster_cidrs: Vec<ipnet::Ipv4Net>,
+    /// Service CIDR of the cluster (kube-apiserver's --service-cluster-ip-range), never
+    /// steered (repeatable): TC runs before kube-proxy's DNAT, so a ClusterIP (DNS first of
+    /// all) must be recognised as in-cluster.
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    service_cidrs: Vec<ipnet::Ipv4Net>,
     /// Capacity of the policy map (entries = pods x CIDRs). When more are wanted, whole pods
     /// are left out in a fixed order (see README, Reliability) and an error is logged.
     #[arg(long, default_value_t = DEFAULT_POLICY_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
@@ -163,6 +178,19 @@ pub struct RunArgs {
     /// When full, new matched flows are dropped (`drop_flow_table_full`), never evicted.
     #[arg(long, default_value_t = DEFAULT_FLOW_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
     flow_map_size: u32,
+    /// Capacity of the node map (every node of the cluster, by InternalIP).
+    #[arg(long, default_value_t = DEFAULT_NODE_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
+    node_map_size: u32,
+    /// Capacity of the in-cluster map: nodes' pod CIDRs, every pod IP, --cluster-cidr and
+    /// --service-cidr (destinations never steered).
+    #[arg(long, default_value_t = DEFAULT_CLUSTER_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
+    cluster_map_size: u32,
+    /// Capacity of the map of this node's pods.
+    #[arg(long, default_value_t = DEFAULT_LOCAL_POD_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
+    local_pod_map_size: u32,
+    /// Capacity of the map of egress IPs this node serves.
+    #[arg(long, default_value_t = DEFAULT_EGRESS_IP_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
+    egress_ip_map_size: u32,
 }
 
 impl RunArgs {
@@ -181,11 +209,19 @@ impl RunArgs {
             tunnel_device: self.tunnel_device,
             tunnel_port: self.tunnel_port,
             nat_ports: self.nat_port_range,
-            cluster_cidrs: self.cluster_cidrs,
+            cluster_cidrs: self
+                .cluster_cidrs
+                .into_iter()
+                .chain(self.service_cidrs)
+                .collect(),
             map_sizes: MapSizes {
                 policies: self.policy_map_size,
                 nat: self.nat_map_size,
                 flows: self.flow_map_size,
+                nodes: self.node_map_size,
+                cluster: self.cluster_map_size,
+                local_pods: self.local_pod_map_size,
+                egress_ips: self.egress_ip_map_size,
             },
             timeouts: Timeouts {
                 tcp_closing: Duration::from_secs(self.tcp_closing_timeout),

@@ -212,6 +212,12 @@ pub fn render(report: &Report, datapath: &DatapathSample, histograms: &Histogram
         gauge(unserved),
     );
     registry.register(
+        "map_write_failures",
+        "Map entries the last sync could not write, a node-local map being full (raise its size \
+         flag); the other entries and maps are written",
+        gauge(report.map_write_failures),
+    );
+    registry.register(
         "policy_ipv6_cidrs_not_programmed",
         "IPv6 destination and excluded CIDRs of loaded policies, not programmed (IPv6 is not \
          supported yet; the policies' IPv4 parts are)",

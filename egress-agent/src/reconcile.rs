@@ -56,6 +56,8 @@ struct Said {
     /// Pairs of conflicting policies, (winner, loser): a changed entry count is no news.
     conflicts: SayOnce<Vec<(String, String)>>,
     policy_map_fit: SayOnce<PolicyMapFit>,
+    /// Map writes that failed in the last sync, one line per map.
+    map_failures: SayOnce<Vec<String>>,
     summary: SayOnce<String>,
 }
 
@@ -174,24 +176,52 @@ impl<'a> Reconciler<'a> {
                 warn!(%pod_ip, "no host interface routes to this local pod yet");
             }
         }
-        check_capacity(
-            "policies",
-            contents.policies.len(),
-            config.map_sizes.policies,
-        );
+        let sizes = config.map_sizes;
+        for (map, used, capacity) in [
+            (map_names::POLICIES, contents.policies.len(), sizes.policies),
+            (map_names::NODES, contents.nodes.len(), sizes.nodes),
+            (
+                map_names::CLUSTER_CIDRS,
+                contents.cluster_cidrs.len(),
+                sizes.cluster,
+            ),
+            (
+                map_names::LOCAL_PODS,
+                contents.local_pods.len(),
+                sizes.local_pods,
+            ),
+            (
+                map_names::EGRESS_IPS,
+                contents.egress_ips.len(),
+                sizes.egress_ips,
+            ),
+        ] {
+            check_capacity(map, used, capacity);
+        }
         // Programs first, entries second: once `bpf egress list` shows a pod's entry, its
         // traffic is already steered (a pod may start sending the moment it sees that).
         let attach_errors = datapath.sync_attachments(&attachments);
         for error in &attach_errors {
             warn!(error = %Chain(&error), "attachment failed");
         }
-        let stats = match datapath.sync_maps(&contents) {
-            Ok(stats) => stats,
-            Err(error) => {
-                error!(error = %Chain(&error), "cannot program the maps");
-                return;
+        // Every map is synced even when another fails; what failed is said once per change.
+        let synced = datapath.sync_maps(&contents);
+        let stats = synced.stats;
+        let failures: Vec<String> = synced
+            .errors
+            .iter()
+            .map(|error| Chain(error).to_string())
+            .collect();
+        if self.said.map_failures.update(failures).is_some() {
+            for failure in self.said.map_failures.last() {
+                error!(
+                    error = failure,
+                    failed = stats.failed,
+                    "some map entries could not be written (their traffic is not steered, or \
+                     not recognised as in-cluster): raise the map's size flag"
+                );
             }
-        };
+        }
         if !self.report.borrow().synced && attach_errors.is_empty() {
             datapath.retire_other_versions();
         }
@@ -216,6 +246,7 @@ impl<'a> Reconciler<'a> {
             report.last_event_to_programmed = newly_programmed.map(|at| at.elapsed());
             report.snapshot = Arc::clone(&self.snapshot);
             report.policy_entries_dropped = fit.dropped;
+            report.map_write_failures = stats.failed;
         });
         let summary = format!(
             "{} policies, {} policy entries, {} local pods, {} egress IPs",

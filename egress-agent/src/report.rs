@@ -29,4 +29,6 @@ pub struct Report {
     pub snapshot: Arc<Snapshot>,
     /// Policy entries left out because the policy map is full (0 when everything fits).
     pub policy_entries_dropped: usize,
+    /// Map entries the last sync could not write (a node-local map full).
+    pub map_write_failures: usize,
 }

@@ -189,10 +189,17 @@ struct Gateway {
 pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> DesiredState {
     let mut state = DesiredState {
         nodes: inv.nodes.values().filter_map(|n| n.internal_ip).collect(),
+        // In-cluster destinations: nodes' pod CIDRs, and every pod IP, since many CNIs'
+        // IPAM (Calico, AWS VPC CNI) leaves podCIDR empty or hands out addresses outside it.
         cluster_cidrs: inv
             .nodes
             .values()
             .flat_map(|n| n.pod_cidrs.iter().copied())
+            .chain(
+                inv.pods
+                    .values()
+                    .flat_map(|pod| pod.ips.iter().map(|ip| Ipv4Net::from(*ip))),
+            )
             .collect(),
         local_pods: inv
             .pods
@@ -539,6 +546,21 @@ mod tests {
             pod_node_ip: pod_node,
             reserved: 0,
         }
+    }
+
+    /// Every pod IP is in-cluster, whatever the node's podCIDR says (Calico and AWS VPC CNI
+    /// leave it empty), so even a 0.0.0.0/0 policy never steers pod-to-pod traffic.
+    #[test]
+    fn every_pod_ip_counts_as_in_cluster() {
+        let mut inv = Inventory::default();
+        inv.upsert_node(node("n1", Some([10, 0, 0, 1]), &[]));
+        inv.upsert_pod(pod("default", "a", "n1", [10, 9, 8, 7], &[]));
+        let state = desired_state(&inv, "n1", &LocalNetwork::default());
+        assert!(
+            state
+                .cluster_cidrs
+                .contains(&"10.9.8.7/32".parse().unwrap())
+        );
     }
 
     #[test]

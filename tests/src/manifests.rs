@@ -30,7 +30,8 @@ pub struct NodeObject<'a> {
     pub name: &'a str,
     pub labels: &'a Labels,
     pub internal_ip: Ipv4Addr,
-    pub pod_cidr: &'a str,
+    /// `None`: no `spec.podCIDR(s)`, as CNIs with their own IPAM leave it.
+    pub pod_cidr: Option<&'a str>,
 }
 
 /// What the manifests need to know about a pod.
@@ -78,7 +79,10 @@ impl Manifests {
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": self.metadata(None, node.name, node.labels),
-            "spec": { "podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr] },
+            "spec": match node.pod_cidr {
+                Some(cidr) => json!({ "podCIDR": cidr, "podCIDRs": [cidr] }),
+                None => json!({}),
+            },
             "status": {
                 "addresses": [
                     { "address": node.internal_ip.to_string(), "type": "InternalIP" },

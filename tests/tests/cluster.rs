@@ -697,6 +697,118 @@ fn all_destinations_policy_leaves_pod_to_pod_and_node_traffic_alone() {
     );
 }
 
+/// A ClusterIP, as kube-proxy gives a Service one: traffic to it is DNATed on the pod's node.
+const DNS_CLUSTER_IP: &str = "10.96.0.10";
+
+/// A 0.0.0.0/0 policy in a cluster whose CNI leaves `podCIDR` empty (Calico, AWS VPC CNI),
+/// with kube-proxy-style DNAT of a DNS ClusterIP on every node: the selected pod's queries to
+/// the ClusterIP and its traffic to a pod on another node stay in the cluster (TC runs before
+/// kube-proxy's DNAT, so both used to be sent to the gateway: the ClusterIP query timed out
+/// and the other pod saw the egress IP), and traffic to the outside still leaves with the
+/// egress IP.
+#[test]
+fn service_cluster_ips_and_pods_outside_every_pod_cidr_are_never_steered() {
+    skip_unless_root!();
+    let mut cluster = Cluster::new(ClusterConfig {
+        publish_pod_cidrs: false,
+        agent_args: vec!["--service-cidr".into(), "10.96.0.0/12".into()],
+        ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
+    })
+    .expect("building the test cluster");
+    let client = add_my_app(&mut cluster, "k8s-worker-1");
+    let dns = cluster
+        .add_pod(
+            "k8s-worker-3",
+            "kube-system",
+            "coredns",
+            &[("k8s-app", "kube-dns")],
+        )
+        .unwrap();
+    let peer_bin = env!("CARGO_BIN_EXE_egress-peer");
+    let log = cluster.work_dir().join("dns-peer.log");
+    let _dns_server = cluster
+        .spawn_in_pod(
+            &dns,
+            "dns",
+            &[
+                peer_bin,
+                "serve",
+                "--udp",
+                "0.0.0.0:53",
+                "--log",
+                log.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    // kube-proxy's DNAT of the ClusterIP to its endpoint, on every node.
+    for node in cluster.nodes.clone() {
+        let ruleset = format!(
+            "table ip kube-proxy {{\n\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat;\n\t\tip daddr {DNS_CLUSTER_IP} udp dport 53 dnat to {}:53\n\t}}\n}}\n",
+            dns.ip
+        );
+        let path = cluster
+            .work_dir()
+            .join(format!("kube-proxy-{}.nft", node.name));
+        std::fs::write(&path, ruleset).unwrap();
+        egress_tests::process::run_checked(egress_tests::process::netns_command(
+            &node.netns,
+            &["nft", "-f", path.to_str().unwrap()],
+        ))
+        .unwrap();
+    }
+    cluster
+        .label_node("k8s-worker-2", "egress-node", "true")
+        .unwrap();
+    let everything = policy(
+        "everything",
+        &[],
+        "nodeSelector:\n  matchLabels:\n    egress-node: \"true\"",
+    )
+    .replace("198.51.100.0/24", "0.0.0.0/0");
+    cluster.apply_policy("everything", &everything).unwrap();
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&client, WORKER_2, PROGRAMMED)
+        .unwrap();
+    cluster.start_capture().unwrap();
+
+    // The UDP echo answers with the source it saw: the client pod itself, both ways.
+    let query = |server: &str| {
+        let output = cluster
+            .peer_client(
+                &client,
+                &["udp", server, "--count", "1", "--timeout-ms", "3000"],
+            )
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "UDP to {server}: {}; counters {:?}",
+            String::from_utf8_lossy(&output.stderr),
+            cluster.counters("k8s-worker-1")
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    let through_cluster_ip = query(&format!("{DNS_CLUSTER_IP}:53"));
+    assert!(
+        through_cluster_ip.starts_with(&format!("{}:", client.ip)),
+        "the DNS pod saw {through_cluster_ip}"
+    );
+    let to_the_pod = query(&format!("{}:53", dns.ip));
+    assert!(
+        to_the_pod.starts_with(&format!("{}:", client.ip)),
+        "the pod on another node saw {to_the_pod}, not the client's pod IP"
+    );
+    // Leaving the cluster: still through the gateway.
+    assert_eq!(source_ip(&cluster, &client), WORKER_2);
+    let packets = cluster.stop_capture().unwrap();
+    let matched = egress_tests::LeakDetector::new()
+        .matched_port(8080, [WORKER_2])
+        .forbidden_sources([client.ip])
+        .check(&packets)
+        .unwrap();
+    assert!(matched > 0);
+}
+
 #[test]
 fn icmp_echo_and_full_size_packets_go_through_the_tunnel() {
     skip_unless_root!();

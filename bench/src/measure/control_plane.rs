@@ -193,6 +193,10 @@ fn measure(
             policies: (args.pods + 1024).max(16_384),
             nat: 1024,
             flows: 1024,
+            nodes: 16_384,
+            cluster: (args.pods + 16_384).max(65_536),
+            local_pods: 4096,
+            egress_ips: 1024,
         },
     )?;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -201,19 +205,21 @@ fn measure(
     let mut resync = Vec::new();
     let mut entries = 0;
     for _ in 0..args.runs {
-        datapath.sync_maps(&MapContents::default())?;
+        datapath.sync_maps(&MapContents::default()).into_result()?;
         let started = Instant::now();
         let wanted = desired::desired_state(inventory, LOCAL_NODE, local);
         desired_only.push(ms(started.elapsed()));
         let contents = map_contents(&wanted);
-        datapath.sync_maps(&contents)?;
+        datapath.sync_maps(&contents).into_result()?;
         full.push(ms(started.elapsed()));
         entries = contents.policies.len();
 
         let started = Instant::now();
-        let stats = datapath.sync_maps(&map_contents(&desired::desired_state(
-            inventory, LOCAL_NODE, local,
-        )))?;
+        let stats = datapath
+            .sync_maps(&map_contents(&desired::desired_state(
+                inventory, LOCAL_NODE, local,
+            )))
+            .into_result()?;
         resync.push(ms(started.elapsed()));
         anyhow::ensure!(
             stats.written + stats.deleted == 0,
@@ -227,9 +233,11 @@ fn measure(
         let pod = synthetic_pod(args.pods + run, args.policies);
         inventory.upsert_pod(pod);
         let started = Instant::now();
-        let stats = datapath.sync_maps(&map_contents(&desired::desired_state(
-            inventory, LOCAL_NODE, local,
-        )))?;
+        let stats = datapath
+            .sync_maps(&map_contents(&desired::desired_state(
+                inventory, LOCAL_NODE, local,
+            )))
+            .into_result()?;
         pod_added.push(ms(started.elapsed()));
         anyhow::ensure!(stats.written == 1, "adding a pod wrote {stats:?}");
 
@@ -242,9 +250,11 @@ fn measure(
         let next = (run + 1) % args.policies;
         pod.labels.insert("app".into(), format!("app-{next}"));
         let started = Instant::now();
-        let stats = datapath.sync_maps(&map_contents(&desired::desired_state(
-            inventory, LOCAL_NODE, local,
-        )))?;
+        let stats = datapath
+            .sync_maps(&map_contents(&desired::desired_state(
+                inventory, LOCAL_NODE, local,
+            )))
+            .into_result()?;
         label_changed.push(ms(started.elapsed()));
         if args.policies > 1 {
             anyhow::ensure!(stats.written >= 1, "changing a label wrote {stats:?}");

@@ -24,17 +24,29 @@ pub struct MapSizes {
     pub nat: u32,
     /// Each of STEERED_FLOWS and INBOUND_FLOWS: flows of this node's selected pods.
     pub flows: u32,
+    /// NODES: every node of the cluster.
+    pub nodes: u32,
+    /// CLUSTER_CIDRS: nodes' pod CIDRs, every pod IP, `--cluster-cidr` and `--service-cidr`.
+    pub cluster: u32,
+    /// LOCAL_PODS: pods on this node.
+    pub local_pods: u32,
+    /// EGRESS_IPS: egress IPs this node serves.
+    pub egress_ips: u32,
 }
 
 impl MapSizes {
     /// The maps these sizes apply to, with the size of each.
-    fn by_map(self) -> [(&'static str, u32); 5] {
+    pub fn by_map(self) -> [(&'static str, u32); 9] {
         [
             (map_names::POLICIES, self.policies),
             (map_names::NAT_FORWARD, self.nat),
             (map_names::NAT_REVERSE, self.nat),
             (map_names::STEERED_FLOWS, self.flows),
             (map_names::INBOUND_FLOWS, self.flows),
+            (map_names::NODES, self.nodes),
+            (map_names::CLUSTER_CIDRS, self.cluster),
+            (map_names::LOCAL_PODS, self.local_pods),
+            (map_names::EGRESS_IPS, self.egress_ips),
         ]
     }
 }

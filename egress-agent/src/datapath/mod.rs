@@ -27,7 +27,7 @@ use egress_common::{
 pub use gc::{Timeouts, monotonic_now_ns};
 pub use load::{MapSizes, OBJECT};
 pub use pins::{DEFAULT_BPFFS, PinError, PinLayout};
-pub use sync::{MapContents, SyncStats, check_capacity};
+pub use sync::{MapContents, SyncReport, SyncStats, check_capacity};
 use thiserror::Error;
 
 #[derive(Debug, Error)]

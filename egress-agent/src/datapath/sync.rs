@@ -25,19 +25,55 @@ use super::{Datapath, DatapathError, Result};
 pub struct SyncStats {
     pub written: usize,
     pub deleted: usize,
+    /// Entries that could not be written (a map full, ...): see [`SyncReport::errors`].
+    pub failed: usize,
 }
 
 impl SyncStats {
-    fn of<K, V>(diff: &Diff<K, V>) -> Self {
-        Self {
-            written: diff.upserts.len(),
-            deleted: diff.deletes.len(),
-        }
-    }
-
     fn add(&mut self, other: SyncStats) {
         self.written += other.written;
         self.deleted += other.deleted;
+        self.failed += other.failed;
+    }
+}
+
+/// What a sync did, and what it could not do. One map's failure never stops the others, and
+/// one entry's failure never stops the rest of its map: a full `CLUSTER_CIDRS` must not leave
+/// the policy map unwritten.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub stats: SyncStats,
+    /// The first failure of each map that had one.
+    pub errors: Vec<DatapathError>,
+}
+
+impl SyncReport {
+    /// The stats, or the first failure (for callers that need every entry written).
+    pub fn into_result(self) -> Result<SyncStats> {
+        match self.errors.into_iter().next() {
+            Some(error) => Err(error),
+            None => Ok(self.stats),
+        }
+    }
+
+    fn add(&mut self, synced: MapSync) {
+        self.stats.add(synced.stats);
+        self.errors.extend(synced.error);
+    }
+}
+
+/// One map's sync: the stats, with the first error if an entry could not be written.
+struct MapSync {
+    stats: SyncStats,
+    error: Option<DatapathError>,
+}
+
+impl MapSync {
+    fn failed(error: DatapathError) -> Self {
+        Self {
+            stats: SyncStats::default(),
+            error: Some(error),
+        }
     }
 }
 
@@ -54,9 +90,9 @@ pub struct MapContents {
 impl Datapath {
     /// Makes the maps hold exactly `desired`, writing only entries that differ and deleting
     /// the ones not wanted (mark and sweep against what the kernel really holds).
-    pub fn sync_maps(&mut self, desired: &MapContents) -> Result<SyncStats> {
-        let mut stats = SyncStats::default();
-        stats.add(self.sync_lpm(map_names::POLICIES, &desired.policies)?);
+    pub fn sync_maps(&mut self, desired: &MapContents) -> SyncReport {
+        let mut report = SyncReport::default();
+        report.add(self.sync_lpm(map_names::POLICIES, &desired.policies));
         let cluster_cidrs = desired
             .cluster_cidrs
             .iter()
@@ -65,13 +101,13 @@ impl Datapath {
                 (key, ClusterCidr::default())
             })
             .collect();
-        stats.add(self.sync_lpm(map_names::CLUSTER_CIDRS, &cluster_cidrs)?);
+        report.add(self.sync_lpm(map_names::CLUSTER_CIDRS, &cluster_cidrs));
         let nodes = desired
             .nodes
             .iter()
             .map(|ip| (ip.octets(), NodeInfo::default()))
             .collect();
-        stats.add(self.sync_hash(map_names::NODES, &nodes)?);
+        report.add(self.sync_hash(map_names::NODES, &nodes));
         let local_pods = desired
             .local_pods
             .iter()
@@ -85,7 +121,7 @@ impl Datapath {
                 )
             })
             .collect();
-        stats.add(self.sync_hash(map_names::LOCAL_PODS, &local_pods)?);
+        report.add(self.sync_hash(map_names::LOCAL_PODS, &local_pods));
         let egress_ips = desired
             .egress_ips
             .iter()
@@ -99,49 +135,102 @@ impl Datapath {
                 )
             })
             .collect();
-        stats.add(self.sync_hash(map_names::EGRESS_IPS, &egress_ips)?);
-        Ok(stats)
+        report.add(self.sync_hash(map_names::EGRESS_IPS, &egress_ips));
+        report
     }
 
     fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(
         &mut self,
         name: &'static str,
         desired: &BTreeMap<K, V>,
-    ) -> Result<SyncStats> {
+    ) -> MapSync {
         let map_err = |source| DatapathError::Map { name, source };
-        let mut map: HashMap<&mut MapData, K, V> = self.map_mut(name)?;
-        let current: BTreeMap<K, V> = map.iter().collect::<Result<_, _>>().map_err(map_err)?;
+        let mut map: HashMap<&mut MapData, K, V> = match self.map_mut(name) {
+            Ok(map) => map,
+            Err(error) => return MapSync::failed(error),
+        };
+        let current: BTreeMap<K, V> = match map.iter().collect::<Result<_, _>>() {
+            Ok(current) => current,
+            Err(error) => return MapSync::failed(map_err(error)),
+        };
         let diff = diff_maps(&current, desired);
+        let mut writes = Writes::new(&diff);
         for key in &diff.deletes {
-            ignore_missing(map.remove(key)).map_err(map_err)?;
+            writes.note(ignore_missing(map.remove(key)).map_err(map_err), true);
         }
         for (key, value) in &diff.upserts {
-            map.insert(key, value, 0).map_err(map_err)?;
+            writes.note(map.insert(key, value, 0).map_err(map_err), false);
         }
-        Ok(SyncStats::of(&diff))
+        writes.finish()
     }
 
     fn sync_lpm<K: Pod + Ord, V: Pod + PartialEq>(
         &mut self,
         name: &'static str,
         desired: &BTreeMap<(u32, K), V>,
-    ) -> Result<SyncStats> {
+    ) -> MapSync {
         let map_err = |source| DatapathError::Map { name, source };
-        let mut map: LpmTrie<&mut MapData, K, V> = self.map_mut(name)?;
-        let current: BTreeMap<(u32, K), V> = map
+        let mut map: LpmTrie<&mut MapData, K, V> = match self.map_mut(name) {
+            Ok(map) => map,
+            Err(error) => return MapSync::failed(error),
+        };
+        let current: Result<BTreeMap<(u32, K), V>, _> = map
             .iter()
             .map(|entry| entry.map(|(key, value)| ((key.prefix_len(), key.data()), value)))
-            .collect::<Result<_, _>>()
-            .map_err(map_err)?;
+            .collect();
+        let current = match current {
+            Ok(current) => current,
+            Err(error) => return MapSync::failed(map_err(error)),
+        };
         let diff = diff_maps(&current, desired);
+        let mut writes = Writes::new(&diff);
         for (prefix, data) in &diff.deletes {
-            ignore_missing(map.remove(&Key::new(*prefix, *data))).map_err(map_err)?;
+            let removed = ignore_missing(map.remove(&Key::new(*prefix, *data)));
+            writes.note(removed.map_err(map_err), true);
         }
         for ((prefix, data), value) in &diff.upserts {
-            map.insert(&Key::new(*prefix, *data), value, 0)
-                .map_err(map_err)?;
+            let inserted = map.insert(&Key::new(*prefix, *data), value, 0);
+            writes.note(inserted.map_err(map_err), false);
         }
-        Ok(SyncStats::of(&diff))
+        writes.finish()
+    }
+}
+
+/// Counts a map's writes, keeping going past failures and keeping the first.
+struct Writes {
+    stats: SyncStats,
+    first_error: Option<DatapathError>,
+}
+
+impl Writes {
+    fn new<K, V>(diff: &Diff<K, V>) -> Self {
+        Self {
+            stats: SyncStats {
+                written: diff.upserts.len(),
+                deleted: diff.deletes.len(),
+                failed: 0,
+            },
+            first_error: None,
+        }
+    }
+
+    fn note(&mut self, result: Result<()>, delete: bool) {
+        if let Err(error) = result {
+            if delete {
+                self.stats.deleted -= 1;
+            } else {
+                self.stats.written -= 1;
+            }
+            self.stats.failed += 1;
+            self.first_error.get_or_insert(error);
+        }
+    }
+
+    fn finish(self) -> MapSync {
+        MapSync {
+            stats: self.stats,
+            error: self.first_error,
+        }
     }
 }
 

@@ -383,7 +383,10 @@ mod tests {
             "status": {"matchedPods": 1},
         }));
         let decoded = decode_policy(&object).unwrap();
-        assert!(decoded.unknown_fields.is_empty(), "status is not a spec field");
+        assert!(
+            decoded.unknown_fields.is_empty(),
+            "status is not a spec field"
+        );
         let valid = policy::validate(&decoded.raw).unwrap();
         assert_eq!(valid.name, "p");
 

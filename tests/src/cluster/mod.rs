@@ -65,6 +65,9 @@ pub struct ClusterConfig {
     pub extra_peer_ports: Vec<u16>,
     /// Extra `egress-agent run` flags for every agent (e.g. `--udp-idle-timeout 3`).
     pub agent_args: Vec<String>,
+    /// Whether Node objects carry `spec.podCIDR(s)`; CNIs with their own IPAM (Calico, AWS
+    /// VPC CNI) leave them empty. Pods are routed the same either way.
+    pub publish_pod_cidrs: bool,
 }
 
 impl Default for ClusterConfig {
@@ -78,6 +81,7 @@ impl Default for ClusterConfig {
             start_peer: true,
             extra_peer_ports: Vec::new(),
             agent_args: Vec::new(),
+            publish_pod_cidrs: true,
         }
     }
 }
@@ -157,6 +161,7 @@ pub struct Cluster {
     peer_bin: PathBuf,
     extra_peer_ports: Vec<u16>,
     agent_args: Vec<String>,
+    publish_pod_cidrs: bool,
     /// Nodes whose manifest `delete_node_manifest` removed.
     unregistered: std::collections::BTreeSet<String>,
     resources: Arc<Mutex<Resources>>,
@@ -270,6 +275,7 @@ impl Cluster {
             peer_bin: config.peer_bin,
             extra_peer_ports: config.extra_peer_ports,
             agent_args: config.agent_args,
+            publish_pod_cidrs: config.publish_pod_cidrs,
             unregistered: std::collections::BTreeSet::default(),
             resources,
         };

@@ -217,7 +217,7 @@ impl Cluster {
             name: &node.name,
             labels: &node.labels,
             internal_ip: node.ip,
-            pod_cidr: &node.pod_cidr,
+            pod_cidr: self.publish_pod_cidrs.then_some(node.pod_cidr.as_str()),
         })
     }
 
