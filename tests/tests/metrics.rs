@@ -191,3 +191,94 @@ fn metrics_count_redirected_and_translated_traffic() {
         "{worker_2}"
     );
 }
+
+/// Nodes a big cluster has, on top of the three real ones.
+const SYNTHETIC_NODES: u32 = 5_000;
+
+/// A `kind: List` of `SYNTHETIC_NODES` Node objects, each with its InternalIP and podCIDR.
+fn synthetic_nodes() -> String {
+    let items: Vec<serde_json::Value> = (0..SYNTHETIC_NODES)
+        .map(|i| {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + i + 1);
+            let [_, _, high, low] = i.to_be_bytes();
+            let cidr = format!("10.{}.{low}.0/24", 128 + u32::from(high));
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": format!("synthetic-{i:04}")},
+                "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}]},
+            })
+        })
+        .collect();
+    serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
+}
+
+/// 5,000 more nodes (with as many pod CIDRs) fit every node-local map with the default
+/// sizes, nothing fails to be written, and a pod created afterwards is programmed and leaves
+/// with the egress IP. The node map held 4,096 and the pod CIDR map 1,024 entries, and the
+/// first full map stopped the sync of the others: new pods were never wired.
+#[test]
+fn five_thousand_nodes_fit_and_new_pods_are_still_programmed() {
+    skip_unless_root!();
+    let mut cluster = Cluster::new(ClusterConfig::with_peer_bin(env!(
+        "CARGO_BIN_EXE_egress-peer"
+    )))
+    .expect("building the test cluster");
+    let pod = cluster
+        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
+        .unwrap();
+    cluster
+        .label_node("k8s-worker-2", "egress-node", "true")
+        .unwrap();
+    cluster
+        .apply_policy_file(example_policy("how-to.yaml"))
+        .unwrap();
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
+        .unwrap();
+
+    // Written next to the folder, then moved in: the agents never read half a file.
+    let staged = cluster.work_dir().join("synthetic-nodes.yaml");
+    std::fs::write(&staged, synthetic_nodes()).unwrap();
+    std::fs::rename(
+        &staged,
+        cluster.manifests_dir().join("synthetic-nodes.yaml"),
+    )
+    .unwrap();
+    let nodes = f64::from(SYNTHETIC_NODES + 3);
+    for node in ["k8s-worker-1", "k8s-worker-2", "k8s-worker-3"] {
+        let metrics = wait_for_value(PROGRAMMED, || {
+            let (_, body) = get(&cluster, node, "/metrics")?;
+            (sample(&body, "egress_gateway_map_entries{map=\"NODES\"}") == Some(nodes))
+                .then_some(body)
+        })
+        .unwrap_or_else(|| panic!("{node} never programmed the {SYNTHETIC_NODES} nodes"));
+        assert_eq!(
+            sample(&metrics, "egress_gateway_map_write_failures"),
+            Some(0.0),
+            "{node}"
+        );
+        assert!(
+            sample(
+                &metrics,
+                "egress_gateway_map_entries{map=\"CLUSTER_CIDRS\"}"
+            )
+            .is_some_and(|entries| entries >= nodes),
+            "{node}: {metrics}"
+        );
+    }
+
+    let late = cluster
+        .add_pod("k8s-worker-3", "default", "my-app-2", &[("app", "my-app")])
+        .unwrap();
+    cluster
+        .wait_for_pod_gateway(&late, WORKER_2, PROGRAMMED)
+        .unwrap();
+    assert_eq!(
+        cluster.source_ip_seen_by_destination(&late).unwrap(),
+        WORKER_2,
+        "a pod created after the nodes leaves through the gateway"
+    );
+}
