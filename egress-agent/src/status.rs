@@ -3,7 +3,8 @@
 //! One writer per policy, so agents never fight: the agent on the policy's (first) gateway
 //! node, or, when the policy has no gateway node or is invalid, the agent on the node with the
 //! smallest name. The writer merge-patches the status subresource, and only when the content
-//! differs from what the object already says.
+//! differs from what the live object says (not from its own last write: another writer or a
+//! user may have changed it since), at most once per [`STORE_LAG`] per policy.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -185,6 +186,35 @@ pub fn status(
     }
 }
 
+/// The agent's own last write of a policy's status, and when.
+#[derive(Clone, Debug)]
+pub struct LastWrite {
+    pub status: PolicyStatus,
+    pub at: std::time::Instant,
+}
+
+/// How long the policy store may lag behind this agent's own patch: within it, a store
+/// still showing the old status is not a reason to write again. Also the shortest interval
+/// between two writes of one policy's status.
+pub const STORE_LAG: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether `desired` must be written. The live object (`current`, as the policy store holds
+/// it) decides: another writer (after a hand-off) or a user may have changed it since this
+/// agent's last write, and the object must never keep `Ready=True` while traffic is dropped.
+/// Only right after this agent's own write, while the store may still lag, does the last
+/// write count instead; and one policy is written at most once per [`STORE_LAG`].
+pub fn needs_write(
+    desired: &PolicyStatus,
+    current: Option<&PolicyStatus>,
+    last: Option<&LastWrite>,
+    now: std::time::Instant,
+) -> bool {
+    if current == Some(desired) {
+        return false;
+    }
+    last.is_none_or(|last| now.duration_since(last.at) >= STORE_LAG)
+}
+
 /// The statuses this node writes for `report`: one per policy object it is the writer of.
 pub fn statuses_to_write(report: &Report) -> Vec<(&str, StatusInput<'_>)> {
     let snapshot = &report.snapshot;
@@ -227,8 +257,8 @@ pub fn spawn_status_writer(
     let resource = policy_resource();
     let api = Api::<DynamicObject>::all_with(client, &resource);
     tokio::spawn(async move {
-        // What this agent last wrote: the store lags behind a patch by one watch event.
-        let mut written: BTreeMap<String, PolicyStatus> = BTreeMap::new();
+        // What this agent last wrote, and when: the store lags behind a patch.
+        let mut written: BTreeMap<String, LastWrite> = BTreeMap::new();
         while reports.changed().await.is_ok() {
             let report = Arc::clone(&reports.borrow_and_update());
             if !report.synced {
@@ -240,9 +270,10 @@ pub fn spawn_status_writer(
                     .get(&ObjectRef::new_with(name, resource.clone()))
                     .and_then(|object| object.data.get("status").cloned())
                     .and_then(|status| serde_json::from_value::<PolicyStatus>(status).ok());
-                let previous = written.get(name).or(current.as_ref());
+                let last = written.get(name);
+                let previous = current.as_ref().or(last.map(|last| &last.status));
                 let desired = status(&input, previous, now());
-                if previous == Some(&desired) {
+                if !needs_write(&desired, current.as_ref(), last, std::time::Instant::now()) {
                     continue;
                 }
                 let patch = Patch::Merge(serde_json::json!({ "status": &desired }));
@@ -258,7 +289,13 @@ pub fn spawn_status_writer(
                             reason = condition.reason,
                             "policy status written"
                         );
-                        written.insert(name.to_owned(), desired);
+                        written.insert(
+                            name.to_owned(),
+                            LastWrite {
+                                status: desired,
+                                at: std::time::Instant::now(),
+                            },
+                        );
                     }
                     Err(kube::Error::Api(response)) if response.code == 404 => {
                         // Deleted meanwhile, or a CRD without the status subresource
@@ -503,6 +540,53 @@ mod tests {
             "2 pods egress through gateway node w2; IPv6 CIDRs ::/0, fd00::/8 not programmed \
              (IPv6 is not supported yet)"
         );
+    }
+
+    /// A writer hand-off (A writes Ready, B writes NoGatewayNode, A is the writer again and
+    /// wants Ready): A compares with the live object, not with its own last write, so the
+    /// object does not keep what B wrote. Right after A's own write, a lagging store is no
+    /// reason to write again.
+    #[test]
+    fn writes_follow_the_live_object_not_the_last_own_write() {
+        let served = summary(&["w2"], None);
+        let input = |summary| StatusInput {
+            node_name: "w2",
+            generation: Some(1),
+            summary: Some(summary),
+            refusals: vec![],
+        };
+        let ready = status(&input(&served), None, at(100));
+        let broken = summary(&[], Some(PolicyProblem::NoGatewayNode));
+        let no_gateway = status(&input(&broken), None, at(200));
+        let start = std::time::Instant::now();
+        let long_ago = LastWrite {
+            status: ready.clone(),
+            at: start,
+        };
+        let later = start + STORE_LAG * 5;
+        assert!(
+            needs_write(&ready, Some(&no_gateway), Some(&long_ago), later),
+            "the object says NoGatewayNode: write Ready again"
+        );
+        assert!(!needs_write(&ready, Some(&ready), Some(&long_ago), later));
+        assert!(needs_write(&ready, None, None, later), "no status yet");
+        // Just written: the store may not show it yet.
+        let just_now = LastWrite {
+            status: ready.clone(),
+            at: later,
+        };
+        assert!(!needs_write(
+            &ready,
+            Some(&no_gateway),
+            Some(&just_now),
+            later
+        ));
+        assert!(needs_write(
+            &ready,
+            Some(&no_gateway),
+            Some(&just_now),
+            later + STORE_LAG
+        ));
     }
 
     #[test]

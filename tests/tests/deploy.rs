@@ -645,6 +645,30 @@ fn crd_is_cluster_scoped_cilium_v2_with_a_status_subresource() {
     );
 }
 
+/// `kubectl get cegp` shows whether each policy is served, why not, and where it egresses.
+#[test]
+fn crd_printer_columns_show_readiness_reason_gateway_and_egress_ip() {
+    let crd = crd();
+    let version = &crd.spec.versions[0];
+    let columns: Vec<(&str, &str)> = version
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|column| (column.name.as_str(), column.json_path.as_str()))
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            ("Ready", r#".status.conditions[?(@.type=="Ready")].status"#),
+            ("Reason", r#".status.conditions[?(@.type=="Ready")].reason"#),
+            ("Gateway", ".status.gatewayNodes"),
+            ("Egress IP", ".status.egressIP"),
+            ("Pods", ".status.matchedPods"),
+            ("Age", ".metadata.creationTimestamp"),
+        ]
+    );
+}
+
 #[test]
 fn crd_accepts_every_valid_example_policy() {
     for (file, policy) in valid_example_policies() {
@@ -714,13 +738,13 @@ fn crd_rejects_malformed_policies() {
         )
         .is_empty()
     );
-    assert!(
-        !with(
+    assert_eq!(
+        with(
             "/spec/egressGateway",
             serde_json::json!({"interface": "eth1"})
-        )
-        .is_empty(),
-        "egressGateway needs a nodeSelector"
+        ),
+        Vec::<String>::new(),
+        "nodeSelector is optional, as in Cilium's CRD (the agent refuses it, naming the field)"
     );
     let gateways: Vec<Value> = (0..65)
         .map(|i| serde_json::json!({"nodeSelector": {"matchLabels": {"n": i.to_string()}}}))

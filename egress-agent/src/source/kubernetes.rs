@@ -115,9 +115,10 @@ pub fn source(client: Client) -> Source {
             name,
             listed: listed_flag,
             changed: changed.clone(),
+            spec_changes_only: name == POLICY_PLURAL,
         }
     };
-    start("ciliumegressgatewaypolicies", Arc::default()).spawn(
+    start(POLICY_PLURAL, Arc::default()).spawn(
         Api::<DynamicObject>::all_with(client.clone(), &policy_resource),
         policy_writer,
     );
@@ -165,6 +166,16 @@ struct Reflector {
     name: &'static str,
     listed: Arc<AtomicBool>,
     changed: Arc<Notify>,
+    /// Signal only changes of `metadata.generation` (and deletions): for policies, whose
+    /// status the agents themselves write, a status-only update changes nothing to program,
+    /// and every write would otherwise make every agent rebuild.
+    spec_changes_only: bool,
+}
+
+/// Whether an updated object is news to the inventory: always, unless only spec changes
+/// count and its generation is the one last seen for it.
+fn is_news(spec_changes_only: bool, last_generation: Option<i64>, generation: Option<i64>) -> bool {
+    !spec_changes_only || generation.is_none() || last_generation != generation
 }
 
 impl Reflector {
@@ -193,6 +204,9 @@ impl Reflector {
             });
         let mut stream = reflector::reflector(writer, stream).boxed();
         tokio::spawn(async move {
+            // Generation last seen per object name (for `spec_changes_only`).
+            let mut generations: std::collections::HashMap<String, i64> =
+                std::collections::HashMap::new();
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(watcher::Event::InitDone) => {
@@ -200,11 +214,28 @@ impl Reflector {
                         self.listed.store(true, Ordering::Release);
                         self.changed.notify_one();
                     }
-                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    Ok(watcher::Event::Apply(object)) => {
+                        let generation = object.meta().generation;
+                        let name = object.name_any();
+                        let last = generations.get(&name).copied();
+                        if let Some(generation) = generation {
+                            generations.insert(name, generation);
+                        }
+                        if is_news(self.spec_changes_only, last, generation) {
+                            self.changed.notify_one();
+                        }
+                    }
+                    Ok(watcher::Event::Delete(object)) => {
+                        generations.remove(&object.name_any());
                         self.changed.notify_one();
                     }
+                    Ok(watcher::Event::InitApply(object)) => {
+                        if let Some(generation) = object.meta().generation {
+                            generations.insert(object.name_any(), generation);
+                        }
+                    }
                     // The store swaps in a relist's objects at InitDone, all at once.
-                    Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                    Ok(watcher::Event::Init) => {}
                     Err(watcher::Error::WatchError(status)) if status.code == 410 => {
                         info!(
                             resource = self.name,
@@ -303,6 +334,21 @@ mod tests {
         }
         writer.apply_watcher_event(&watcher::Event::InitDone);
         writer.as_reader()
+    }
+
+    #[test]
+    fn status_only_updates_of_policies_are_no_news() {
+        assert!(
+            !is_news(true, Some(3), Some(3)),
+            "status write: same generation"
+        );
+        assert!(is_news(true, Some(3), Some(4)), "spec edit");
+        assert!(is_news(true, None, Some(1)), "new object");
+        assert!(is_news(true, Some(3), None), "no generation: cannot tell");
+        assert!(
+            is_news(false, Some(3), Some(3)),
+            "pods: every update counts"
+        );
     }
 
     #[test]
