@@ -128,7 +128,7 @@ pub struct RunArgs {
     #[arg(long, requires = "kubernetes")]
     kubeconfig: Option<PathBuf>,
     /// Address of the Prometheus metrics, /healthz and /readyz endpoint.
-    #[arg(long, default_value = "127.0.0.1:9964")]
+    #[arg(long, default_value = "127.0.0.1:9969")]
     metrics_address: std::net::SocketAddr,
     #[command(flatten)]
     pins: PinArgs,

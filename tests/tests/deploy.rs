@@ -16,7 +16,7 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
-        core::v1::{Container, ServiceAccount},
+        core::v1::{Container, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::{
@@ -48,7 +48,7 @@ const AGENT_API_ACCESS: &[(&str, &str, &[&str])] = &[
 const AGENT_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
 
 /// The agent's metrics port, where the probes look.
-const METRICS_PORT: i32 = 9964;
+const METRICS_PORT: i32 = 9969;
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -132,6 +132,7 @@ struct Manifests {
     cluster_roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
     daemon_sets: Vec<DaemonSet>,
+    services: Vec<Service>,
 }
 
 fn manifests() -> Manifests {
@@ -141,6 +142,7 @@ fn manifests() -> Manifests {
         cluster_roles: Vec::new(),
         bindings: Vec::new(),
         daemon_sets: Vec::new(),
+        services: Vec::new(),
     };
     for (file, docs) in documents() {
         for doc in &docs {
@@ -150,6 +152,7 @@ fn manifests() -> Manifests {
                 "ClusterRole" => manifests.cluster_roles.push(typed(doc)),
                 "ClusterRoleBinding" => manifests.bindings.push(typed(doc)),
                 "DaemonSet" => manifests.daemon_sets.push(typed(doc)),
+                "Service" => manifests.services.push(typed(doc)),
                 other => panic!("{file}: unexpected kind {other:?}"),
             }
         }
@@ -335,9 +338,18 @@ fn agent_runs_on_every_node_in_the_host_network() {
     let address = flag(agent, "--metrics-address").expect("--metrics-address");
     assert_eq!(
         address,
-        format!("0.0.0.0:{METRICS_PORT}"),
-        "probes and scrapers reach the agent from outside its loopback"
+        format!("$(NODE_IP):{METRICS_PORT}"),
+        "probes and scrapers reach the agent on the node's IP, not on every address"
     );
+    let node_ip = agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_IP")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(node_ip, Some("status.hostIP"));
     let node_name = agent
         .env
         .iter()
@@ -358,6 +370,10 @@ fn agent_runs_on_every_node_in_the_host_network() {
             get.port,
             k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(METRICS_PORT)
         );
+        assert_eq!(
+            get.host, None,
+            "the pod IP, which is the node IP on the host network"
+        );
         get.path.clone().unwrap_or_default()
     };
     assert_eq!(probe_path(agent.readiness_probe.as_ref()), "/readyz");
@@ -367,6 +383,100 @@ fn agent_runs_on_every_node_in_the_host_network() {
         requests.is_some_and(|r| r.contains_key("cpu") && r.contains_key("memory")),
         "resource requests"
     );
+}
+
+/// What makes the DaemonSet run on common distributions and roll out sanely: Linux nodes
+/// only, AppArmor unconfined (containerd's default profile denies writes under /sys/fs/, so
+/// pinning fails on Ubuntu and Debian), a percentage of nodes at a time.
+#[test]
+fn daemon_set_runs_on_common_distributions() {
+    let manifests = manifests();
+    let ds = daemon_set(&manifests);
+    let spec = ds.spec.as_ref().unwrap();
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(
+        pod.node_selector
+            .as_ref()
+            .and_then(|s| s.get("kubernetes.io/os"))
+            .map(String::as_str),
+        Some("linux")
+    );
+    let apparmor = pod
+        .security_context
+        .as_ref()
+        .and_then(|s| s.app_armor_profile.as_ref());
+    assert_eq!(apparmor.map(|p| p.type_.as_str()), Some("Unconfined"));
+    let max_unavailable = spec
+        .update_strategy
+        .as_ref()
+        .and_then(|u| u.rolling_update.as_ref())
+        .and_then(|r| r.max_unavailable.clone());
+    assert!(
+        matches!(
+            max_unavailable,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(ref p)) if p.ends_with('%')
+        ),
+        "{max_unavailable:?}"
+    );
+    assert_ne!(METRICS_PORT, 9964, "cilium-envoy's metrics port");
+}
+
+/// The headless Service selects the agents' pods on their metrics port, and the optional
+/// ServiceMonitor selects the Service.
+#[test]
+fn metrics_service_and_service_monitor_find_the_agents() {
+    let manifests = manifests();
+    let ds = daemon_set(&manifests);
+    let pod_labels = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    let service = &manifests.services[0];
+    let spec = service.spec.as_ref().unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert!(
+        spec.selector
+            .iter()
+            .flatten()
+            .all(|(k, v)| pod_labels.get(k) == Some(v)),
+        "{:?} selects the agents",
+        spec.selector
+    );
+    let port = &spec.ports.as_ref().unwrap()[0];
+    assert_eq!(
+        (port.name.as_deref(), port.port),
+        (Some("metrics"), METRICS_PORT)
+    );
+    let agent = agent_container(ds);
+    assert!(
+        agent
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some("metrics") && p.container_port == METRICS_PORT),
+        "the pod names the port the Service targets"
+    );
+
+    let text = fs::read_to_string(deploy_dir().join("monitoring/servicemonitor.yaml")).unwrap();
+    let monitor = &yaml_documents(&text, "servicemonitor.yaml")[0];
+    assert_eq!(monitor["kind"], "ServiceMonitor");
+    let service_labels = service.metadata.labels.clone().unwrap();
+    let wanted = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    assert!(
+        wanted
+            .iter()
+            .all(|(k, v)| service_labels.get(k).map(String::as_str) == v.as_str())
+    );
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
 }
 
 #[test]

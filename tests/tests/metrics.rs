@@ -1,5 +1,5 @@
 //! The agent's metrics endpoint, scraped as Prometheus would from inside a node's namespace
-//! (the default address, 127.0.0.1:9964, is each node namespace's own loopback).
+//! (the default address, 127.0.0.1:9969, is each node namespace's own loopback).
 //!
 //! Needs root (as another user it passes with a SKIPPED message) and a built agent.
 #![allow(
@@ -13,7 +13,7 @@ use egress_tests::{Cluster, ClusterConfig, example_policy, skip_unless_root, wai
 
 const WORKER_2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
 const PROGRAMMED: Duration = Duration::from_secs(30);
-const ENDPOINT: &str = "http://127.0.0.1:9964";
+const ENDPOINT: &str = "http://127.0.0.1:9969";
 
 /// `curl` in the node's namespace: (HTTP status, body).
 fn get(cluster: &Cluster, node: &str, path: &str) -> Option<(u16, String)> {
