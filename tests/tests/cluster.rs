@@ -61,6 +61,25 @@ fn policy(name: &str, excluded: &[&str], gateway: &str) -> String {
     yaml
 }
 
+/// A `0.0.0.0/0` policy for my-app through k8s-worker-2, agents on every node, and
+/// `client` programmed.
+fn serve_everything_through_worker_2(cluster: &mut Cluster, client: &Pod) {
+    cluster
+        .label_node("k8s-worker-2", "egress-node", "true")
+        .unwrap();
+    let everything = policy(
+        "everything",
+        &[],
+        "nodeSelector:\n  matchLabels:\n    egress-node: \"true\"",
+    )
+    .replace("198.51.100.0/24", "0.0.0.0/0");
+    cluster.apply_policy("everything", &everything).unwrap();
+    cluster.start_all_agents().unwrap();
+    cluster
+        .wait_for_pod_gateway(client, WORKER_2, PROGRAMMED)
+        .unwrap();
+}
+
 /// The how-to, steps 1-2: label k8s-worker-2 `egress-node=true`, apply how-to.yaml.
 fn apply_howto_policy(cluster: &mut Cluster) -> String {
     cluster
@@ -664,20 +683,7 @@ fn all_destinations_policy_leaves_pod_to_pod_and_node_traffic_alone() {
             &[peer_bin, "serve", "--log", log.to_str().unwrap()],
         )
         .unwrap();
-    cluster
-        .label_node("k8s-worker-2", "egress-node", "true")
-        .unwrap();
-    let everything = policy(
-        "everything",
-        &[],
-        "nodeSelector:\n  matchLabels:\n    egress-node: \"true\"",
-    )
-    .replace("198.51.100.0/24", "0.0.0.0/0");
-    cluster.apply_policy("everything", &everything).unwrap();
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&client, WORKER_2, PROGRAMMED)
-        .unwrap();
+    serve_everything_through_worker_2(&mut cluster, &client);
 
     // Leaving the cluster: through the gateway.
     assert_eq!(source_ip(&cluster, &client), WORKER_2);
@@ -756,20 +762,7 @@ fn service_cluster_ips_and_pods_outside_every_pod_cidr_are_never_steered() {
         ))
         .unwrap();
     }
-    cluster
-        .label_node("k8s-worker-2", "egress-node", "true")
-        .unwrap();
-    let everything = policy(
-        "everything",
-        &[],
-        "nodeSelector:\n  matchLabels:\n    egress-node: \"true\"",
-    )
-    .replace("198.51.100.0/24", "0.0.0.0/0");
-    cluster.apply_policy("everything", &everything).unwrap();
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&client, WORKER_2, PROGRAMMED)
-        .unwrap();
+    serve_everything_through_worker_2(&mut cluster, &client);
     cluster.start_capture().unwrap();
 
     // The UDP echo answers with the source it saw: the client pod itself, both ways.

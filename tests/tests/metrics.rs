@@ -65,9 +65,9 @@ fn wait_for_positive(cluster: &Cluster, node: &str, series: &str) -> String {
     })
 }
 
-#[test]
-fn metrics_count_redirected_and_translated_traffic() {
-    skip_unless_root!();
+/// The how-to on a fresh cluster: my-app on k8s-worker-1 through gateway k8s-worker-2,
+/// with agents on `agents`, programmed.
+fn howto_cluster(agents: &[&str]) -> (Cluster, egress_tests::Pod) {
     let mut cluster = Cluster::new(ClusterConfig::with_peer_bin(env!(
         "CARGO_BIN_EXE_egress-peer"
     )))
@@ -81,11 +81,19 @@ fn metrics_count_redirected_and_translated_traffic() {
     cluster
         .apply_policy_file(example_policy("how-to.yaml"))
         .unwrap();
-    cluster.start_agent("k8s-worker-1").unwrap();
-    cluster.start_agent("k8s-worker-2").unwrap();
+    for node in agents {
+        cluster.start_agent(node).unwrap();
+    }
     cluster
         .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
         .unwrap();
+    (cluster, pod)
+}
+
+#[test]
+fn metrics_count_redirected_and_translated_traffic() {
+    skip_unless_root!();
+    let (cluster, pod) = howto_cluster(&["k8s-worker-1", "k8s-worker-2"]);
 
     // Programmed means synced: both agents are ready and alive.
     for node in ["k8s-worker-1", "k8s-worker-2"] {
@@ -221,23 +229,7 @@ fn synthetic_nodes() -> String {
 #[test]
 fn five_thousand_nodes_fit_and_new_pods_are_still_programmed() {
     skip_unless_root!();
-    let mut cluster = Cluster::new(ClusterConfig::with_peer_bin(env!(
-        "CARGO_BIN_EXE_egress-peer"
-    )))
-    .expect("building the test cluster");
-    let pod = cluster
-        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
-        .unwrap();
-    cluster
-        .label_node("k8s-worker-2", "egress-node", "true")
-        .unwrap();
-    cluster
-        .apply_policy_file(example_policy("how-to.yaml"))
-        .unwrap();
-    cluster.start_all_agents().unwrap();
-    cluster
-        .wait_for_pod_gateway(&pod, WORKER_2, PROGRAMMED)
-        .unwrap();
+    let (mut cluster, _my_app) = howto_cluster(&["k8s-worker-1", "k8s-worker-2", "k8s-worker-3"]);
 
     // Written next to the folder, then moved in: the agents never read half a file.
     let staged = cluster.work_dir().join("synthetic-nodes.yaml");
