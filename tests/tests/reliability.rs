@@ -96,6 +96,16 @@ fn howto_gateway(cluster: &mut Cluster) -> SimplePolicy {
     policy
 }
 
+/// The leak detector for `pod`'s traffic to `port`, which may only arrive from the how-to's
+/// gateway: fails on any other source; returns how many matched packets it saw.
+fn leak_check(packets: &[egress_tests::CapturedPacket], port: u16, pod: &Pod) -> usize {
+    LeakDetector::new()
+        .matched_port(port, [WORKER_2])
+        .forbidden_sources([pod.ip])
+        .check(packets)
+        .unwrap()
+}
+
 fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -669,11 +679,7 @@ fn nat_port_exhaustion_fails_cleanly_and_recovers() {
     assert!(stdout(&burst).lines().all(|source| source == "10.0.0.12"));
 
     let packets = cluster.stop_capture().unwrap();
-    let matched = LeakDetector::new()
-        .matched_port(8080, [WORKER_2])
-        .forbidden_sources([pod.ip])
-        .check(&packets)
-        .unwrap();
+    let matched = leak_check(&packets, 8080, &pod);
     assert!(matched > 0, "the capture saw the connections");
 }
 
@@ -732,11 +738,7 @@ fn a_server_that_resets_every_connection_never_exhausts_the_ports() {
             .unwrap(),
         0
     );
-    let matched = LeakDetector::new()
-        .matched_port(8080, [WORKER_2])
-        .forbidden_sources([pod.ip])
-        .check(&packets)
-        .unwrap();
+    let matched = leak_check(&packets, 8080, &pod);
     assert!(matched > 0, "the capture saw the connections");
 }
 
@@ -886,11 +888,7 @@ fn an_8_kb_udp_request_and_reply_cross_the_gateway_fragmented() {
         fragments >= 5,
         "the request arrived fragmented: {fragments} later fragments"
     );
-    let matched = LeakDetector::new()
-        .matched_port(8081, [WORKER_2])
-        .forbidden_sources([pod.ip])
-        .check(&packets)
-        .unwrap();
+    let matched = leak_check(&packets, 8081, &pod);
     assert!(matched > fragments, "every fragment counted: {matched}");
 }
 
@@ -932,11 +930,7 @@ fn hundred_megabytes_cross_the_tunnel_with_1500_byte_pods() {
     assert_eq!(seen.len(), 1, "one connection: {seen:?}");
     assert_eq!(*seen[0].source.ip(), WORKER_2, "seen with the egress IP");
     let packets = cluster.stop_capture().unwrap();
-    let matched = LeakDetector::new()
-        .matched_port(8080, [WORKER_2])
-        .forbidden_sources([pod.ip])
-        .check(&packets)
-        .unwrap();
+    let matched = leak_check(&packets, 8080, &pod);
     // Pod to destination is mostly ACKs, and GRO coalesces them: hundreds, not thousands.
     assert!(
         matched > 100,
@@ -1148,10 +1142,6 @@ fn a_receive_mostly_udp_flow_outlives_the_idle_timeout() {
         summary["max_gap_ms"].as_u64().unwrap() < 1000,
         "the feed paused: {summary}"
     );
-    let matched = LeakDetector::new()
-        .matched_port(8081, [WORKER_2])
-        .forbidden_sources([pod.ip])
-        .check(&packets)
-        .unwrap();
+    let matched = leak_check(&packets, 8081, &pod);
     assert_eq!(matched, 1, "the one request left with the egress IP");
 }
