@@ -200,6 +200,7 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
                     .values()
                     .flat_map(|pod| pod.ips.iter().map(|ip| Ipv4Net::from(*ip))),
             )
+            .chain(inv.service_cidrs.values().flatten().copied())
             .collect(),
         local_pods: inv
             .pods

@@ -1,4 +1,5 @@
-//! Parses manifest text, as `kubectl get -o yaml` prints it, into an [`Inventory`].
+//! Parses manifest text, as `kubectl get -o yaml` prints it, into an [`Inventory`]: Nodes,
+//! Namespaces, Pods, ServiceCIDRs and CiliumEgressGatewayPolicies.
 //!
 //! Pure: it reads only the text it is handed; the agent's manifests source walks the folder
 //! and feeds each file to a [`Loader`]. Errors are collected, never fatal: one bad object does
@@ -17,7 +18,7 @@ use k8s_openapi::api::core::v1 as k8s;
 use serde_yaml::Value;
 
 use crate::inventory::{
-    Inventory, Namespace, Node, Pod,
+    self, Inventory, Namespace, Node, Pod,
     policy::{self, PolicyError, RawPolicy},
 };
 
@@ -162,10 +163,11 @@ pub struct Loader {
 }
 
 /// Kinds we read, with the apiVersion each must have.
-const KNOWN_KINDS: [(&str, &str); 4] = [
+const KNOWN_KINDS: [(&str, &str); 5] = [
     ("Node", "v1"),
     ("Namespace", "v1"),
     ("Pod", "v1"),
+    ("ServiceCIDR", "networking.k8s.io/v1"),
     (policy::KIND, policy::API_VERSION),
 ];
 
@@ -312,6 +314,10 @@ impl Loader {
             "Namespace" => serde_yaml::from_value::<k8s::Namespace>(value)
                 .map(|n| Decoded::Namespace(Namespace::from(&n))),
             "Pod" => serde_yaml::from_value::<k8s::Pod>(value).map(|p| Decoded::Pod(Pod::from(&p))),
+            "ServiceCIDR" => {
+                serde_yaml::from_value::<k8s_openapi::api::networking::v1::ServiceCIDR>(value)
+                    .map(|s| Decoded::ServiceCidr(inventory::service_cidr_ranges(&s)))
+            }
             _ => match policy::decode(value) {
                 Ok(policy) => Ok(Decoded::Policy(Box::new(policy))),
                 Err(error) => {
@@ -346,6 +352,11 @@ impl Loader {
             }
             Decoded::Pod(p) => {
                 self.inventory.upsert_pod(p);
+            }
+            Decoded::ServiceCidr(ranges) => {
+                self.inventory
+                    .service_cidrs
+                    .insert(name.clone().unwrap_or_default(), ranges);
             }
             Decoded::Policy(decoded) => {
                 self.warnings
@@ -387,6 +398,7 @@ enum Decoded {
     Node(Node),
     Namespace(Namespace),
     Pod(Pod),
+    ServiceCidr(Vec<ipnet::Ipv4Net>),
     Policy(Box<policy::Decoded>),
 }
 
@@ -581,6 +593,31 @@ mod tests {
                 "{msg}\ndoes not start with\n{prefix}"
             );
         }
+    }
+
+    /// A `ServiceCIDR` (networking.k8s.io/v1, as `kubectl get servicecidr -o yaml` prints the
+    /// cluster's `kubernetes` one): its IPv4 ranges are in-cluster destinations.
+    #[test]
+    fn service_cidrs_are_in_cluster_destinations() {
+        let r = load_text(
+            Path::new("services.yaml"),
+            "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [10.96.0.0/12, 'fd00:10:96::/112']}\n",
+        );
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(
+            r.inventory.service_cidrs["kubernetes"],
+            ["10.96.0.0/12".parse::<ipnet::Ipv4Net>().unwrap()]
+        );
+        let state = crate::desired::desired_state(
+            &r.inventory,
+            "n1",
+            &crate::desired::LocalNetwork::default(),
+        );
+        assert!(
+            state
+                .cluster_cidrs
+                .contains(&"10.96.0.0/12".parse().unwrap())
+        );
     }
 
     #[test]

@@ -712,15 +712,36 @@ const DNS_CLUSTER_IP: &str = "10.96.0.10";
 /// kube-proxy's DNAT, so both used to be sent to the gateway: the ClusterIP query timed out
 /// and the other pod saw the egress IP), and traffic to the outside still leaves with the
 /// egress IP.
+///
+/// The Service CIDR comes from the `--service-cidr` flag here, from the cluster's
+/// `ServiceCIDR` object in the next test.
 #[test]
 fn service_cluster_ips_and_pods_outside_every_pod_cidr_are_never_steered() {
     skip_unless_root!();
+    cluster_ips_and_pod_traffic_stay_in_the_cluster(&["--service-cidr", "10.96.0.0/12"], false);
+}
+
+#[test]
+fn service_cidr_objects_keep_cluster_ips_in_the_cluster() {
+    skip_unless_root!();
+    cluster_ips_and_pod_traffic_stay_in_the_cluster(&[], true);
+}
+
+fn cluster_ips_and_pod_traffic_stay_in_the_cluster(agent_args: &[&str], service_cidr_object: bool) {
     let mut cluster = Cluster::new(ClusterConfig {
         publish_pod_cidrs: false,
-        agent_args: vec!["--service-cidr".into(), "10.96.0.0/12".into()],
+        agent_args: agent_args.iter().map(ToString::to_string).collect(),
         ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
     })
     .expect("building the test cluster");
+    if service_cidr_object {
+        // As `kubectl get servicecidr kubernetes -o yaml` prints it on a 1.33 cluster.
+        std::fs::write(
+            cluster.manifests_dir().join("servicecidr-kubernetes.yaml"),
+            "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [10.96.0.0/12]}\n",
+        )
+        .unwrap();
+    }
     let client = add_my_app(&mut cluster, "k8s-worker-1");
     let dns = cluster
         .add_pod(

@@ -27,20 +27,21 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 /// What the agent reads and writes through the API server (keep in sync with
-/// egress-agent/src/kubernetes.rs): (API group, resource, verbs).
+/// egress-agent/src/source/kubernetes.rs and status.rs): (API group, resource, verbs).
 const AGENT_API_ACCESS: &[(&str, &str, &[&str])] = &[
-    ("", "pods", &["get", "list", "watch"]),
-    ("", "nodes", &["get", "list", "watch"]),
-    ("", "namespaces", &["get", "list", "watch"]),
+    ("", "pods", &["list", "watch"]),
+    ("", "nodes", &["list", "watch"]),
+    ("", "namespaces", &["list", "watch"]),
+    ("networking.k8s.io", "servicecidrs", &["list", "watch"]),
     (
         "cilium.io",
         "ciliumegressgatewaypolicies",
-        &["get", "list", "watch"],
+        &["list", "watch"],
     ),
     (
         "cilium.io",
         "ciliumegressgatewaypolicies/status",
-        &["patch", "update"],
+        &["patch"],
     ),
 ];
 

@@ -16,9 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_control::inventory::{Inventory, Namespace, Node, Pod, policy};
+use egress_control::inventory::{Inventory, Namespace, Node, Pod, policy, service_cidr_ranges};
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1 as k8s;
+use k8s_openapi::api::{core::v1 as k8s, networking::v1::ServiceCIDR};
 use kube::{
     Api, Client, Config, Resource, ResourceExt as _,
     api::{ApiResource, DynamicObject, GroupVersionKind},
@@ -100,6 +100,8 @@ struct Stores {
     pods: Store<k8s::Pod>,
     nodes: Store<k8s::Node>,
     namespaces: Store<k8s::Namespace>,
+    /// Empty where the API does not serve ServiceCIDRs (before 1.31, or switched off).
+    service_cidrs: Store<ServiceCIDR>,
 }
 
 /// Starts the reflectors and the snapshot publisher.
@@ -116,6 +118,7 @@ pub fn source(client: Client) -> Source {
             listed: listed_flag,
             changed: changed.clone(),
             spec_changes_only: name == POLICY_PLURAL,
+            optional: false,
         }
     };
     start(POLICY_PLURAL, Arc::default()).spawn(
@@ -126,7 +129,16 @@ pub fn source(client: Client) -> Source {
         policies: policies.clone(),
         pods: start("pods", Arc::default()).spawn_typed(Api::all(client.clone())),
         nodes: start("nodes", Arc::default()).spawn_typed(Api::all(client.clone())),
-        namespaces: start("namespaces", Arc::default()).spawn_typed(Api::all(client)),
+        namespaces: start("namespaces", Arc::default()).spawn_typed(Api::all(client.clone())),
+        // Not waited for: where the API lacks it, --service-cidr is all there is.
+        service_cidrs: Reflector {
+            name: "servicecidrs",
+            listed: Arc::default(),
+            changed: changed.clone(),
+            spec_changes_only: false,
+            optional: true,
+        }
+        .spawn_typed(Api::all(client)),
     };
 
     let (sender, snapshots) = watch::channel(Arc::new(Snapshot::default()));
@@ -170,6 +182,9 @@ struct Reflector {
     /// status the agents themselves write, a status-only update changes nothing to program,
     /// and every write would otherwise make every agent rebuild.
     spec_changes_only: bool,
+    /// A kind the API may not serve (ServiceCIDR): a 404 ends the watch with one message
+    /// instead of retrying forever.
+    optional: bool,
 }
 
 /// Whether an updated object is news to the inventory: always, unless only spec changes
@@ -236,6 +251,16 @@ impl Reflector {
                     }
                     // The store swaps in a relist's objects at InitDone, all at once.
                     Ok(watcher::Event::Init) => {}
+                    Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                        if self.optional && status.code == 404 =>
+                    {
+                        info!(
+                            resource = self.name,
+                            "not served by this API server; Service CIDRs come from \
+                             --service-cidr only"
+                        );
+                        return;
+                    }
                     Err(watcher::Error::WatchError(status)) if status.code == 410 => {
                         info!(
                             resource = self.name,
@@ -262,6 +287,12 @@ fn build_snapshot(stores: &Stores) -> Snapshot {
     }
     for pod in stores.pods.state() {
         inventory.upsert_pod(Pod::from(pod.as_ref()));
+    }
+    for service_cidr in stores.service_cidrs.state() {
+        inventory.service_cidrs.insert(
+            service_cidr.name_any(),
+            service_cidr_ranges(service_cidr.as_ref()),
+        );
     }
     let mut refused = Vec::new();
     let mut warnings = Vec::new();
@@ -383,8 +414,22 @@ mod tests {
             pods: store((), vec![pod]),
             nodes: store((), vec![node]),
             namespaces: store((), vec![namespace]),
+            service_cidrs: store(
+                (),
+                vec![
+                    serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": "kubernetes"},
+                        "spec": {"cidrs": ["10.96.0.0/12", "fd00:10:96::/112"]},
+                    }))
+                    .unwrap(),
+                ],
+            ),
         };
         let snapshot = build_snapshot(&stores);
+        assert_eq!(
+            snapshot.inventory.service_cidrs["kubernetes"],
+            ["10.96.0.0/12".parse::<ipnet::Ipv4Net>().unwrap()]
+        );
         let inventory = &snapshot.inventory;
         assert_eq!(
             inventory.nodes["w1"].internal_ip,

@@ -158,6 +158,21 @@ pub struct Inventory {
     /// Keyed by (namespace, name).
     pub pods: BTreeMap<(String, String), Pod>,
     pub policies: BTreeMap<String, Policy>,
+    /// IPv4 CIDRs of the cluster's `ServiceCIDR` objects (networking.k8s.io/v1), by object
+    /// name: ClusterIPs, never steered.
+    pub service_cidrs: BTreeMap<String, Vec<Ipv4Net>>,
+}
+
+/// The IPv4 CIDRs of a `ServiceCIDR` (its IPv6 ones and unparsable entries are skipped: the
+/// API server validated them).
+pub fn service_cidr_ranges(object: &k8s_openapi::api::networking::v1::ServiceCIDR) -> Vec<Ipv4Net> {
+    object
+        .spec
+        .iter()
+        .flat_map(|spec| spec.cidrs.iter().flatten())
+        .filter_map(|cidr| cidr.parse::<Ipv4Net>().ok())
+        .map(|net| net.trunc())
+        .collect()
 }
 
 // For incremental sources; both current sources rebuild from scratch (the Kubernetes one
