@@ -125,6 +125,25 @@ impl FlowKey {
             _pad: [0; 3],
         }
     }
+
+    /// The key a reply to this flow (as the pod sent it) arrives with at the gateway once
+    /// the flow is translated to (`nat_ip`, `nat_port`): `NAT_REVERSE`'s key.
+    #[inline(always)]
+    #[expect(
+        clippy::inline_always,
+        reason = "the BPF programs call it on the packet path, where every call is inlined"
+    )]
+    #[must_use]
+    pub fn translated_reply(&self, nat_ip: Ipv4, nat_port: Port) -> Self {
+        Self {
+            src_ip: self.dst_ip,
+            dst_ip: nat_ip,
+            src_port: self.dst_port,
+            dst_port: nat_port,
+            protocol: self.protocol,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// A pod's outbound flow that the pod's node steers through the tunnel (`STEERED_FLOWS`,

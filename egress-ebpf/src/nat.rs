@@ -70,7 +70,7 @@ pub(crate) fn translate(
             }
             *forward
         };
-        let reverse_key = reply_key(flow, existing.nat_ip, existing.nat_port);
+        let reverse_key = flow.translated_reply(existing.nat_ip, existing.nat_port);
         // The reply half, if it still belongs to this flow.
         // SAFETY: as above; the fields read are plain data.
         let reverse = NAT_REVERSE
@@ -161,7 +161,7 @@ pub(crate) fn translate(
         Err(EEXIST) => {}
         Err(_) => {
             if !adopted {
-                let _ = NAT_REVERSE.remove(&reply_key(flow, egress_ip, nat_port));
+                let _ = NAT_REVERSE.remove(&flow.translated_reply(egress_ip, nat_port));
             }
             return Translation::TableFull;
         }
@@ -169,7 +169,7 @@ pub(crate) fn translate(
     // Give our port back (unless it was the surviving half, which the winner may use) and
     // use the winner's translation.
     if !adopted {
-        let _ = NAT_REVERSE.remove(&reply_key(flow, egress_ip, nat_port));
+        let _ = NAT_REVERSE.remove(&flow.translated_reply(egress_ip, nat_port));
     }
     // SAFETY: plain lookup.
     match unsafe { NAT_FORWARD.get(flow) } {
@@ -200,7 +200,7 @@ fn claim(
     if port_taken_by_host(ctx, flow, egress_ip, port) {
         return None;
     }
-    let key = reply_key(flow, egress_ip, port);
+    let key = flow.translated_reply(egress_ip, port);
     match NAT_REVERSE.insert(&key, reverse, u64::from(BPF_NOEXIST)) {
         Ok(()) => Some(Claim::Claimed { adopted: false }),
         Err(EEXIST) => {
@@ -221,19 +221,6 @@ fn claim(
             Some(Claim::Claimed { adopted: true })
         }
         Err(_) => Some(Claim::TableFull),
-    }
-}
-
-/// The key under which a reply to `flow`, translated to (`nat_ip`, `nat_port`), arrives.
-#[inline(always)]
-fn reply_key(flow: &FlowKey, nat_ip: Ipv4, nat_port: Port) -> FlowKey {
-    FlowKey {
-        src_ip: flow.dst_ip,
-        dst_ip: nat_ip,
-        src_port: flow.dst_port,
-        dst_port: nat_port,
-        protocol: flow.protocol,
-        _pad: [0; 3],
     }
 }
 

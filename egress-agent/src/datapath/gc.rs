@@ -88,18 +88,6 @@ pub(super) struct NatPlan {
     pub(super) reverse_left: usize,
 }
 
-/// The key a reply to `flow`, translated by `nat`, arrives with.
-fn reply_key(flow: &FlowKey, nat: &NatForward) -> FlowKey {
-    FlowKey {
-        src_ip: flow.dst_ip,
-        dst_ip: nat.nat_ip,
-        src_port: flow.dst_port,
-        dst_port: nat.nat_port,
-        protocol: flow.protocol,
-        _pad: [0; 3],
-    }
-}
-
 /// Plans a pass over the NAT maps. A pair is as fresh as its newer half (replies refresh
 /// only the reverse entry, and a flow where the remote does all the sending must live on)
 /// and expires by its TCP state. A connection the remote closed first keeps its reverse
@@ -117,7 +105,7 @@ pub(super) fn plan_nat(
     // Reverse keys already decided: live twins, and the halves of expired pairs.
     let mut decided = BTreeSet::new();
     for (flow, nat) in forward {
-        let reply = reply_key(flow, nat);
+        let reply = flow.translated_reply(nat.nat_ip, nat.nat_port);
         // The entry at the reply key is the twin only if it names the flow's pod: once a
         // half was lost, the key may serve another flow.
         let twin = reverse
@@ -349,7 +337,7 @@ mod tests {
         let forward: Vec<_> = pairs.iter().map(|(flow, nat, _)| (*flow, *nat)).collect();
         let reverse: BTreeMap<_, _> = pairs
             .iter()
-            .map(|(flow, nat, reverse)| (reply_key(flow, nat), *reverse))
+            .map(|(flow, nat, reverse)| (flow.translated_reply(nat.nat_ip, nat.nat_port), *reverse))
             .collect();
         plan_nat(&forward, &reverse, &Timeouts::default(), NOW, reclaim_holds)
     }
@@ -367,13 +355,19 @@ mod tests {
         assert_eq!(plan.remove_forward, vec![remote_first.0]);
         assert_eq!(
             plan.hold_reverse,
-            vec![reply_key(&remote_first.0, &remote_first.1)]
+            vec![
+                remote_first
+                    .0
+                    .translated_reply(remote_first.1.nat_ip, remote_first.1.nat_port)
+            ]
         );
         assert!(plan.remove_reverse.is_empty());
         assert_eq!((plan.forward_left, plan.reverse_left), (0, 1));
 
         // The hold itself goes after TIME_WAIT_SECS, or at once when ports ran out.
-        let reply = reply_key(&remote_first.0, &remote_first.1);
+        let reply = remote_first
+            .0
+            .translated_reply(remote_first.1.nat_ip, remote_first.1.nat_port);
         let held = |idle_secs: u64| {
             BTreeMap::from([(
                 reply,

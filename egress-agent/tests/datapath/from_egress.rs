@@ -93,13 +93,8 @@ fn icmp_error_about_a_translated_flow_reaches_the_pod_translated() {
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(seen(&output).dst, POD);
     assert_checksums(&output);
-    let quoted = &output[14 + 20 + 8..];
-    assert_eq!(checksum(&quoted[..20], 0), 0, "quoted IPv4 header checksum");
-    assert_eq!(
-        Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]),
-        POD
-    );
-    assert_eq!(u16::from_be_bytes([quoted[20], quoted[21]]), 45000);
+    // The quoted UDP source port is the first layer-4 field.
+    assert_eq!(quoted_source(&output, 0), (POD, 45000));
     assert_ne!(nat_port, 0);
     assert_eq!(node.counter(reason::REVERSE_SNAT), 1);
     // An error quoting a flow the gateway never translated is not the datapath's.
@@ -131,16 +126,7 @@ fn icmp_error_about_a_translated_echo_reaches_the_pod_translated() {
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(seen(&output).dst, POD);
     assert_checksums(&output);
-    let quoted = &output[14 + 20 + 8..];
-    assert_eq!(checksum(&quoted[..20], 0), 0, "quoted IPv4 header checksum");
-    assert_eq!(
-        Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]),
-        POD
-    );
-    assert_eq!(
-        u16::from_be_bytes([quoted[24], quoted[25]]),
-        45000,
-        "the quoted echo identifier is the pod's again"
-    );
+    // The quoted echo identifier (4 bytes into the ICMP header) is the pod's again.
+    assert_eq!(quoted_source(&output, 4), (POD, 45000));
     assert_eq!(node.counter(reason::REVERSE_SNAT), 1);
 }

@@ -347,6 +347,19 @@ pub(crate) fn icmp_error(
     frame
 }
 
+/// The source address, and the 16-bit field `port_offset` bytes into the layer-4 header (a
+/// port, an echo identifier), of the packet an ICMP error frame quotes; its quoted IPv4 header
+/// must still check.
+pub(crate) fn quoted_source(frame: &[u8], port_offset: usize) -> (Ipv4Addr, u16) {
+    let quoted = &frame[14 + 20 + 8..];
+    assert_eq!(checksum(&quoted[..20], 0), 0, "quoted IPv4 header checksum");
+    let port = &quoted[20 + port_offset..22 + port_offset];
+    (
+        Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]),
+        u16::from_be_bytes([port[0], port[1]]),
+    )
+}
+
 /// xorshift64*: reproducible randomness without a dependency.
 pub(crate) struct Random(pub(crate) u64);
 

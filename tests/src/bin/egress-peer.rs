@@ -282,28 +282,28 @@ fn udp_echo(socket: UdpSocket, log: Log) {
         let head = &buffer[..length.min(64)];
         let request = String::from_utf8_lossy(head);
         let mut words = request.split_whitespace();
-        if words.clone().next() == Some("big")
-            && let Some(Ok(size)) = words.nth(1).map(str::parse::<usize>)
-        {
-            let mut reply = format!("{source}\n").into_bytes();
-            reply.resize(size.clamp(reply.len(), 65_000), b'x');
-            let _ = socket.send_to(&reply, source);
-            continue;
-        }
-        if words.next() == Some("feed")
-            && let (Some(Ok(count)), Some(Ok(interval))) = (
-                words.next().map(str::parse::<u32>),
-                words.next().map(str::parse::<u64>),
-            )
-            && let Ok(sender) = socket.try_clone()
-        {
-            thread::spawn(move || {
-                for sequence in 0..count.min(100_000) {
-                    let _ = sender.send_to(format!("feed {sequence}\n").as_bytes(), source);
-                    thread::sleep(Duration::from_millis(interval));
+        let command = words.next();
+        let mut number = || words.next().and_then(|word| word.parse::<u64>().ok());
+        match (command, number(), number()) {
+            (Some("big"), Some(size), _) => {
+                let mut reply = format!("{source}\n").into_bytes();
+                let size = usize::try_from(size).unwrap_or(usize::MAX);
+                reply.resize(size.clamp(reply.len(), 65_000), b'x');
+                let _ = socket.send_to(&reply, source);
+                continue;
+            }
+            (Some("feed"), Some(count), Some(interval)) => {
+                if let Ok(sender) = socket.try_clone() {
+                    thread::spawn(move || {
+                        for sequence in 0..count.min(100_000) {
+                            let _ = sender.send_to(format!("feed {sequence}\n").as_bytes(), source);
+                            thread::sleep(Duration::from_millis(interval));
+                        }
+                    });
+                    continue;
                 }
-            });
-            continue;
+            }
+            _ => {}
         }
         let _ = socket.send_to(format!("{source}\n").as_bytes(), source);
     }
