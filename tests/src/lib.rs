@@ -30,7 +30,7 @@ pub use apiserver::{ApiServer, WatchBreak};
 pub use capture::{CapturedPacket, IpProtocol};
 pub use cluster::{
     AgentSource, BPFFS_ROOT, Cluster, ClusterConfig, Node, Pod, TeardownHandle, is_root,
-    teardown_all_clusters, wait_for_value, wait_until,
+    metric_value, teardown_all_clusters, wait_for_value, wait_until,
 };
 pub use leaks::{LeakDetector, LeakReport};
 pub use peer::{DESTINATION_IP, PEER_HTTP_PORT, PEER_UDP_PORT, PeerProtocol, PeerRecord, peer_url};

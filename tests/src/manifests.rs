@@ -218,7 +218,7 @@ fn pseudo_uid(namespace: &str, name: &str) -> String {
 }
 
 /// Current UTC time as `2024-05-01T12:00:00Z`, the format of `creationTimestamp`.
-fn rfc3339_now() -> String {
+pub(crate) fn rfc3339_now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -280,11 +280,11 @@ fn policy_status_is_written_once_by_the_gateway() {
             .unwrap();
     }
     thread::sleep(Duration::from_secs(2));
-    let patches = setup.api.status_patches();
+    let patches = setup.api.status_writes();
     let from = |policy: &str| -> Vec<IpAddr> {
         patches
             .iter()
-            .filter(|patch| patch.policy == policy)
+            .filter(|patch| patch.name == policy)
             .map(|patch| patch.from)
             .collect()
     };
@@ -353,7 +353,7 @@ fn wait_for_status(setup: &Setup, policy: &str, ready: impl Fn(&Value) -> bool) 
         panic!(
             "no status for {policy}: {:?}\npatches: {:#?}\n{}",
             setup.api.object(Kind::Policy, "", policy),
-            setup.api.status_patches(),
+            setup.api.status_writes(),
             setup.cluster.agent_log("k8s-worker-1"),
         )
     })

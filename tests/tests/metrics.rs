@@ -9,46 +9,19 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use egress_tests::{Cluster, ClusterConfig, example_policy, skip_unless_root, wait_for_value};
+use egress_tests::{
+    Cluster, ClusterConfig, example_policy, metric_value, skip_unless_root, wait_for_value,
+};
 
 const WORKER_2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
 const PROGRAMMED: Duration = Duration::from_secs(30);
-const ENDPOINT: &str = "http://127.0.0.1:9969";
 
-/// `curl` in the node's namespace: (HTTP status, body).
 fn get(cluster: &Cluster, node: &str, path: &str) -> Option<(u16, String)> {
-    let netns = cluster.node(node).ok()?.netns.clone();
-    let output = cluster
-        .exec(
-            &netns,
-            &[
-                "curl",
-                "-s",
-                "--max-time",
-                "5",
-                "-w",
-                "\n%{http_code}",
-                &format!("{ENDPOINT}{path}"),
-            ],
-        )
-        .ok()?;
-    if !output.status.success() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, status) = text.rsplit_once('\n')?;
-    Some((status.trim().parse().ok()?, body.to_owned()))
+    cluster.agent_http_get(node, path)
 }
 
-/// The value of the series `name` (with its labels as rendered, e.g. `a_total{reason="x"}`).
 fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
+    metric_value(metrics, series)
 }
 
 /// Waits until the node's /metrics has `series` above zero; returns the whole scrape.

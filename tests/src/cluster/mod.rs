@@ -168,7 +168,10 @@ pub struct Cluster {
 }
 
 use self::teardown::{LIVE_CLUSTERS, Resources, delete_netns};
-pub use self::teardown::{TeardownHandle, remove_stale_clusters, teardown_all_clusters};
+pub use self::{
+    observe::metric_value,
+    teardown::{TeardownHandle, remove_stale_clusters, teardown_all_clusters},
+};
 
 fn lock(resources: &Mutex<Resources>) -> MutexGuard<'_, Resources> {
     resources

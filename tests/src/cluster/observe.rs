@@ -92,6 +92,34 @@ impl Cluster {
     }
 
     /// `egress-agent bpf egress list -o json` on a node.
+    /// `curl` of the agent's metrics endpoint in the node's namespace: (HTTP status, body).
+    pub fn agent_http_get(&self, node: &str, path: &str) -> Option<(u16, String)> {
+        let netns = self.node(node).ok()?.netns.clone();
+        let url = format!("http://127.0.0.1:9969{path}");
+        let args = [
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ];
+        let output = self.exec(&netns, &args).ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n')?;
+        Some((status.trim().parse().ok()?, body.to_owned()))
+    }
+
+    /// The value of one series of the agent's /metrics (see [`metric_value`]).
+    pub fn agent_metric(&self, node: &str, series: &str) -> Option<f64> {
+        let (status, body) = self.agent_http_get(node, "/metrics")?;
+        (status == 200).then(|| metric_value(&body, series))?
+    }
+
     pub fn egress_list(&self, node: &str) -> Result<Vec<EgressEntry>> {
         let json = self.agent_cli(node, &["bpf", "egress", "list", "-o", "json"])?;
         serde_json::from_str(&json).with_context(|| format!("parsing egress list {json:?}"))
@@ -259,4 +287,16 @@ impl Cluster {
             records.len()
         );
     }
+}
+
+/// The value of the series `series` in a Prometheus scrape, its labels as rendered
+/// (`a_total{reason="x"}`).
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
 }
