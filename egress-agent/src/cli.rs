@@ -127,6 +127,10 @@ pub struct RunArgs {
     /// Kubeconfig file for --kubernetes outside a cluster.
     #[arg(long, requires = "kubernetes")]
     kubeconfig: Option<PathBuf>,
+    /// Namespace of the Lease that elects the agent writing the status of policies without
+    /// a gateway node (the DaemonSet passes its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    lease_namespace: String,
     /// Address of the Prometheus metrics, /healthz and /readyz endpoint.
     #[arg(long, default_value = "127.0.0.1:9969")]
     metrics_address: std::net::SocketAddr,
@@ -202,6 +206,7 @@ impl RunArgs {
                 Some(dir) => SourceConfig::Manifests(dir),
                 None => SourceConfig::Kubernetes {
                     kubeconfig: self.kubeconfig,
+                    lease_namespace: self.lease_namespace,
                 },
             },
             metrics_address: self.metrics_address,

@@ -17,7 +17,11 @@ pub enum SourceConfig {
     /// A folder of manifests, watched for changes.
     Manifests(PathBuf),
     /// The Kubernetes API, with the pod's service account or a kubeconfig file.
-    Kubernetes { kubeconfig: Option<PathBuf> },
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        /// Namespace of the status writer's Lease (the agents' own).
+        lease_namespace: String,
+    },
 }
 
 /// Everything `egress-agent run` needs, checked for consistency.

@@ -25,7 +25,7 @@ use crate::{
     reconcile::Reconciler,
     report::Report,
     source::{self, Snapshot, kubernetes},
-    status,
+    status::{lease, writer},
 };
 
 /// How often the node's interfaces are looked at.
@@ -43,7 +43,8 @@ pub fn run(config: &AgentConfig) -> anyhow::Result<ExitCode> {
 /// The source of cluster state, connected.
 enum Connected {
     Manifests(std::path::PathBuf),
-    Kubernetes(kube::Client),
+    /// The client, and the namespace of the status writer's Lease.
+    Kubernetes(kube::Client, String),
 }
 
 /// What start-up leaves running for the event loop.
@@ -84,9 +85,13 @@ async fn start(config: &AgentConfig) -> anyhow::Result<Option<Started>> {
     // A bad kubeconfig is reported before anything is installed on the node.
     let source = match &config.source {
         SourceConfig::Manifests(dir) => Connected::Manifests(dir.clone()),
-        SourceConfig::Kubernetes { kubeconfig } => {
-            Connected::Kubernetes(kubernetes::client(kubeconfig.as_deref()).await?)
-        }
+        SourceConfig::Kubernetes {
+            kubeconfig,
+            lease_namespace,
+        } => Connected::Kubernetes(
+            kubernetes::client(kubeconfig.as_deref()).await?,
+            lease_namespace.clone(),
+        ),
     };
     let netlink = Netlink::connect()?;
     let datapath = Datapath::load(PinLayout::new(&config.bpffs), config.map_sizes)
@@ -115,9 +120,11 @@ async fn start(config: &AgentConfig) -> anyhow::Result<Option<Started>> {
     }));
     let mut snapshots = match source {
         Connected::Manifests(dir) => source::manifests::watch(dir),
-        Connected::Kubernetes(client) => {
+        Connected::Kubernetes(client, lease_namespace) => {
             let source = kubernetes::source(client.clone());
-            status::spawn_status_writer(client, source.policies, reports.clone());
+            let election =
+                lease::spawn_election(client.clone(), lease_namespace, config.node_name.clone());
+            writer::spawn_status_writer(client, source.policies, reports.clone(), election);
             source.snapshots
         }
     };

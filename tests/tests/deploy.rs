@@ -17,7 +17,7 @@ use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
         core::v1::{Container, Service, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::{
         CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
@@ -27,21 +27,42 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 /// What the agent reads and writes through the API server (keep in sync with
-/// egress-agent/src/source/kubernetes.rs and status.rs): (API group, resource, verbs).
-const AGENT_API_ACCESS: &[(&str, &str, &[&str])] = &[
-    ("", "pods", &["list", "watch"]),
-    ("", "nodes", &["list", "watch"]),
-    ("", "namespaces", &["list", "watch"]),
-    ("networking.k8s.io", "servicecidrs", &["list", "watch"]),
+/// egress-agent/src/source/kubernetes.rs and status/): (namespace, or `None` for
+/// cluster-wide, API group, resource, verbs). The Lease lives in the agents' own namespace;
+/// Events of cluster-scoped policies in `default`.
+const AGENT_API_ACCESS: &[(Option<&str>, &str, &str, &[&str])] = &[
+    (None, "", "pods", &["list", "watch"]),
+    (None, "", "nodes", &["list", "watch"]),
+    (None, "", "namespaces", &["list", "watch"]),
     (
+        None,
+        "networking.k8s.io",
+        "servicecidrs",
+        &["list", "watch"],
+    ),
+    (
+        None,
         "cilium.io",
         "ciliumegressgatewaypolicies",
         &["list", "watch"],
     ),
     (
+        None,
         "cilium.io",
         "ciliumegressgatewaypolicies/status",
         &["patch"],
+    ),
+    (
+        Some("kube-system"),
+        "coordination.k8s.io",
+        "leases",
+        &["get", "create", "update"],
+    ),
+    (
+        Some("default"),
+        "events.k8s.io",
+        "events",
+        &["create", "patch"],
     ),
 ];
 
@@ -132,6 +153,8 @@ struct Manifests {
     service_accounts: Vec<ServiceAccount>,
     cluster_roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
     daemon_sets: Vec<DaemonSet>,
     services: Vec<Service>,
 }
@@ -142,6 +165,8 @@ fn manifests() -> Manifests {
         service_accounts: Vec::new(),
         cluster_roles: Vec::new(),
         bindings: Vec::new(),
+        roles: Vec::new(),
+        role_bindings: Vec::new(),
         daemon_sets: Vec::new(),
         services: Vec::new(),
     };
@@ -152,6 +177,8 @@ fn manifests() -> Manifests {
                 "ServiceAccount" => manifests.service_accounts.push(typed(doc)),
                 "ClusterRole" => manifests.cluster_roles.push(typed(doc)),
                 "ClusterRoleBinding" => manifests.bindings.push(typed(doc)),
+                "Role" => manifests.roles.push(typed(doc)),
+                "RoleBinding" => manifests.role_bindings.push(typed(doc)),
                 "DaemonSet" => manifests.daemon_sets.push(typed(doc)),
                 "Service" => manifests.services.push(typed(doc)),
                 other => panic!("{file}: unexpected kind {other:?}"),
@@ -521,56 +548,88 @@ fn service_account_is_bound_to_a_role_covering_exactly_the_agents_access() {
         "ServiceAccount {namespace}/{account} is in deploy/"
     );
 
-    let bound_roles: Vec<&str> = manifests
+    let is_agent = |subjects: Option<&Vec<Subject>>| {
+        subjects.into_iter().flatten().any(|s| {
+            s.kind == "ServiceAccount"
+                && s.name == account
+                && s.namespace.as_deref() == Some(namespace)
+        })
+    };
+    let mut granted = BTreeSet::new();
+    let mut grant = |scope: Option<&str>, rules: Option<&Vec<PolicyRule>>| {
+        for rule in rules.into_iter().flatten() {
+            assert!(rule.non_resource_urls.is_none() && rule.resource_names.is_none());
+            for group in rule.api_groups.iter().flatten() {
+                for resource in rule.resources.iter().flatten() {
+                    for verb in &rule.verbs {
+                        granted.insert((
+                            scope.map(str::to_string),
+                            group.clone(),
+                            resource.clone(),
+                            verb.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+    };
+    for binding in manifests
         .bindings
         .iter()
-        .filter(|binding| {
-            binding.subjects.iter().flatten().any(|s| {
-                s.kind == "ServiceAccount"
-                    && s.name == account
-                    && s.namespace.as_deref() == Some(namespace)
-            })
-        })
-        .map(|binding| {
-            assert_eq!(binding.role_ref.kind, "ClusterRole");
-            binding.role_ref.name.as_str()
-        })
-        .collect();
-    assert!(
-        !bound_roles.is_empty(),
-        "a ClusterRoleBinding names the agent's ServiceAccount"
-    );
-
-    let mut granted = BTreeSet::new();
-    for name in bound_roles {
+        .filter(|b| is_agent(b.subjects.as_ref()))
+    {
+        assert_eq!(binding.role_ref.kind, "ClusterRole");
+        let name = binding.role_ref.name.as_str();
         let role = manifests
             .cluster_roles
             .iter()
             .find(|r| r.metadata.name.as_deref() == Some(name))
             .unwrap_or_else(|| panic!("ClusterRole {name} is in deploy/"));
-        for rule in role.rules.iter().flatten() {
-            assert!(rule.non_resource_urls.is_none() && rule.resource_names.is_none());
-            for group in rule.api_groups.iter().flatten() {
-                for resource in rule.resources.iter().flatten() {
-                    for verb in &rule.verbs {
-                        granted.insert((group.clone(), resource.clone(), verb.clone()));
-                    }
-                }
-            }
-        }
+        grant(None, role.rules.as_ref());
     }
-    let needed: BTreeSet<(String, String, String)> = AGENT_API_ACCESS
+    for binding in manifests
+        .role_bindings
         .iter()
-        .flat_map(|(group, resource, verbs)| {
-            verbs
-                .iter()
-                .map(|verb| (group.to_string(), resource.to_string(), verb.to_string()))
+        .filter(|b| is_agent(b.subjects.as_ref()))
+    {
+        assert_eq!(binding.role_ref.kind, "Role", "namespaced grants only");
+        let scope = binding.metadata.namespace.as_deref();
+        let name = binding.role_ref.name.as_str();
+        let role = manifests
+            .roles
+            .iter()
+            .find(|r| {
+                r.metadata.name.as_deref() == Some(name) && r.metadata.namespace.as_deref() == scope
+            })
+            .unwrap_or_else(|| panic!("Role {scope:?}/{name} is in deploy/"));
+        grant(scope, role.rules.as_ref());
+    }
+    let needed: BTreeSet<(Option<String>, String, String, String)> = AGENT_API_ACCESS
+        .iter()
+        .flat_map(|(scope, group, resource, verbs)| {
+            verbs.iter().map(|verb| {
+                (
+                    scope.map(str::to_string),
+                    group.to_string(),
+                    resource.to_string(),
+                    verb.to_string(),
+                )
+            })
         })
         .collect();
     assert_eq!(
         granted, needed,
-        "the agent's role grants what it uses and nothing more (no wildcards)"
+        "the agent's roles grant what it uses and nothing more (no wildcards), where it uses it"
     );
+    // The Lease's namespace is the agents' own, passed down as POD_NAMESPACE.
+    let env = agent_container(ds).env.clone().unwrap_or_default();
+    let pod_namespace = env
+        .iter()
+        .find(|var| var.name == "POD_NAMESPACE")
+        .and_then(|var| var.value_from.as_ref())
+        .and_then(|from| from.field_ref.as_ref())
+        .map(|field| field.field_path.as_str());
+    assert_eq!(pod_namespace, Some("metadata.namespace"));
 }
 
 // ----- the CRD -----

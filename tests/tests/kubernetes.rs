@@ -16,8 +16,8 @@ use std::{
 };
 
 use egress_tests::{
-    AgentSource, ApiServer, Cluster, ClusterConfig, Pod, WatchBreak, apiserver::Kind,
-    example_policy, skip_unless_root, wait_for_value, wait_until,
+    AgentSource, ApiServer, Cluster, ClusterConfig, LeakDetector, PEER_HTTP_PORT, Pod, Signal,
+    WatchBreak, apiserver::Kind, example_policy, skip_unless_root, wait_for_value, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -38,7 +38,22 @@ struct Setup {
 impl Setup {
     /// The how-to's state: k8s-worker-2 labelled egress-node=true, how-to.yaml applied.
     fn new() -> Setup {
-        let mut cluster = Cluster::new(ClusterConfig::with_peer_bin(env!(
+        let mut setup = Setup::bare();
+        setup
+            .cluster
+            .label_node("k8s-worker-2", "egress-node", "true")
+            .unwrap();
+        setup
+            .cluster
+            .apply_policy_file(example_policy("how-to.yaml"))
+            .unwrap();
+        setup.sync();
+        setup
+    }
+
+    /// Nodes and namespaces, no policy, no label.
+    fn bare() -> Setup {
+        let cluster = Cluster::new(ClusterConfig::with_peer_bin(env!(
             "CARGO_BIN_EXE_egress-peer"
         )))
         .expect("building the test cluster");
@@ -47,12 +62,6 @@ impl Setup {
         let kubeconfig = api
             .write_kubeconfig(&cluster.work_dir().join("kubeconfig"))
             .unwrap();
-        cluster
-            .label_node("k8s-worker-2", "egress-node", "true")
-            .unwrap();
-        cluster
-            .apply_policy_file(example_policy("how-to.yaml"))
-            .unwrap();
         let setup = Setup {
             cluster,
             api,
@@ -60,6 +69,36 @@ impl Setup {
         };
         setup.sync();
         setup
+    }
+
+    /// kubectl against the API server, as a user runs it (see [`kubectl_installed`]); its
+    /// output. Panics with its output when it fails.
+    fn kubectl(&self, args: &[&str]) -> String {
+        let AgentSource::Kubernetes { kubeconfig } = &self.source else {
+            unreachable!("the agents read the API server")
+        };
+        let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+        let cache = self.cluster.work_dir().join("kubectl-cache");
+        let cache = cache.to_string_lossy().into_owned();
+        let mut command = vec![
+            "kubectl",
+            "--kubeconfig",
+            &kubeconfig,
+            "--cache-dir",
+            &cache,
+        ];
+        command.extend_from_slice(args);
+        let output = self
+            .cluster
+            .exec(self.cluster.underlay_netns(), &command)
+            .unwrap_or_else(|error| panic!("kubectl {args:?}: {error:#}"));
+        assert!(
+            output.status.success(),
+            "kubectl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     /// Publishes the cluster's current objects through the API server (with watch events).
@@ -240,14 +279,10 @@ fn policy_status_is_written_once_by_the_gateway() {
     skip_unless_root!();
     let mut setup = Setup::new();
     let pod = setup.add_my_app("k8s-worker-1", "my-app");
-    let orphan = "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata:\n  name: \
-                  orphan\nspec:\n  selectors:\n  - podSelector: {}\n  destinationCIDRs: \
-                  [203.0.113.0/24]\n  egressGateway:\n    nodeSelector:\n      matchLabels: \
-                  {pool: none}\n";
     let invalid = "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata:\n  name: \
                    invalid\nspec:\n  selectors:\n  - podSelector: {}\n  egressGateway:\n    \
                    nodeSelector: {}\n";
-    setup.cluster.apply_policy("orphan", orphan).unwrap();
+    setup.cluster.apply_policy("orphan", ORPHAN).unwrap();
     setup.cluster.apply_policy("invalid", invalid).unwrap();
     setup.sync();
     setup.start_agents();
@@ -280,35 +315,63 @@ fn policy_status_is_written_once_by_the_gateway() {
             .unwrap();
     }
     thread::sleep(Duration::from_secs(2));
-    let patches = setup.api.status_writes();
+    let writes = setup.api.status_writes();
     let from = |policy: &str| -> Vec<IpAddr> {
-        patches
+        writes
             .iter()
-            .filter(|patch| patch.name == policy)
-            .map(|patch| patch.from)
+            .filter(|write| write.name == policy)
+            .map(|write| write.from)
             .collect()
     };
     assert_eq!(
         from(POLICY),
         [IpAddr::V4(WORKER_2)],
-        "one patch, from the gateway: {patches:#?}"
+        "one write, from the gateway: {writes:#?}"
     );
+    // No gateway, or invalid: the Lease holder writes, once.
+    let holder = lease_holder(&setup).expect("the status writer's Lease is held");
+    let holder_ip = IpAddr::V4(setup.cluster.node(&holder).unwrap().ip);
     assert_eq!(
         from("orphan"),
-        [IpAddr::V4(WORKER_1)],
-        "no gateway: the smallest node name writes"
+        [holder_ip],
+        "no gateway: the Lease holder writes"
     );
     assert_eq!(
         from("invalid"),
-        [IpAddr::V4(WORKER_1)],
-        "invalid: the smallest node name writes"
+        [holder_ip],
+        "invalid: the Lease holder writes"
     );
     assert!(
-        patches.iter().all(|patch| patch
+        writes.iter().all(|write| write
             .content_type
-            .starts_with("application/merge-patch+json")),
-        "{patches:#?}"
+            .starts_with("application/apply-patch+yaml")
+            && write.field_manager.as_deref() == Some("egress-gateway-agent")
+            && write.code == 200),
+        "server-side apply with the agents' field manager: {writes:#?}"
     );
+    // Each policy's first status is a transition, recorded once as an Event on it.
+    let events = policy_events(&setup);
+    for (policy, type_, reason) in [
+        (POLICY, "Normal", "Programmed"),
+        ("orphan", "Warning", "NoGatewayNode"),
+        ("invalid", "Warning", "InvalidSpec"),
+    ] {
+        let of_policy: Vec<&Value> = events
+            .iter()
+            .filter(|event| event["regarding"]["name"] == json!(policy))
+            .collect();
+        assert_eq!(of_policy.len(), 1, "{policy}: {events:#?}");
+        assert_eq!(of_policy[0]["type"], json!(type_), "{policy}: {events:#?}");
+        assert_eq!(
+            of_policy[0]["reason"],
+            json!(reason),
+            "{policy}: {events:#?}"
+        );
+        assert_eq!(
+            of_policy[0]["regarding"]["kind"],
+            json!("CiliumEgressGatewayPolicy")
+        );
+    }
 
     // A change in what the policy serves updates the status.
     setup.cluster.delete_pod(&pod).unwrap();
@@ -319,6 +382,226 @@ fn policy_status_is_written_once_by_the_gateway() {
         emptied["conditions"][0]["lastTransitionTime"],
         served["conditions"][0]["lastTransitionTime"],
         "still Ready: no transition"
+    );
+}
+
+/// A policy without a gateway selecting every pod (so a new pod changes its status).
+const ORPHAN: &str = "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata:\n  name: \
+                      orphan\nspec:\n  selectors:\n  - podSelector: {}\n  destinationCIDRs: \
+                      [203.0.113.0/24]\n  egressGateway:\n    nodeSelector:\n      matchLabels: \
+                      {pool: none}\n";
+
+/// The agent holding the status writer's Lease dies (kill -9): once the Lease expires, a live
+/// agent takes it over and writes the status of the policy without a gateway.
+#[test]
+fn a_live_agent_takes_over_the_status_when_the_lease_holder_dies() {
+    skip_unless_root!();
+    let mut setup = Setup::new();
+    setup.cluster.apply_policy("orphan", ORPHAN).unwrap();
+    setup.sync();
+    setup.start_agents();
+    let first = wait_for_status(&setup, "orphan", |status| {
+        !status["conditions"].is_null() && status["matchedPods"] == json!(0)
+    });
+    assert_ready(&first, "False", "NoGatewayNode");
+    let holder = lease_holder(&setup).expect("the status writer's Lease is held");
+    setup.cluster.kill_agent(&holder, Signal::Kill).unwrap();
+    let writes_before = setup.api.status_writes().len();
+
+    // A change the orphan's status must show: a new pod it selects, on a live node.
+    let live_node = ["k8s-worker-1", "k8s-worker-3"]
+        .into_iter()
+        .find(|node| *node != holder)
+        .unwrap();
+    setup.add_my_app(live_node, "my-app");
+    let updated = wait_for_status(&setup, "orphan", |status| status["matchedPods"] == json!(1));
+    assert_ready(&updated, "False", "NoGatewayNode");
+    let new_holder = lease_holder(&setup).expect("the Lease is held again");
+    assert_ne!(new_holder, holder, "the dead agent cannot hold the Lease");
+    let lease = setup
+        .api
+        .object(Kind::Lease, "kube-system", "egress-gateway-status-writer")
+        .unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], json!(1), "{lease}");
+    let new_ip = IpAddr::V4(setup.cluster.node(&new_holder).unwrap().ip);
+    let orphan_writes: Vec<IpAddr> = setup.api.status_writes()[writes_before..]
+        .iter()
+        .filter(|write| write.name == "orphan")
+        .map(|write| write.from)
+        .collect();
+    assert!(
+        !orphan_writes.is_empty() && orphan_writes.iter().all(|from| *from == new_ip),
+        "after the take-over only {new_holder} writes: {orphan_writes:?}"
+    );
+}
+
+/// A user's session with kubectl: label the gateway node, apply the how-to's policy with
+/// server-side apply, read it with `kubectl get cegp`; unlabel the node and see the policy's
+/// status and Events say why traffic stops; delete the policy.
+#[test]
+fn kubectl_labels_applies_reads_and_deletes_policies() {
+    skip_unless_root!();
+    if !kubectl_installed() {
+        return;
+    }
+    let mut setup = Setup::bare();
+    let pod = setup.add_my_app("k8s-worker-1", "my-app");
+    setup.start_agents();
+    setup.cluster.start_capture().unwrap();
+    setup.kubectl(&["label", "node", "k8s-worker-2", "egress-node=true"]);
+    let how_to = example_policy("how-to.yaml");
+    let applied = setup.kubectl(&["apply", "--server-side", "-f", &how_to.to_string_lossy()]);
+    assert!(applied.contains("serverside-applied"), "{applied}");
+    setup.wait_for_steered(&pod);
+
+    let table = wait_for_value(PROGRAMMED, || {
+        let table = setup.kubectl(&["get", "cegp"]);
+        table.contains("Programmed").then_some(table)
+    })
+    .expect("kubectl get cegp shows the policy programmed");
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|line| line.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        [
+            "NAME", "READY", "REASON", "GATEWAY", "EGRESS", "IP", "PODS", "AGE"
+        ],
+        "{table}"
+    );
+    assert_eq!(
+        lines[1][..6],
+        [
+            "egress-sample",
+            "True",
+            "Programmed",
+            "[\"k8s-worker-2\"]",
+            "10.0.0.12",
+            "1"
+        ],
+        "{table}"
+    );
+
+    // No gateway node any more: traffic stops (never leaves with the node's own IP) and the
+    // status and a Warning Event say why.
+    setup.kubectl(&["label", "node", "k8s-worker-2", "egress-node-"]);
+    let reason = |setup: &Setup| {
+        setup.kubectl(&[
+            "get",
+            "cegp",
+            "egress-sample",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}",
+        ])
+    };
+    assert!(
+        wait_until(PROGRAMMED, || reason(&setup) == "NoGatewayNode"),
+        "{}",
+        setup.kubectl(&["get", "cegp", "egress-sample", "-o", "yaml"])
+    );
+    assert!(
+        wait_until(PROGRAMMED, || setup
+            .cluster
+            .source_ip_seen_by_destination(&pod)
+            .is_err()),
+        "the pod still reaches the destination without a gateway"
+    );
+    let events: Value = serde_json::from_str(&setup.kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        "default",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let seen: Vec<(String, String)> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|event| event["regarding"]["name"] == json!(POLICY))
+        .map(|event| {
+            let field = |name: &str| event[name].as_str().unwrap_or_default().to_string();
+            (field("type"), field("reason"))
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("Normal".to_string(), "Programmed".to_string()),
+            ("Warning".to_string(), "NoGatewayNode".to_string()),
+        ],
+        "{events:#}"
+    );
+
+    setup.kubectl(&["delete", "cegp", "egress-sample"]);
+    setup.wait_for_gone_everywhere(&pod);
+    let packets = setup.cluster.stop_capture().unwrap();
+    let matched = LeakDetector::new()
+        .matched_port(PEER_HTTP_PORT, [WORKER_2])
+        .forbidden_sources([pod.ip, WORKER_1])
+        .check(&packets)
+        .unwrap();
+    assert!(matched > 0, "the pod's requests were captured");
+}
+
+/// Status writes, the agents' own or anyone else's, rebuild nothing: no agent reprograms its
+/// datapath for a status-only change. A wrong status is put right by the writer.
+#[test]
+fn status_writes_rebuild_nothing_and_a_wrong_status_is_put_right() {
+    skip_unless_root!();
+    if !kubectl_installed() {
+        return;
+    }
+    let mut setup = Setup::new();
+    let pod = setup.add_my_app("k8s-worker-1", "my-app");
+    setup.start_agents();
+    setup.wait_for_steered(&pod);
+    wait_for_status(&setup, POLICY, |status| status["matchedPods"] == json!(1));
+    // Let the agents see the status written; then count what they program from now on.
+    thread::sleep(Duration::from_secs(3));
+    let nodes = ["k8s-worker-1", "k8s-worker-2", "k8s-worker-3"];
+    let programmed = |setup: &Setup| -> Vec<Option<f64>> {
+        nodes
+            .iter()
+            .map(|node| {
+                setup
+                    .cluster
+                    .agent_metric(node, "egress_gateway_event_to_programmed_seconds_count")
+            })
+            .collect()
+    };
+    let before = programmed(&setup);
+    assert!(before.iter().all(Option::is_some), "{before:?}");
+    let writes_before = setup.api.status_writes().len();
+    for wrong in [7, 8, 9] {
+        setup.kubectl(&[
+            "patch",
+            "cegp",
+            POLICY,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &format!("{{\"status\":{{\"matchedPods\":{wrong}}}}}"),
+        ]);
+        wait_for_status(&setup, POLICY, |status| status["matchedPods"] == json!(1));
+    }
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        programmed(&setup),
+        before,
+        "status-only changes reprogrammed an agent"
+    );
+    let corrections: Vec<IpAddr> = setup.api.status_writes()[writes_before..]
+        .iter()
+        .filter(|write| write.field_manager.as_deref() == Some("egress-gateway-agent"))
+        .map(|write| write.from)
+        .collect();
+    assert_eq!(
+        corrections,
+        [IpAddr::V4(WORKER_2); 3],
+        "the gateway put each wrong status right, once"
     );
 }
 
@@ -369,4 +652,34 @@ fn assert_ready(status: &Value, ready: &str, reason: &str) {
         condition["observedGeneration"], status["observedGeneration"],
         "{status}"
     );
+}
+
+/// Whether kubectl is on PATH; tests that drive it skip with a message otherwise.
+fn kubectl_installed() -> bool {
+    let found = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !found {
+        eprintln!("skipped: kubectl is not installed (these tests use it as a user would)");
+    }
+    found
+}
+
+/// The node holding the status writer's Lease.
+fn lease_holder(setup: &Setup) -> Option<String> {
+    let lease = setup
+        .api
+        .object(Kind::Lease, "kube-system", "egress-gateway-status-writer")?;
+    lease["spec"]["holderIdentity"].as_str().map(str::to_string)
+}
+
+/// The Events on policies (events.k8s.io, in the default namespace).
+fn policy_events(setup: &Setup) -> Vec<Value> {
+    setup
+        .api
+        .objects(Kind::Event)
+        .into_iter()
+        .filter(|event| event["regarding"]["kind"] == json!("CiliumEgressGatewayPolicy"))
+        .collect()
 }

@@ -1,12 +1,17 @@
-//! The `status` of `CiliumEgressGatewayPolicies`.
+//! The `status` of `CiliumEgressGatewayPolicies`: what it says (pure, here), who writes it
+//! ([`lease`]) and how ([`writer`]).
 //!
 //! One writer per policy, so agents never fight: the agent on the policy's (first) gateway
-//! node, or, when the policy has no gateway node or is invalid, the agent on the node with the
-//! smallest name. The writer merge-patches the status subresource, and only when the content
-//! differs from what the live object says (not from its own last write: another writer or a
-//! user may have changed it since), at most once per [`STORE_LAG`] per policy.
+//! node, or, when the policy has no gateway node or is invalid, the one live agent holding
+//! the status writer's Lease. The writer applies the status subresource (server-side apply,
+//! one field manager), only when the content differs from what the live object says (not
+//! from its own last write: another writer or a user may have changed it since), at most once
+//! per [`STORE_LAG`] per policy, and records each Ready transition as an Event.
 
-use std::{collections::BTreeMap, sync::Arc};
+pub mod lease;
+pub mod writer;
+
+use std::collections::BTreeMap;
 
 use egress_control::{
     desired::{PolicyProblem, PolicySummary},
@@ -16,20 +21,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
-use kube::{
-    Api, Client, ResourceExt as _,
-    api::{DynamicObject, Patch, PatchParams},
-    runtime::reflector::{ObjectRef, Store},
-};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
-use tracing::{debug, info, warn};
 
-use crate::{
-    chain::Chain,
-    report::Report,
-    source::{Refusal, kubernetes::policy_resource},
-};
+use self::lease::Election;
+use crate::{report::Report, source::Refusal};
 
 pub const READY: &str = "Ready";
 
@@ -37,10 +32,11 @@ pub const READY: &str = "Ready";
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct PolicyStatus {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     pub gateway_nodes: Vec<String>,
-    /// Serialized as `null` when unknown, so a merge patch removes a stale value.
-    #[serde(rename = "egressIP")]
+    /// Left out when unknown: the apply then removes the value it wrote before.
+    #[serde(rename = "egressIP", skip_serializing_if = "Option::is_none")]
     pub egress_ip: Option<String>,
     pub matched_pods: u64,
     pub conditions: Vec<Condition>,
@@ -91,15 +87,22 @@ pub fn readiness(problem: Option<&PolicyProblem>) -> (bool, Reason) {
     }
 }
 
-/// The node whose agent writes a policy's status. `summary` is `None` for an invalid policy.
-pub fn writer<'a>(
-    summary: Option<&'a PolicySummary>,
-    nodes: &'a BTreeMap<String, Node>,
-) -> Option<&'a str> {
-    summary
-        .and_then(|summary| summary.gateway_nodes.first())
-        .or_else(|| nodes.keys().next())
-        .map(String::as_str)
+/// Whether the agent on `node_name` writes a policy's status. `summary` is `None` for an
+/// invalid policy.
+pub fn is_writer(
+    summary: Option<&PolicySummary>,
+    node_name: &str,
+    nodes: &BTreeMap<String, Node>,
+    election: Election,
+) -> bool {
+    match summary.and_then(|summary| summary.gateway_nodes.first()) {
+        Some(gateway) => gateway == node_name,
+        None => match election {
+            Election::Held => true,
+            Election::Unavailable => nodes.keys().next().is_some_and(|first| first == node_name),
+            Election::Pending | Election::NotHeld => false,
+        },
+    }
 }
 
 /// What one policy's status should say, as seen by its writer `node_name`.
@@ -216,7 +219,7 @@ pub fn needs_write(
 }
 
 /// The statuses this node writes for `report`: one per policy object it is the writer of.
-pub fn statuses_to_write(report: &Report) -> Vec<(&str, StatusInput<'_>)> {
+pub fn statuses_to_write(report: &Report, election: Election) -> Vec<(&str, StatusInput<'_>)> {
     let snapshot = &report.snapshot;
     snapshot
         .policy_generations
@@ -232,8 +235,13 @@ pub fn statuses_to_write(report: &Report) -> Vec<(&str, StatusInput<'_>)> {
             if summary.is_none() && refusals.is_empty() {
                 return None;
             }
-            let writer = writer(summary, &snapshot.inventory.nodes)?;
-            (writer == report.node_name).then(|| {
+            is_writer(
+                summary,
+                &report.node_name,
+                &snapshot.inventory.nodes,
+                election,
+            )
+            .then(|| {
                 (
                     name.as_str(),
                     StatusInput {
@@ -248,77 +256,10 @@ pub fn statuses_to_write(report: &Report) -> Vec<(&str, StatusInput<'_>)> {
         .collect()
 }
 
-/// Writes the status of the policies this node is the writer of, after every reconcile.
-pub fn spawn_status_writer(
-    client: Client,
-    policies: Store<DynamicObject>,
-    mut reports: watch::Receiver<Arc<Report>>,
-) {
-    let resource = policy_resource();
-    let api = Api::<DynamicObject>::all_with(client, &resource);
-    tokio::spawn(async move {
-        // What this agent last wrote, and when: the store lags behind a patch.
-        let mut written: BTreeMap<String, LastWrite> = BTreeMap::new();
-        while reports.changed().await.is_ok() {
-            let report = Arc::clone(&reports.borrow_and_update());
-            if !report.synced {
-                continue;
-            }
-            written.retain(|name, _| report.snapshot.policy_generations.contains_key(name));
-            for (name, input) in statuses_to_write(&report) {
-                let current = policies
-                    .get(&ObjectRef::new_with(name, resource.clone()))
-                    .and_then(|object| object.data.get("status").cloned())
-                    .and_then(|status| serde_json::from_value::<PolicyStatus>(status).ok());
-                let last = written.get(name);
-                let previous = current.as_ref().or(last.map(|last| &last.status));
-                let desired = status(&input, previous, now());
-                if !needs_write(&desired, current.as_ref(), last, std::time::Instant::now()) {
-                    continue;
-                }
-                let patch = Patch::Merge(serde_json::json!({ "status": &desired }));
-                match api
-                    .patch_status(name, &PatchParams::default(), &patch)
-                    .await
-                {
-                    Ok(object) => {
-                        let condition = &desired.conditions[0];
-                        info!(
-                            policy = object.name_any(),
-                            ready = condition.status,
-                            reason = condition.reason,
-                            "policy status written"
-                        );
-                        written.insert(
-                            name.to_owned(),
-                            LastWrite {
-                                status: desired,
-                                at: std::time::Instant::now(),
-                            },
-                        );
-                    }
-                    Err(kube::Error::Api(response)) if response.code == 404 => {
-                        // Deleted meanwhile, or a CRD without the status subresource
-                        // (Cilium's own): nothing to write to, and not worth a warning.
-                        debug!(
-                            policy = name,
-                            "no status to write: the policy is gone or its CRD has no status \
-                             subresource (apply deploy/crd.yaml)"
-                        );
-                    }
-                    Err(error) => {
-                        warn!(policy = name, error = %Chain(&error), "cannot write the policy status");
-                    }
-                }
-            }
-        }
-    });
-}
-
 /// metav1.Condition's limit on `message`.
 const MAX_MESSAGE_BYTES: usize = 32768;
 
-fn truncate(mut text: String, max: usize) -> String {
+pub(crate) fn truncate(mut text: String, max: usize) -> String {
     if text.len() > max {
         let mut end = max.saturating_sub(3);
         while !text.is_char_boundary(end) {
@@ -331,13 +272,13 @@ fn truncate(mut text: String, max: usize) -> String {
 }
 
 /// Now, to the second: the precision of Kubernetes timestamps.
-fn now() -> Timestamp {
+pub(crate) fn now() -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::{net::Ipv4Addr, sync::Arc};
 
     use egress_control::inventory::test_support::node;
 
@@ -368,15 +309,30 @@ mod tests {
         Timestamp::from_second(second).unwrap()
     }
 
+    /// The gateway writes its policies; the Lease holder the others; without Leases (not
+    /// served, not allowed) the smallest node name.
     #[test]
-    fn writer_is_the_first_gateway_else_the_smallest_node() {
+    fn writer_is_the_first_gateway_else_the_lease_holder() {
         let nodes = nodes(&["w3", "w1", "w2"]);
         let served = summary(&["w2", "w3"], None);
-        assert_eq!(writer(Some(&served), &nodes), Some("w2"));
         let no_gateway = summary(&[], Some(PolicyProblem::NoGatewayNode));
-        assert_eq!(writer(Some(&no_gateway), &nodes), Some("w1"));
-        assert_eq!(writer(None, &nodes), Some("w1"), "invalid policy");
-        assert_eq!(writer(None, &BTreeMap::new()), None);
+        for election in [Election::Held, Election::NotHeld, Election::Pending] {
+            assert!(is_writer(Some(&served), "w2", &nodes, election));
+            assert!(!is_writer(Some(&served), "w3", &nodes, election));
+        }
+        for summary in [Some(&no_gateway), None] {
+            assert!(is_writer(summary, "w3", &nodes, Election::Held));
+            assert!(!is_writer(summary, "w1", &nodes, Election::NotHeld));
+            assert!(!is_writer(summary, "w1", &nodes, Election::Pending));
+            assert!(is_writer(summary, "w1", &nodes, Election::Unavailable));
+            assert!(!is_writer(summary, "w3", &nodes, Election::Unavailable));
+        }
+        assert!(!is_writer(
+            None,
+            "w1",
+            &BTreeMap::new(),
+            Election::Unavailable
+        ));
     }
 
     #[test]
@@ -411,15 +367,16 @@ mod tests {
             snapshot: Arc::new(snapshot.clone()),
             ..Default::default()
         };
-        let names = |node: &str| -> Vec<String> {
-            statuses_to_write(&report(node))
+        let names = |node: &str, election| -> Vec<String> {
+            statuses_to_write(&report(node), election)
                 .into_iter()
                 .map(|(name, _)| name.to_owned())
                 .collect()
         };
-        assert_eq!(names("w1"), ["invalid", "orphan"]);
-        assert_eq!(names("w2"), ["served"]);
-        assert!(names("w3").is_empty());
+        // w3 holds the Lease.
+        assert_eq!(names("w3", Election::Held), ["invalid", "orphan"]);
+        assert_eq!(names("w2", Election::NotHeld), ["served"]);
+        assert!(names("w1", Election::NotHeld).is_empty());
     }
 
     #[test]
@@ -477,10 +434,12 @@ mod tests {
             first.egress_ip, None,
             "only the gateway knows its egress IP"
         );
-        assert_eq!(
-            serde_json::to_value(&first).unwrap()["egressIP"],
-            serde_json::Value::Null,
-            "a merge patch must clear a stale egress IP"
+        assert!(
+            serde_json::to_value(&first)
+                .unwrap()
+                .get("egressIP")
+                .is_none(),
+            "left out, so the apply removes a stale egress IP"
         );
 
         // Becoming ready is a transition.
