@@ -835,9 +835,7 @@ mod tests {
         )]);
         inv.upsert_node(Node {
             name: "w1".into(),
-            labels: BTreeMap::default(),
-            internal_ip: None,
-            pod_cidrs: Vec::new(),
+            ..Node::default()
         });
         let s = desired_state(&inv, "w2", &LocalNetwork::default());
         assert_eq!(

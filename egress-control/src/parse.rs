@@ -620,6 +620,22 @@ mod tests {
         );
     }
 
+    /// A cordoned node (as `kubectl get node -o yaml` prints it after `kubectl cordon`) and a
+    /// labelled one load as draining; the manifests source needs nothing else.
+    #[test]
+    fn cordoned_and_labelled_nodes_are_draining() {
+        let r = load_text(
+            Path::new("nodes.yaml"),
+            "apiVersion: v1\nkind: Node\nmetadata: {name: cordoned}\nspec: {unschedulable: true, taints: [{key: node.kubernetes.io/unschedulable, effect: NoSchedule}]}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: labelled, labels: {egress-gateway.io/draining: 'true'}}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: serving}\nspec: {unschedulable: false}\n",
+        );
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        let draining = |name: &str| r.inventory.nodes[name].is_draining();
+        assert!(draining("cordoned"));
+        assert!(r.inventory.nodes["cordoned"].unschedulable);
+        assert!(draining("labelled"));
+        assert!(!draining("serving"));
+    }
+
     #[test]
     fn a_file_refused_as_a_whole_is_named_without_an_object() {
         let mut loader = Loader::default();

@@ -34,6 +34,9 @@ pub const DEFAULT_CLUSTER_NAME: &str = "default";
 const CILIUM_PSEUDO_LABEL_PREFIX: &str = "io.cilium.k8s.";
 /// Label the API server puts on every namespace.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+/// Node label that drains a gateway (value `"true"`) without cordoning the node: it takes
+/// no new flows, its established ones stay until they end or it really fails.
+pub const DRAINING_LABEL: &str = "egress-gateway.io/draining";
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Node {
@@ -43,6 +46,17 @@ pub struct Node {
     pub internal_ip: Option<Ipv4Addr>,
     /// IPv4 `spec.podCIDRs` (or `spec.podCIDR`): in-cluster destinations, never steered.
     pub pod_cidrs: Vec<Ipv4Net>,
+    /// `spec.unschedulable` (`kubectl cordon`, `kubectl drain`): see [`Node::is_draining`].
+    pub unschedulable: bool,
+}
+
+impl Node {
+    /// A draining gateway takes no new flows; its established flows stay on it. Cordoning
+    /// the node (`spec.unschedulable`) drains it, as does [`DRAINING_LABEL`] `"true"`, which
+    /// drains only the gateway role.
+    pub fn is_draining(&self) -> bool {
+        self.unschedulable || self.labels.get(DRAINING_LABEL).is_some_and(|v| v == "true")
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -88,6 +102,7 @@ impl From<&k8s::Node> for Node {
             labels: node.metadata.labels.clone().unwrap_or_default(),
             internal_ip,
             pod_cidrs,
+            unschedulable: spec.and_then(|spec| spec.unschedulable).unwrap_or(false),
         }
     }
 }
@@ -265,12 +280,17 @@ impl Inventory {
         PodIndex::new(self).matching_pods(policy)
     }
 
-    /// The gateway node of a selector: the first matching node, by name, that has an
-    /// `InternalIP` (a node without one cannot terminate the tunnel).
+    /// The gateway node of a selector: the first of its [`Inventory::gateway_candidates`].
     pub fn gateway_node(&self, selector: &Selector) -> Option<&Node> {
+        self.gateway_candidates(selector).next()
+    }
+
+    /// The nodes that can be a selector's gateway, by name: those it matches that have an
+    /// `InternalIP` (a node without one cannot terminate the tunnel).
+    pub fn gateway_candidates<'a>(&'a self, selector: &Selector) -> impl Iterator<Item = &'a Node> {
         self.nodes
             .values()
-            .find(|n| n.internal_ip.is_some() && selector.matches(&n.labels))
+            .filter(|n| n.internal_ip.is_some() && selector.matches(&n.labels))
     }
 }
 
@@ -380,6 +400,7 @@ pub mod test_support {
             labels: labels(l),
             internal_ip: ip.map(Ipv4Addr::from),
             pod_cidrs: Vec::new(),
+            unschedulable: false,
         }
     }
 
@@ -471,6 +492,23 @@ status:
         assert_eq!(n.name, "n1");
         assert_eq!(n.labels, labels(&[("a", "b")]));
         assert_eq!(n.internal_ip, Some(Ipv4Addr::new(10, 0, 0, 1)));
+    }
+
+    #[test]
+    fn node_draining_from_spec_unschedulable_or_the_label() {
+        let parse = |yaml: &str| Node::from(&serde_yaml::from_str::<k8s::Node>(yaml).unwrap());
+        let cordoned = parse("metadata: {name: n1}\nspec: {unschedulable: true}\n");
+        assert!(cordoned.unschedulable && cordoned.is_draining());
+        let plain = parse("metadata: {name: n1}\nspec: {podCIDR: 10.244.1.0/24}\n");
+        assert!(!plain.unschedulable && !plain.is_draining());
+        assert!(!parse("metadata: {name: n1}\n").is_draining());
+        let labelled = |value: &str| {
+            let yaml = format!("metadata: {{name: n1, labels: {{{DRAINING_LABEL}: '{value}'}}}}\n");
+            parse(&yaml).is_draining()
+        };
+        assert!(labelled("true"));
+        assert!(!labelled("false"));
+        assert!(!labelled(""));
     }
 
     #[test]
