@@ -14,7 +14,10 @@ use egress_common::{
 };
 use ipnet::Ipv4Net;
 
-use crate::inventory::{EgressSource, Inventory, Pod, PodIndex};
+use crate::{
+    gateways::{Candidate, GroupInterner, entry_order, group_of, pod_hash, spec_candidates},
+    inventory::{EgressSource, Inventory, Node, Pod, PodIndex, Policy},
+};
 
 /// This node's interfaces, as the agent reads them from netlink.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,7 +35,7 @@ pub struct LocalInterface {
     pub up: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredState {
     /// (pod IP, destination CIDR) -> value of the policy LPM trie.
     pub policy_entries: BTreeMap<(Ipv4Addr, Ipv4Net), PolicyValue>,
@@ -40,7 +43,8 @@ pub struct DesiredState {
     pub nodes: BTreeSet<Ipv4Addr>,
     /// Pod CIDRs of all nodes: in-cluster destinations, never steered.
     pub cluster_cidrs: BTreeSet<Ipv4Net>,
-    /// Egress IPs this node serves as a gateway -> ifindex of the interface holding them.
+    /// Egress IPs this node serves as a gateway candidate -> ifindex of the interface
+    /// holding them.
     pub egress_ips: BTreeMap<Ipv4Addr, u32>,
     /// IPs of the pods scheduled on this node.
     pub local_pods: BTreeSet<Ipv4Addr>,
@@ -51,6 +55,47 @@ pub struct DesiredState {
     /// Pairs of policies that select the same pods and destinations with different values,
     /// in (winner, loser) order; the caller decides how to report them.
     pub conflicts: Vec<PolicyConflict>,
+    /// Gateway groups by id (`PolicyValue::gateway_group`): candidates' underlay addresses,
+    /// in order of preference. Only groups some policy entry references.
+    pub gateway_groups: BTreeMap<u32, Vec<Ipv4Addr>>,
+    /// Gateways this node probes, by underlay address: the candidates of every group an
+    /// entry of a local pod references, this node excepted. Empty on a node without
+    /// selected pods: only those probe.
+    pub probe_targets: BTreeMap<Ipv4Addr, ProbeTarget>,
+    /// This node is being drained ([`Node::is_draining`]): as a gateway it takes no new flows.
+    pub self_draining: bool,
+    /// This node can translate what its groups may send it: every egress IP it serves a
+    /// pod with resolved. True on a node that is no pod's candidate.
+    pub self_serving: bool,
+}
+
+impl Default for DesiredState {
+    /// Nothing to program; a node that is nobody's candidate counts as serving.
+    fn default() -> Self {
+        Self {
+            policy_entries: BTreeMap::new(),
+            nodes: BTreeSet::new(),
+            cluster_cidrs: BTreeSet::new(),
+            egress_ips: BTreeMap::new(),
+            local_pods: BTreeSet::new(),
+            policies: BTreeMap::new(),
+            pod_priority: BTreeMap::new(),
+            conflicts: Vec::new(),
+            gateway_groups: BTreeMap::new(),
+            probe_targets: BTreeMap::new(),
+            self_draining: false,
+            self_serving: true,
+        }
+    }
+}
+
+/// A gateway this node probes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeTarget {
+    /// The gateway's node name.
+    pub node: String,
+    /// The node is being drained ([`Node::is_draining`]): healthy, but takes no new flows.
+    pub draining: bool,
 }
 
 /// Two policies program the same (pod, destination) entries differently; `winner`'s
@@ -89,7 +134,7 @@ impl DesiredState {
     ///
     /// Kept entries are exactly the entries of the full state, so programming the subset
     /// never changes an entry that is already right; and a pod added late in the order
-    /// never evicts an earlier one.
+    /// never evicts an earlier one. Groups and probe targets only kept pods need stay.
     pub fn fit_policy_map(&mut self, capacity: usize) -> PolicyMapFit {
         let wanted = self.policy_entries.len();
         if wanted <= capacity {
@@ -123,6 +168,9 @@ impl DesiredState {
             kept.insert(pod);
         }
         self.policy_entries.retain(|(pod, _), _| kept.contains(pod));
+        self.drop_unreferenced_groups();
+        let probed = self.probed_gateways();
+        self.probe_targets.retain(|ip, _| probed.contains(ip));
         PolicyMapFit {
             wanted,
             dropped: wanted - used,
@@ -131,12 +179,43 @@ impl DesiredState {
     }
 }
 
+impl DesiredState {
+    /// Forgets the groups no policy entry references.
+    fn drop_unreferenced_groups(&mut self) {
+        let referenced: BTreeSet<u32> = self
+            .policy_entries
+            .values()
+            .map(|v| v.gateway_group)
+            .collect();
+        self.gateway_groups.retain(|id, _| referenced.contains(id));
+    }
+
+    /// The candidates of the groups that entries of local pods reference.
+    fn probed_gateways(&self) -> BTreeSet<Ipv4Addr> {
+        let local_groups: BTreeSet<u32> = self
+            .policy_entries
+            .iter()
+            .filter(|((pod, _), v)| v.gateway_group != 0 && self.local_pods.contains(pod))
+            .map(|(_, v)| v.gateway_group)
+            .collect();
+        local_groups
+            .iter()
+            .filter_map(|id| self.gateway_groups.get(id))
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
 /// Per-policy status, for logs, metrics and (later) the policy's status.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicySummary {
-    /// Gateway node of each gateway spec that has one, in spec order.
+    /// Gateway node of each gateway spec that has one (its first candidate), in spec order.
     pub gateway_nodes: Vec<String>,
-    /// Known only on the gateway itself.
+    /// Candidate node names of each gateway spec, in spec order (empty: none matches), each
+    /// by name and at most [`crate::gateways::MAX_CANDIDATES`].
+    pub candidate_nodes: Vec<Vec<String>>,
+    /// Known only on the gateway's candidates: this node's first resolved egress IP.
     pub egress_ip: Option<Ipv4Addr>,
     pub matched_pods: usize,
     /// The first problem found, if any.
@@ -178,11 +257,164 @@ pub fn policy_map_key(pod: Ipv4Addr, dest: Ipv4Net) -> (u32, PolicyKey) {
     )
 }
 
-/// A gateway spec resolved against the inventory and, on the gateway, the local interfaces.
-struct Gateway {
-    node_ip: Ipv4,
-    /// `Some` only on the gateway itself.
+/// A gateway spec resolved against the inventory and, on its candidates, the local
+/// interfaces.
+struct Gateway<'a> {
+    /// By name; empty: no node matches, the spec is skipped.
+    candidates: Vec<Candidate<'a>>,
+    /// `Some` only on the spec's candidates: this node's egress IP and its interface.
     egress: Option<Result<(Ipv4Addr, u32), PolicyProblem>>,
+}
+
+impl Gateway<'_> {
+    fn has_candidate(&self, node_name: &str) -> bool {
+        self.candidates.iter().any(|c| c.node.name == node_name)
+    }
+}
+
+/// What this node is for a pod's traffic.
+#[derive(Clone, Copy)]
+enum Role {
+    /// Not among the pod's candidates: it only steers (egress IP 0.0.0.0, as in Cilium).
+    NotCandidate,
+    /// A candidate that translates to this egress IP when the traffic reaches it.
+    Serves(Ipv4Addr),
+    /// A candidate whose egress IP did not resolve: the datapath drops what reaches it, and
+    /// the node reports itself as not serving so its probers fail over.
+    CannotServe,
+}
+
+/// Where a pod's traffic goes, as seen from this node.
+#[derive(Clone, Copy)]
+struct Steering {
+    /// Provisional id (see [`GroupInterner`]) of the pod's group.
+    group: u32,
+    /// The group's first candidate: the gateway while all are healthy.
+    gateway_ip: Ipv4,
+    role: Role,
+}
+
+/// A policy's gateway specs, and the steering of each pod order seen so far: pods with the
+/// same order of specs share everything but their addresses.
+struct PolicyGateways<'a> {
+    gateways: Vec<Gateway<'a>>,
+    /// Indexes of the specs that have candidates.
+    usable: Vec<usize>,
+    by_order: BTreeMap<Vec<usize>, Steering>,
+}
+
+impl<'a> PolicyGateways<'a> {
+    /// Finds every spec's candidates and, where this node is one, its egress IP.
+    fn resolve(inv: &'a Inventory, policy: &Policy, node_name: &str, local: &LocalNetwork) -> Self {
+        let gateways: Vec<Gateway<'a>> = policy
+            .gateways
+            .iter()
+            .map(|spec| {
+                let candidates = spec_candidates(inv, &spec.node_selector);
+                let is_candidate = candidates.iter().any(|c| c.node.name == node_name);
+                Gateway {
+                    candidates,
+                    egress: is_candidate.then(|| resolve_egress(&spec.egress, local, node_name)),
+                }
+            })
+            .collect();
+        let usable = (0..gateways.len())
+            .filter(|&i| !gateways[i].candidates.is_empty())
+            .collect();
+        Self {
+            gateways,
+            usable,
+            by_order: BTreeMap::new(),
+        }
+    }
+
+    /// Records the specs' nodes in the summary, this node's egress IPs in the state, and
+    /// the problems, in spec order.
+    fn record(
+        &self,
+        state: &mut DesiredState,
+        summary: &mut PolicySummary,
+        problems: &mut Vec<PolicyProblem>,
+    ) {
+        if self.usable.is_empty() {
+            problems.push(PolicyProblem::NoGatewayNode);
+        }
+        for (i, gateway) in self.gateways.iter().enumerate() {
+            let names: Vec<String> = gateway
+                .candidates
+                .iter()
+                .map(|c| c.node.name.clone())
+                .collect();
+            if names.is_empty() && self.gateways.len() > 1 {
+                problems.push(PolicyProblem::GatewaySpecWithoutNode(i));
+            }
+            summary.gateway_nodes.extend(names.first().cloned());
+            summary.candidate_nodes.push(names);
+            match &gateway.egress {
+                Some(Ok((ip, ifindex))) => {
+                    state.egress_ips.entry(*ip).or_insert(*ifindex);
+                    summary.egress_ip.get_or_insert(*ip);
+                }
+                Some(Err(problem)) => problems.push(problem.clone()),
+                None => {}
+            }
+        }
+    }
+
+    /// The pod's steering; `None` when no spec has a candidate.
+    fn steer(
+        &mut self,
+        pod: &Pod,
+        node_name: &str,
+        groups: &mut GroupInterner,
+    ) -> Option<Steering> {
+        if self.usable.is_empty() {
+            return None;
+        }
+        let order = entry_order(pod_hash(pod), self.usable.iter().copied());
+        if let Some(steering) = self.by_order.get(&order) {
+            return Some(*steering);
+        }
+        let in_order = || order.iter().map(|&i| &self.gateways[i]);
+        let group = group_of(in_order().map(|g| g.candidates.as_slice()));
+        // The spec this node serves the pod for: the first, in the pod's order, that has it
+        // as a candidate (where it entered the group).
+        let role = match in_order().find(|g| g.has_candidate(node_name)) {
+            Some(g) if group.iter().any(|c| c.node.name == node_name) => match &g.egress {
+                Some(Ok((ip, _))) => Role::Serves(*ip),
+                _ => Role::CannotServe,
+            },
+            _ => Role::NotCandidate,
+        };
+        let steering = Steering {
+            group: groups.intern(&group),
+            gateway_ip: group[0].ip.octets(),
+            role,
+        };
+        self.by_order.insert(order, steering);
+        Some(steering)
+    }
+}
+
+/// The policy value of a pod's destinations (its `pod_node_ip` aside).
+fn destination_value(steering: Option<Steering>) -> PolicyValue {
+    let Some(steering) = steering else {
+        return PolicyValue {
+            gateway_ip: GATEWAY_NONE,
+            ..Default::default()
+        };
+    };
+    let egress_ip = match steering.role {
+        Role::Serves(ip) => ip,
+        // Not a candidate, or no egress IP: the datapath drops what reaches this node.
+        Role::NotCandidate | Role::CannotServe => Ipv4Addr::UNSPECIFIED,
+    };
+    PolicyValue {
+        egress_ip: egress_ip.octets(),
+        gateway_ip: steering.gateway_ip,
+        gateway_group: steering.group,
+        ..Default::default()
+    }
 }
 
 /// Computes this node's desired map contents.
@@ -208,11 +440,13 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
             .filter(|p| p.node_name.as_deref() == Some(node_name))
             .flat_map(|p| p.ips.iter().copied())
             .collect(),
+        self_draining: inv.nodes.get(node_name).is_some_and(Node::is_draining),
         ..Default::default()
     };
     let pods = PodIndex::new(inv);
     let mut owners: BTreeMap<(Ipv4Addr, Ipv4Net), Owner<'_>> = BTreeMap::new();
     let mut conflicts: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    let mut groups = GroupInterner::default();
 
     // Policies in name order: on conflicts the first name wins (exclusions aside).
     for (policy_index, policy) in inv.policies.values().enumerate() {
@@ -221,53 +455,16 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
             ..PolicySummary::default()
         };
         let mut problems = Vec::new();
-
-        let mut gateways = Vec::new();
-        for (i, spec) in policy.gateways.iter().enumerate() {
-            let Some(node) = inv.gateway_node(&spec.node_selector) else {
-                if policy.gateways.len() > 1 {
-                    problems.push(PolicyProblem::GatewaySpecWithoutNode(i));
-                }
-                continue;
-            };
-            let egress =
-                (node.name == node_name).then(|| resolve_egress(&spec.egress, local, node_name));
-            if let Some(result) = &egress {
-                match result {
-                    Ok((ip, ifindex)) => {
-                        state.egress_ips.entry(*ip).or_insert(*ifindex);
-                        summary.egress_ip.get_or_insert(*ip);
-                    }
-                    Err(problem) => problems.push(problem.clone()),
-                }
-            }
-            summary.gateway_nodes.push(node.name.clone());
-            gateways.push(Gateway {
-                node_ip: node.internal_ip.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
-                egress,
-            });
-        }
-        if gateways.is_empty() {
-            problems.insert(0, PolicyProblem::NoGatewayNode);
-        }
+        let mut gateways = PolicyGateways::resolve(inv, policy, node_name, local);
+        gateways.record(&mut state, &mut summary, &mut problems);
 
         for pod in pods.matching_pods(policy) {
             summary.matched_pods += 1;
-            let value = match pick_gateway(&gateways, pod) {
-                None => PolicyValue {
-                    gateway_ip: GATEWAY_NONE,
-                    ..Default::default()
-                },
-                Some(gw) => PolicyValue {
-                    egress_ip: match &gw.egress {
-                        Some(Ok((ip, _))) => ip.octets(),
-                        // Not the gateway, or no egress IP: the datapath drops there.
-                        _ => Ipv4Addr::UNSPECIFIED.octets(),
-                    },
-                    gateway_ip: gw.node_ip,
-                    ..Default::default()
-                },
-            };
+            let steering = gateways.steer(pod, node_name, &mut groups);
+            let cannot_serve = matches!(steering.map(|s| s.role), Some(Role::CannotServe));
+            if cannot_serve {
+                state.self_serving = false;
+            }
             // Unknown node: 0.0.0.0, so the gateway refuses the tunnel traffic (fail closed).
             let pod_node_ip = pod
                 .node_name
@@ -280,11 +477,11 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
                 egress_ip: Ipv4Addr::UNSPECIFIED.octets(),
                 gateway_ip: GATEWAY_EXCLUDED,
                 pod_node_ip,
-                reserved: 0,
+                gateway_group: 0,
             };
             let value = PolicyValue {
                 pod_node_ip,
-                ..value
+                ..destination_value(steering)
             };
             for &ip in &pod.ips {
                 state.pod_priority.entry(ip).or_insert(policy_index);
@@ -319,7 +516,45 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
         }
     }
     state.policy_entries = owners.into_iter().map(|(k, o)| (k, o.value)).collect();
+    finish_groups(&mut state, groups, inv, node_name);
     state
+}
+
+/// Gives the entries their final group ids, keeps the groups they reference, and lists the
+/// probe targets.
+fn finish_groups(
+    state: &mut DesiredState,
+    groups: GroupInterner,
+    inv: &Inventory,
+    node_name: &str,
+) {
+    let (final_ids, all_groups) = groups.finish();
+    for value in state.policy_entries.values_mut() {
+        if value.gateway_group != 0 {
+            value.gateway_group = final_ids[value.gateway_group as usize - 1];
+        }
+    }
+    state.gateway_groups = all_groups;
+    state.drop_unreferenced_groups();
+    let mut by_ip: BTreeMap<Ipv4Addr, &Node> = BTreeMap::new();
+    for node in inv.nodes.values() {
+        if let Some(ip) = node.internal_ip {
+            by_ip.entry(ip).or_insert(node);
+        }
+    }
+    state.probe_targets = state
+        .probed_gateways()
+        .into_iter()
+        .filter_map(|ip| by_ip.get(&ip).map(|node| (ip, *node)))
+        .filter(|(_, node)| node.name != node_name)
+        .map(|(ip, node)| {
+            let target = ProbeTarget {
+                node: node.name.clone(),
+                draining: node.is_draining(),
+            };
+            (ip, target)
+        })
+        .collect();
 }
 
 struct Owner<'a> {
@@ -353,29 +588,7 @@ fn merge<'a>(
     }
 }
 
-/// Spreads pods over the gateways with a stable hash of "namespace/name", so every node
-/// computes the same choice without talking to the others.
-fn pick_gateway<'g>(gateways: &'g [Gateway], pod: &Pod) -> Option<&'g Gateway> {
-    match gateways.len() {
-        0 => None,
-        1 => gateways.first(),
-        n => {
-            let hash = fnv1a(&[pod.namespace.as_bytes(), b"/", pod.name.as_bytes()]);
-            gateways.get((hash % n as u64) as usize)
-        }
-    }
-}
-
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in parts.iter().flat_map(|p| p.iter()) {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
-}
-
-/// The egress IP and its interface on this node, the gateway.
+/// The egress IP and its interface on this node, a candidate gateway.
 fn resolve_egress(
     source: &EgressSource,
     local: &LocalNetwork,
@@ -467,7 +680,7 @@ pub mod diff {
 #[cfg(test)]
 mod tests {
     use super::{diff::*, *};
-    use crate::inventory::{Node, test_support::*};
+    use crate::inventory::{DRAINING_LABEL, Node, test_support::*};
 
     const GW: &str = "gw-a";
 
@@ -540,12 +753,29 @@ mod tests {
         )
     }
 
+    /// An entry without a group: excluded, or no gateway.
     fn value(egress: &str, gateway: [u8; 4], pod_node: [u8; 4]) -> PolicyValue {
         PolicyValue {
             egress_ip: ip(egress).octets(),
             gateway_ip: gateway,
             pod_node_ip: pod_node,
-            reserved: 0,
+            gateway_group: 0,
+        }
+    }
+
+    /// gw-a then gw-b: the group of the `egress: 'true'` selector.
+    const BOTH: [[u8; 4]; 2] = [[10, 0, 0, 10], [10, 0, 0, 11]];
+
+    fn group_id(group: &[[u8; 4]]) -> u32 {
+        let list: Vec<Ipv4Addr> = group.iter().map(|&o| Ipv4Addr::from(o)).collect();
+        crate::gateways::assign_group_ids([list.as_slice()])[&list]
+    }
+
+    /// A steered entry: through `group`'s first candidate, with `group`'s id.
+    fn steered(egress: &str, group: &[[u8; 4]], pod_node: [u8; 4]) -> PolicyValue {
+        PolicyValue {
+            gateway_group: group_id(group),
+            ..value(egress, group[0], pod_node)
         }
     }
 
@@ -608,13 +838,14 @@ mod tests {
             let on_gw = desired_state(&inv, GW, &gw_network());
             assert_eq!(
                 on_gw.policy_entries[&key],
-                value(egress, [10, 0, 0, 10], [10, 0, 0, 1]),
+                steered(egress, &BOTH, [10, 0, 0, 1]),
                 "{gateway}"
             );
             assert_eq!(on_gw.egress_ips, BTreeMap::from([(ip(egress), ifindex)]));
             let summary = &on_gw.policies["p"];
             assert_eq!(summary.egress_ip, Some(ip(egress)));
             assert_eq!(summary.gateway_nodes, [GW]);
+            assert_eq!(summary.candidate_nodes, [[GW, "gw-b"]]);
             assert_eq!(summary.matched_pods, 1);
             assert_eq!(summary.problem, None);
 
@@ -622,7 +853,7 @@ mod tests {
             let on_worker = desired_state(&inv, "w1", &gw_network());
             assert_eq!(
                 on_worker.policy_entries[&key],
-                value("0.0.0.0", [10, 0, 0, 10], [10, 0, 0, 1])
+                steered("0.0.0.0", &BOTH, [10, 0, 0, 1])
             );
             assert!(on_worker.egress_ips.is_empty());
             assert_eq!(on_worker.policies["p"].egress_ip, None);
@@ -652,9 +883,12 @@ mod tests {
             let inv = inventory(&[&simple("p", "web", "203.0.113.0/24", gateway)]);
             let s = desired_state(&inv, GW, &gw_network());
             let v = s.policy_entries[&(ip("10.1.1.1"), net("203.0.113.0/24"))];
-            assert_eq!(v, value("0.0.0.0", [10, 0, 0, 10], [10, 0, 0, 1]));
+            assert_eq!(v, steered("0.0.0.0", &BOTH, [10, 0, 0, 1]));
             assert!(s.egress_ips.is_empty());
             assert_eq!(s.policies["p"].problem, Some(problem));
+            // Its probers must fail over: it cannot translate.
+            assert!(!s.self_serving);
+            assert!(desired_state(&inv, "w1", &gw_network()).self_serving);
         }
         let inv = inventory(&[&simple(
             "p",
@@ -718,7 +952,7 @@ mod tests {
             );
             assert_eq!(
                 s.policy_entries[&(ip(pod_ip), net("0.0.0.0/0"))],
-                value("0.0.0.0", [10, 0, 0, 10], node_ip)
+                steered("0.0.0.0", &BOTH, node_ip)
             );
         }
         assert_eq!(s.policies["p"].matched_pods, 2);
@@ -773,7 +1007,7 @@ mod tests {
 
     #[test]
     fn exclusion_wins_within_one_policy() {
-        let p = "metadata: {name: p}\nspec:\n  selectors: [{podSelector: {matchLabels: {app: web}}}]\n  destinationCIDRs: [203.0.113.0/24]\n  excludedCIDRs: [203.0.113.0/24]\n  egressGateway: {nodeSelector: {}}\n";
+        let p = "metadata: {name: p}\nspec:\n  selectors: [{podSelector: {matchLabels: {app: web}}}]\n  destinationCIDRs: [203.0.113.0/24]\n  excludedCIDRs: [203.0.113.0/24]\n  egressGateway: {nodeSelector: {matchLabels: {egress: 'true'}}}\n";
         let s = desired_state(&inventory(&[p]), "w1", &LocalNetwork::default());
         assert_eq!(s.policy_entries.len(), 1);
         assert_eq!(
@@ -799,30 +1033,291 @@ mod tests {
         let on_w1 = desired_state(&inv, "w1", &LocalNetwork::default());
         let on_a = desired_state(&inv, GW, &gw_network());
         let on_b = desired_state(&inv, "gw-b", &gw_network());
-        let gateways = |s: &DesiredState| -> Vec<Ipv4> {
-            s.policy_entries.values().map(|v| v.gateway_ip).collect()
+        let steering = |s: &DesiredState| -> Vec<(Ipv4, u32)> {
+            s.policy_entries
+                .values()
+                .map(|v| (v.gateway_ip, v.gateway_group))
+                .collect()
         };
-        assert_eq!(gateways(&on_w1), gateways(&on_a));
-        assert_eq!(gateways(&on_w1), gateways(&on_b));
-        let used: BTreeSet<Ipv4> = gateways(&on_w1).into_iter().collect();
-        assert_eq!(used, BTreeSet::from([[10, 0, 0, 10], [10, 0, 0, 11]]));
-        assert_eq!(on_w1.policies["fleet"].gateway_nodes, ["gw-a", "gw-b"]);
+        // Every node computes the same gateways and groups.
+        assert_eq!(steering(&on_w1), steering(&on_a));
+        assert_eq!(steering(&on_w1), steering(&on_b));
+        // A pod ranks the entries with candidates (the missing one is skipped): gw-a then
+        // gw-b, or gw-b then gw-a; both orders occur.
+        let (a, b) = ([10, 0, 0, 10], [10, 0, 0, 11]);
+        let groups = BTreeMap::from([
+            (group_id(&[a, b]), vec![ip("10.0.0.10"), ip("10.0.0.11")]),
+            (group_id(&[b, a]), vec![ip("10.0.0.11"), ip("10.0.0.10")]),
+        ]);
+        assert_eq!(on_w1.gateway_groups, groups);
+        for v in on_w1.policy_entries.values() {
+            assert_eq!(v.gateway_ip, groups[&v.gateway_group][0].octets());
+        }
+        let used: BTreeSet<Ipv4> = on_w1
+            .policy_entries
+            .values()
+            .map(|v| v.gateway_ip)
+            .collect();
+        assert_eq!(used, BTreeSet::from([a, b]));
+        let summary = &on_w1.policies["fleet"];
+        assert_eq!(summary.gateway_nodes, ["gw-a", "gw-b"]);
         assert_eq!(
-            on_w1.policies["fleet"].problem,
+            summary.candidate_nodes,
+            [vec!["gw-a"], vec![], vec!["gw-b"]]
+        );
+        assert_eq!(
+            summary.problem,
             Some(PolicyProblem::GatewaySpecWithoutNode(1))
         );
-        // Each gateway sets its egress IP only on the entries it serves.
-        for (s, own) in [(&on_a, [10, 0, 0, 10]), (&on_b, [10, 0, 0, 11])] {
+        // Each gateway is a candidate of every pod (first or as the fallback), so it sets
+        // its egress IP on every entry; the worker on none.
+        for s in [&on_a, &on_b] {
             for v in s.policy_entries.values() {
-                let expect = if v.gateway_ip == own {
-                    ip("192.0.2.200")
-                } else {
-                    Ipv4Addr::UNSPECIFIED
-                };
-                assert_eq!(Ipv4Addr::from(v.egress_ip), expect);
+                assert_eq!(Ipv4Addr::from(v.egress_ip), ip("192.0.2.200"));
             }
             assert_eq!(s.egress_ips, BTreeMap::from([(ip("192.0.2.200"), 3)]));
         }
+        assert!(on_w1.policy_entries.values().all(|v| v.egress_ip == [0; 4]));
+    }
+
+    #[test]
+    fn candidates_are_every_matching_node_with_an_ip_by_name() {
+        let mut inv = inventory(&[&simple(
+            "p",
+            "web",
+            "203.0.113.0/24",
+            "{nodeSelector: {matchLabels: {egress: 'true'}}}",
+        )]);
+        inv.upsert_node(node("gw-c", Some([10, 0, 0, 12]), &[("egress", "true")]));
+        inv.upsert_node(node("gw-0", None, &[("egress", "true")]));
+        let s = desired_state(&inv, "w1", &LocalNetwork::default());
+        let summary = &s.policies["p"];
+        assert_eq!(summary.candidate_nodes, [["gw-a", "gw-b", "gw-c"]]);
+        // As in Cilium, the first by name is the gateway while all are healthy.
+        assert_eq!(summary.gateway_nodes, ["gw-a"]);
+        let all = [[10, 0, 0, 10], [10, 0, 0, 11], [10, 0, 0, 12]];
+        assert_eq!(
+            s.policy_entries[&(ip("10.1.1.1"), net("203.0.113.0/24"))],
+            steered("0.0.0.0", &all, [10, 0, 0, 1])
+        );
+        assert_eq!(
+            s.gateway_groups,
+            BTreeMap::from([(group_id(&all), all.map(Ipv4Addr::from).to_vec())])
+        );
+    }
+
+    #[test]
+    fn a_candidate_that_is_not_first_translates_for_the_group() {
+        let gateway = |interface: &str| {
+            let spec = format!(
+                "{{nodeSelector: {{matchLabels: {{egress: 'true'}}}}, interface: {interface}}}"
+            );
+            inventory(&[&simple("p", "web", "203.0.113.0/24", &spec)])
+        };
+        let key = (ip("10.1.1.1"), net("203.0.113.0/24"));
+        let on_b = desired_state(&gateway("eth1"), "gw-b", &gw_network());
+        // gw-a stays the gateway; gw-b translates what fails over to it.
+        assert_eq!(
+            on_b.policy_entries[&key],
+            steered("192.0.2.200", &BOTH, [10, 0, 0, 1])
+        );
+        assert_eq!(on_b.egress_ips, BTreeMap::from([(ip("192.0.2.200"), 3)]));
+        let summary = &on_b.policies["p"];
+        assert_eq!(
+            (summary.egress_ip, &summary.problem),
+            (Some(ip("192.0.2.200")), &None)
+        );
+        assert!(on_b.self_serving);
+
+        let broken = desired_state(&gateway("eth9"), "gw-b", &gw_network());
+        assert_eq!(
+            broken.policy_entries[&key],
+            steered("0.0.0.0", &BOTH, [10, 0, 0, 1])
+        );
+        assert!(broken.egress_ips.is_empty());
+        assert_eq!(
+            broken.policies["p"].problem,
+            Some(PolicyProblem::InterfaceNotFound("eth9".into()))
+        );
+        assert!(!broken.self_serving);
+    }
+
+    /// A small deterministic generator (splitmix64) for the randomized tests.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) % n as u64) as usize
+        }
+    }
+
+    /// Random pods and 2-5 `egressGateways` entries of 1-3 nodes each; every entry's nodes
+    /// then leave the inventory in turn. Exactly the pods whose first entry it was change
+    /// gateway, each to the first candidate of its old group still there (what the
+    /// datapath's failover by health picks), and every other pod keeps its gateway.
+    #[test]
+    fn an_entry_leaving_the_inventory_moves_only_its_pods() {
+        let mut rng = Rng(2024);
+        let mut total_moved = 0;
+        for seed in 0..40 {
+            let entries = 2 + rng.below(4);
+            let mut inv = Inventory::default();
+            inv.upsert_node(node("w1", Some([10, 0, 1, 1]), &[]));
+            let mut spec = String::new();
+            for entry in 0..entries {
+                for n in 0..=rng.below(3) {
+                    let name = format!("e{entry}-{n}");
+                    let octets = [10, 0, 2 + entry as u8, n as u8];
+                    inv.upsert_node(node(&name, Some(octets), &[("entry", &entry.to_string())]));
+                }
+                spec += &format!("  - {{nodeSelector: {{matchLabels: {{entry: '{entry}'}}}}}}\n");
+            }
+            inv.upsert_policy(policy(&format!(
+                "metadata: {{name: p}}\nspec:\n  selectors: [{{podSelector: {{}}}}]\n  destinationCIDRs: [0.0.0.0/0]\n  egressGateway: {{nodeSelector: {{matchLabels: {{entry: '0'}}}}}}\n  egressGateways:\n{spec}"
+            )));
+            for i in 0..40u8 {
+                let name = format!("p{seed}-{i}-{}", rng.below(1 << 20));
+                inv.upsert_pod(pod("default", &name, "w1", [10, 1, seed, i], &[]));
+            }
+            let before = desired_state(&inv, "w1", &LocalNetwork::default());
+            for removed in 0..entries {
+                let mut inv = inv.clone();
+                inv.nodes
+                    .retain(|name, _| !name.starts_with(&format!("e{removed}-")));
+                let gone = |gateway: Ipv4| gateway[2] == 2 + removed as u8;
+                let after = desired_state(&inv, "w1", &LocalNetwork::default());
+                assert_eq!(
+                    after.policies["p"].problem,
+                    Some(PolicyProblem::GatewaySpecWithoutNode(removed))
+                );
+                let mut moved = 0;
+                for (key, old) in &before.policy_entries {
+                    let new = after.policy_entries[key];
+                    assert_eq!(new.gateway_ip != old.gateway_ip, gone(old.gateway_ip));
+                    let next = before.gateway_groups[&old.gateway_group]
+                        .iter()
+                        .map(Ipv4Addr::octets)
+                        .find(|candidate| !gone(*candidate));
+                    assert_eq!(Some(new.gateway_ip), next, "seed {seed}, {key:?}");
+                    moved += usize::from(gone(old.gateway_ip));
+                }
+                assert!(
+                    moved < 40,
+                    "seed {seed}: every pod ranked entry {removed} first"
+                );
+                total_moved += moved;
+            }
+        }
+        assert!(total_moved > 1000, "{total_moved}");
+    }
+
+    #[test]
+    fn group_ids_are_the_same_on_every_node_and_across_reconciles() {
+        let p = simple(
+            "p",
+            "web",
+            "203.0.113.0/24",
+            "{nodeSelector: {matchLabels: {egress: 'true'}}}",
+        );
+        let inv = inventory(&[&p]);
+        let key = (ip("10.1.1.1"), net("203.0.113.0/24"));
+        let id = group_id(&BOTH);
+        assert_ne!(id, 0);
+        for node in ["w1", "w2", GW, "gw-b", "not-in-the-inventory"] {
+            let s = desired_state(&inv, node, &gw_network());
+            assert_eq!(s.policy_entries[&key].gateway_group, id, "{node}");
+            assert_eq!(s.gateway_groups.keys().collect::<Vec<_>>(), [&id]);
+        }
+        // Another policy and its group come along: the first group keeps its id.
+        let q = simple(
+            "q",
+            "db",
+            "198.51.100.0/24",
+            "{nodeSelector: {matchLabels: {kubernetes.io/hostname: gw-b}}}",
+        );
+        let s = desired_state(&inventory(&[&p, &q]), "w1", &LocalNetwork::default());
+        assert_eq!(s.policy_entries[&key].gateway_group, id);
+        assert_eq!(
+            s.policy_entries[&(ip("10.1.2.1"), net("198.51.100.0/24"))].gateway_group,
+            group_id(&[[10, 0, 0, 11]])
+        );
+        assert_eq!(s.gateway_groups.len(), 2);
+    }
+
+    #[test]
+    fn draining_nodes_stay_candidates_and_are_flagged() {
+        let mut inv = inventory(&[&simple(
+            "p",
+            "web",
+            "203.0.113.0/24",
+            "{nodeSelector: {matchLabels: {egress: 'true'}}}",
+        )]);
+        let mut gw_b = inv.nodes["gw-b"].clone();
+        gw_b.labels.insert(DRAINING_LABEL.into(), "true".into());
+        inv.upsert_node(gw_b);
+        let mut w1 = inv.nodes["w1"].clone();
+        w1.unschedulable = true;
+        inv.upsert_node(w1);
+
+        let s = desired_state(&inv, "w1", &LocalNetwork::default());
+        assert!(s.self_draining);
+        assert_eq!(s.policies["p"].candidate_nodes, [[GW, "gw-b"]]);
+        assert_eq!(
+            s.policy_entries[&(ip("10.1.1.1"), net("203.0.113.0/24"))],
+            steered("0.0.0.0", &BOTH, [10, 0, 0, 1])
+        );
+        let flags: Vec<(&str, bool)> = s
+            .probe_targets
+            .values()
+            .map(|t| (t.node.as_str(), t.draining))
+            .collect();
+        assert_eq!(flags, [(GW, false), ("gw-b", true)]);
+        assert!(desired_state(&inv, "gw-b", &gw_network()).self_draining);
+        assert!(!desired_state(&inv, GW, &gw_network()).self_draining);
+    }
+
+    #[test]
+    fn probe_targets_are_the_groups_of_local_pods_never_this_node() {
+        let web = simple(
+            "web",
+            "web",
+            "203.0.113.0/24",
+            "{nodeSelector: {matchLabels: {egress: 'true'}}}",
+        );
+        let db = simple(
+            "db",
+            "db",
+            "203.0.113.0/24",
+            "{nodeSelector: {matchLabels: {kubernetes.io/hostname: w1}}}",
+        );
+        let mut inv = inventory(&[&web, &db]);
+        inv.nodes.get_mut("w1").unwrap().labels = labels(&[("kubernetes.io/hostname", "w1")]);
+        inv.upsert_pod(pod(
+            "default",
+            "web-2",
+            GW,
+            [10, 1, 10, 1],
+            &[("app", "web")],
+        ));
+        let probed = |node: &str| -> BTreeMap<Ipv4Addr, String> {
+            desired_state(&inv, node, &gw_network())
+                .probe_targets
+                .into_iter()
+                .map(|(ip, t)| (ip, t.node))
+                .collect()
+        };
+        let target = |name: &str| (inv.nodes[name].internal_ip.unwrap(), name.to_owned());
+        // w1 runs web: it probes web's group, not db's (db runs on w2; w1 is db's gateway).
+        assert_eq!(probed("w1"), BTreeMap::from([target(GW), target("gw-b")]));
+        assert_eq!(probed("w2"), BTreeMap::from([target("w1")]));
+        // gw-a runs web-2: it probes the rest of web's group, never itself.
+        assert_eq!(probed(GW), BTreeMap::from([target("gw-b")]));
+        // No selected pods: no probes.
+        assert!(probed("gw-b").is_empty());
     }
 
     #[test]
@@ -925,10 +1420,28 @@ mod tests {
                 expect.extend(entries_of(&full, pod));
             }
             assert_eq!(s.policy_entries, expect, "capacity {capacity}");
-            // Nothing but the policy entries changes.
+            // Both policies use one group, and web (10.1.1.1) runs here on w1: the group
+            // and the probe targets stay while a pod needs them.
+            let group = BTreeMap::from([(group_id(&BOTH), BOTH.map(Ipv4Addr::from).to_vec())]);
+            let expect_groups = if kept.is_empty() {
+                BTreeMap::new()
+            } else {
+                group
+            };
+            assert_eq!(s.gateway_groups, expect_groups, "capacity {capacity}");
+            let probed: Vec<Ipv4Addr> = s.probe_targets.keys().copied().collect();
+            let expect_probed = if kept.contains(&"10.1.1.1") {
+                BOTH.map(Ipv4Addr::from).to_vec()
+            } else {
+                Vec::new()
+            };
+            assert_eq!(probed, expect_probed, "capacity {capacity}");
+            // Nothing else changes.
             assert_eq!(
                 DesiredState {
                     policy_entries: full.policy_entries.clone(),
+                    gateway_groups: full.gateway_groups.clone(),
+                    probe_targets: full.probe_targets.clone(),
                     ..s
                 },
                 full

@@ -6,11 +6,12 @@
 //! - [`inventory`]: the cluster's Nodes, Namespaces, Pods and validated policies, and the
 //!   label selectors that tie them together;
 //! - [`desired`]: for one node, the contents of every BPF map, and the diff against what is
-//!   programmed.
+//!   programmed; [`gateways`] orders each pod's candidate gateways for it.
 //!
 //! No kernel, no async, no I/O: the agent (`egress-agent`) reads the files and the API server
 //! and hands the bytes and objects in; the fuzz targets (`fuzz/`) drive it the same way.
 
 pub mod desired;
+pub mod gateways;
 pub mod inventory;
 pub mod parse;
