@@ -13,6 +13,7 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     config::{AgentConfig, PortRange, SourceConfig},
     datapath::{DEFAULT_BPFFS, MapSizes, Timeouts},
+    health::ProbeSettings,
     inspect::{self, Output},
     run,
 };
@@ -195,6 +196,14 @@ pub struct RunArgs {
     /// Capacity of the map of egress IPs this node serves.
     #[arg(long, default_value_t = DEFAULT_EGRESS_IP_MAP_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
     egress_ip_map_size: u32,
+    /// Milliseconds between two health probes to each candidate gateway of this node's pods
+    /// (BFD-style, answered by the gateway's datapath).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    probe_interval_ms: u64,
+    /// Unanswered probes in a row after which a gateway is down and its flows move to the
+    /// next candidate: detection takes about interval x multiplier.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    probe_multiplier: u32,
 }
 
 impl RunArgs {
@@ -227,6 +236,10 @@ impl RunArgs {
                 cluster: self.cluster_map_size,
                 local_pods: self.local_pod_map_size,
                 egress_ips: self.egress_ip_map_size,
+            },
+            probes: ProbeSettings {
+                interval: Duration::from_millis(self.probe_interval_ms),
+                multiplier: self.probe_multiplier,
             },
             timeouts: Timeouts {
                 tcp_closing: Duration::from_secs(self.tcp_closing_timeout),

@@ -8,6 +8,7 @@ use thiserror::Error;
 
 use crate::{
     datapath::{MapSizes, Timeouts},
+    health::ProbeSettings,
     privileges,
 };
 
@@ -41,6 +42,8 @@ pub struct AgentConfig {
     pub cluster_cidrs: Vec<Ipv4Net>,
     pub map_sizes: MapSizes,
     pub timeouts: Timeouts,
+    /// Gateway health probes.
+    pub probes: ProbeSettings,
 }
 
 #[derive(Debug, Error)]

@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 use crate::{
     chain::Chain,
     datapath::{PinLayout, pinned},
+    health::HealthMetrics,
     report::Report,
 };
 
@@ -73,11 +74,12 @@ pub async fn serve(
     address: SocketAddr,
     reports: watch::Receiver<Arc<Report>>,
     pins: PinLayout,
+    health: HealthMetrics,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(address)
         .await
         .map_err(|source| MetricsError::Bind { address, source })?;
-    let histograms = Histograms::default();
+    let histograms = Histograms::with_health(health);
     tokio::spawn(follow_reports(reports.clone(), histograms.clone()));
     let server = Arc::new(Server {
         reports,
@@ -94,15 +96,24 @@ pub async fn serve(
 pub struct Histograms {
     reconcile_duration: Histogram,
     event_to_programmed: Histogram,
+    /// Fed by the gateway prober.
+    health: HealthMetrics,
 }
 
 impl Default for Histograms {
     fn default() -> Self {
+        Self::with_health(HealthMetrics::default())
+    }
+}
+
+impl Histograms {
+    fn with_health(health: HealthMetrics) -> Self {
         Self {
             // 100 µs .. 6.5 s
             reconcile_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
             // 1 ms .. 65 s
             event_to_programmed: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            health,
         }
     }
 }
@@ -346,6 +357,24 @@ pub fn render(report: &Report, datapath: &DatapathSample, histograms: &Histogram
         "Time from a change (watch event or manifest change) to the datapath being programmed",
         histograms.event_to_programmed.clone(),
     );
+    let health = &histograms.health;
+    registry.register(
+        "gateway_healthy",
+        "1 while the gateway node answers this node's probes and can serve, 0 while its flows \
+         go to the next candidate",
+        health.healthy.clone(),
+    );
+    registry.register(
+        "gateway_failovers",
+        "Gateways this node's prober found down, by cause (unanswered probes, or the gateway \
+         said it cannot serve)",
+        health.failovers.clone(),
+    );
+    registry.register(
+        "probe_rtt_seconds",
+        "Round trips of the gateway health probes, through the tunnel",
+        health.rtt.clone(),
+    );
 
     let mut text = String::new();
     prometheus_text::encode(&mut text, &registry).expect("writing to a String cannot fail");
@@ -462,6 +491,7 @@ mod tests {
                         matched_pods: 3,
                         problem: None,
                         ipv6_not_programmed: vec!["::/0".parse().unwrap()],
+                        ..PolicySummary::default()
                     },
                 ),
                 (

@@ -4,11 +4,11 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Instant,
 };
 
-use egress_common::{config::DatapathConfig, map_names};
+use egress_common::{config::DatapathConfig, gateway::GATEWAY_GROUP_MAP_SIZE, map_names};
 use egress_control::desired::{
     self, DesiredState, LocalInterface, LocalNetwork, PolicyConflict, PolicyMapFit,
 };
@@ -19,6 +19,7 @@ use crate::{
     chain::Chain,
     config::AgentConfig,
     datapath::{Attachment, Datapath, Hook, MapContents, check_capacity},
+    health::{Target, Targets},
     netlink,
     report::Report,
     say_once::SayOnce,
@@ -38,6 +39,8 @@ pub struct Reconciler<'a> {
     written_config: Option<DatapathConfig>,
     /// `published` of the last snapshot programmed, to time each snapshot only once.
     last_programmed: Option<Instant>,
+    /// Whom the gateway prober probes, as the last reconcile found.
+    probe_targets: Arc<Mutex<Targets>>,
     said: Said,
 }
 
@@ -68,6 +71,7 @@ impl<'a> Reconciler<'a> {
         tunnel_mtu: u32,
         report: watch::Sender<Arc<Report>>,
         snapshot: Arc<Snapshot>,
+        probe_targets: Arc<Mutex<Targets>>,
     ) -> Self {
         let mut reconciler = Reconciler {
             config,
@@ -79,6 +83,7 @@ impl<'a> Reconciler<'a> {
             last_network: None,
             written_config: None,
             last_programmed: None,
+            probe_targets,
             said: Said::default(),
         };
         reconciler.set_snapshot(snapshot);
@@ -162,6 +167,7 @@ impl<'a> Reconciler<'a> {
         let local = local_network(network);
         let mut desired = desired::desired_state(inventory, &config.node_name, &local);
         self.say_policy_problems(&desired);
+        self.tell_prober(node_ip, &desired);
         let fit = desired.fit_policy_map(config.map_sizes.policies as usize);
         self.say_policy_map_fit(fit);
         let (contents, attachments) = self.plan(&desired, network);
@@ -194,6 +200,11 @@ impl<'a> Reconciler<'a> {
                 map_names::EGRESS_IPS,
                 contents.egress_ips.len(),
                 sizes.egress_ips,
+            ),
+            (
+                map_names::GATEWAY_GROUPS,
+                contents.gateway_groups.len(),
+                GATEWAY_GROUP_MAP_SIZE,
             ),
         ] {
             check_capacity(map, used, capacity);
@@ -361,6 +372,30 @@ impl<'a> Reconciler<'a> {
         }
     }
 
+    /// Hands the prober the gateways this node's pods may use, and this node's own state.
+    fn tell_prober(&self, node_ip: Ipv4Addr, desired: &DesiredState) {
+        let targets = Targets {
+            node_ip: Some(node_ip),
+            gateways: desired
+                .probe_targets
+                .iter()
+                .map(|(ip, target)| {
+                    let target = Target {
+                        node: target.node.clone(),
+                        draining: target.draining,
+                    };
+                    (*ip, target)
+                })
+                .collect(),
+            self_serving: desired.self_serving,
+            self_draining: desired.self_draining,
+        };
+        *self
+            .probe_targets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = targets;
+    }
+
     /// Turns the desired state into map contents and attachments for this node.
     fn plan(
         &self,
@@ -381,6 +416,7 @@ impl<'a> Reconciler<'a> {
                 .copied()
                 .collect(),
             egress_ips: desired.egress_ips.clone(),
+            gateway_groups: desired.gateway_groups.clone(),
             ..MapContents::default()
         };
         let mut attachments = BTreeSet::new();

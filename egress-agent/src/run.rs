@@ -4,7 +4,7 @@
 use std::{
     path::Path,
     process::ExitCode,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -19,6 +19,7 @@ use crate::{
     chain::Chain,
     config::{AgentConfig, SourceConfig},
     datapath::{Datapath, PinLayout, monotonic_now_ns},
+    health::{self, HealthMetrics, Targets},
     metrics,
     netlink::{self, Netlink},
     privileges,
@@ -56,6 +57,8 @@ struct Started {
     report: watch::Sender<Arc<Report>>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     terminate: Signal,
+    /// Whom the gateway prober probes, set by each reconcile.
+    probe_targets: Arc<Mutex<Targets>>,
 }
 
 async fn run_async(config: &AgentConfig) -> anyhow::Result<ExitCode> {
@@ -69,6 +72,7 @@ async fn run_async(config: &AgentConfig) -> anyhow::Result<ExitCode> {
         started.tunnel_mtu,
         started.report.clone(),
         Arc::clone(&started.snapshots.borrow_and_update()),
+        Arc::clone(&started.probe_targets),
     );
     match privileges::drop_capabilities() {
         Ok(kept) => info!(?kept, "dropped every other capability"),
@@ -128,9 +132,23 @@ async fn start(config: &AgentConfig) -> anyhow::Result<Option<Started>> {
             source.snapshots
         }
     };
-    metrics::serve(config.metrics_address, reports, datapath.pins().clone())
-        .await
-        .with_context(|| format!("serving metrics on {}", config.metrics_address))?;
+    let health_metrics = HealthMetrics::default();
+    metrics::serve(
+        config.metrics_address,
+        reports,
+        datapath.pins().clone(),
+        health_metrics.clone(),
+    )
+    .await
+    .with_context(|| format!("serving metrics on {}", config.metrics_address))?;
+    let probe_targets = Arc::new(Mutex::new(Targets::default()));
+    health::spawn_prober(
+        datapath.pins().clone(),
+        config.tunnel_port,
+        config.probes,
+        Arc::clone(&probe_targets),
+        health_metrics,
+    );
     let mut terminate = signal(SignalKind::terminate())?;
     if matches!(config.source, SourceConfig::Kubernetes { .. }) {
         // Programming from a partial list would delete the entries of pods not listed yet.
@@ -153,6 +171,7 @@ async fn start(config: &AgentConfig) -> anyhow::Result<Option<Started>> {
         report,
         snapshots,
         terminate,
+        probe_targets,
     }))
 }
 

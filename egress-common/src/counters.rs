@@ -82,14 +82,22 @@ pub mod reason {
         /// A later fragment of matched or translated traffic whose first fragment was not
         /// seen (lost, or arrived later): its flow is unknown, so it is dropped.
         DROP_FRAGMENT_UNKNOWN = 20 => "drop_fragment_unknown",
+        /// A gateway answered a health probe (in its datapath).
+        PROBE_ANSWERED = 21 => "probe_answered",
+        /// A probing node received a probe reply from a gateway.
+        PROBE_REPLY_RECEIVED = 22 => "probe_reply_received",
+        /// Not a packet verdict: a steered flow moved to another gateway because its own was
+        /// down or left its group (counted once per move; the packet counts as a redirect).
+        FLOW_FAILED_OVER = 23 => "flow_failed_over",
     }
 
     /// Capacity of the `COUNTERS` map.
     pub const MAX: u32 = 32;
 
-    /// True for slots that count packets by verdict (every slot but retry events).
+    /// True for slots that count packets by verdict (every slot but events: port retries
+    /// and flows moving to another gateway, whose packets count under their verdict too).
     pub const fn is_packet_verdict(reason: u32) -> bool {
-        reason < COUNT && reason != NAT_PORT_RETRY
+        reason < COUNT && reason != NAT_PORT_RETRY && reason != FLOW_FAILED_OVER
     }
 }
 

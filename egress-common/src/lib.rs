@@ -21,6 +21,7 @@ macro_rules! assert_size {
 pub mod config;
 pub mod counters;
 pub mod flow;
+pub mod gateway;
 pub mod nat;
 pub mod nodes;
 pub mod policy;
@@ -71,6 +72,12 @@ pub mod map_names {
         /// Ports of fragmented datagrams, by (source, destination, protocol, IP id), from
         /// their first fragment.
         FRAGMENTS = "FRAGMENTS",
+        /// Gateway groups: the candidates of a policy entry, in order of preference.
+        GATEWAY_GROUPS = "GATEWAY_GROUPS",
+        /// Gateways' health as this node's prober judged it (and, on a gateway, its own).
+        GATEWAY_HEALTH = "GATEWAY_HEALTH",
+        /// The last probe reply from each gateway, written by the datapath.
+        PROBE_REPLIES = "PROBE_REPLIES",
     }
 
     /// Test objects only (feature `test-programs`), never pinned: where the last redirect

@@ -32,8 +32,9 @@ pub struct PolicyValue {
     /// Underlay address of the node that holds the source pod: the gateway accepts tunnel
     /// traffic for this entry only from that node (no spoofed inner sources).
     pub pod_node_ip: Ipv4,
-    /// Reserved for gateway groups (several gateways with failover); zero today.
-    pub reserved: u32,
+    /// The entry's `GATEWAY_GROUPS` id: its candidate gateways, of which new flows take the
+    /// first healthy one. 0: no group, `gateway_ip` only.
+    pub gateway_group: u32,
 }
 
 assert_size!(PolicyKey = 8, PolicyValue = 16);

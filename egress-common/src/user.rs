@@ -4,6 +4,7 @@ use crate::{
     config::DatapathConfig,
     counters::Counter,
     flow::{FlowKey, InboundFlow, SteeredFlow},
+    gateway::{GatewayGroup, GatewayHealth, Probe, ProbeReply},
     nat::{NatForward, NatReverse},
     nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
@@ -31,4 +32,8 @@ impl_pod!(
     NodeInfo,
     PolicyKey,
     PolicyValue,
+    GatewayGroup,
+    GatewayHealth,
+    Probe,
+    ProbeReply,
 );

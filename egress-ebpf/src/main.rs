@@ -23,6 +23,7 @@
 #![expect(clippy::inline_always, reason = "see above")]
 #![expect(clippy::needless_borrows_for_generic_args, reason = "see above")]
 
+mod gateway;
 mod maps;
 mod nat;
 mod packet;
@@ -139,9 +140,20 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
         return drop(untranslatable(&packet), &packet);
     }
     let now = now();
+    let gateway;
     if let Some(steered) = STEERED_FLOWS.get_ptr_mut(&packet.flow) {
-        // SAFETY: valid for this run; last_seen and flags are advisory.
+        // SAFETY: valid for this run; last_seen and flags are advisory, and the gateway
+        // is rewritten only when the flow must move.
         unsafe {
+            let Some(chosen) = gateway::choose(&policy, Some((*steered).gateway_ip)) else {
+                return drop(reason::DROP_NO_GATEWAY, &packet);
+            };
+            if chosen != (*steered).gateway_ip {
+                // Its gateway is down or no longer a candidate: only failure moves a flow.
+                (*steered).gateway_ip = chosen;
+                count(reason::FLOW_FAILED_OVER, 0);
+            }
+            gateway = chosen;
             if last_seen_is_stale((*steered).last_seen_ns, now) {
                 (*steered).last_seen_ns = now;
             }
@@ -179,11 +191,12 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
             count(reason::PASS_EXISTING_FLOW, packet.len);
             return PASS;
         }
-        if policy.gateway_ip == GATEWAY_NONE {
+        let Some(chosen) = gateway::choose(&policy, None) else {
             return drop(reason::DROP_NO_GATEWAY, &packet);
-        }
+        };
+        gateway = chosen;
         let steered = SteeredFlow {
-            gateway_ip: policy.gateway_ip,
+            gateway_ip: gateway,
             flags: 0,
             last_seen_ns: now,
         };
@@ -192,10 +205,7 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
             return drop(reason::DROP_FLOW_TABLE_FULL, &packet);
         }
     }
-    if policy.gateway_ip == GATEWAY_NONE {
-        return drop(reason::DROP_NO_GATEWAY, &packet);
-    }
-    if policy.gateway_ip == config.node_ip {
+    if gateway == config.node_ip {
         // The pod runs on its gateway: translate here, no tunnel.
         return snat_and_send(&mut ctx, &packet, &policy, config.node_ip, config, now);
     }
@@ -206,7 +216,7 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
     tunnel_to(
         &ctx,
         &packet,
-        policy.gateway_ip,
+        gateway,
         VNI_TO_GATEWAY,
         config,
         reason::REDIRECT_TO_GATEWAY,
@@ -283,6 +293,13 @@ pub(crate) fn from_tunnel_peer(ctx: &mut TcContext, remote: Ipv4, vni: u32) -> i
     if unsafe { NODES.get(&remote) }.is_none() {
         return drop(reason::DROP_UNKNOWN_NODE, &packet);
     }
+    if gateway::is_probe(&packet, config) {
+        return match vni {
+            VNI_TO_GATEWAY => gateway::answer(ctx, &packet, remote, config),
+            VNI_TO_POD_NODE => gateway::note_reply(ctx, &packet, remote, now()),
+            _ => drop(reason::DROP_NOT_ALLOWED, &packet),
+        };
+    }
     match vni {
         VNI_TO_GATEWAY => gateway_request(ctx, &packet, remote, config),
         VNI_TO_POD_NODE => deliver_reply(ctx, &packet, config),
@@ -303,7 +320,7 @@ fn gateway_request(
         return drop(reason::DROP_NOT_ALLOWED, packet);
     };
     let policy = *policy;
-    if policy.gateway_ip != config.node_ip || policy.pod_node_ip != remote {
+    if policy.pod_node_ip != remote || !gateway::serves(&policy, config.node_ip) {
         return drop(reason::DROP_NOT_ALLOWED, packet);
     }
     // A pod's echo reply answers an inbound ping and never opens a flow: from_pod keeps it
@@ -522,7 +539,7 @@ fn send_back(
 
 /// Encapsulates through the agent's VXLAN device (external mode) towards `remote`.
 #[inline(always)]
-fn tunnel_to(
+pub(crate) fn tunnel_to(
     ctx: &TcContext,
     packet: &Packet,
     remote: Ipv4,

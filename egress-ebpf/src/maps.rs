@@ -15,6 +15,7 @@ use egress_common::{
     config::DatapathConfig,
     counters::{Counter, reason},
     flow::{FlowKey, FragmentKey, FragmentPorts, InboundFlow, SteeredFlow},
+    gateway::{GATEWAY_GROUP_MAP_SIZE, GatewayGroup, GatewayHealth, ProbeReply},
     nat::{NatForward, NatReverse},
     nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
@@ -63,6 +64,20 @@ pub(crate) static CLUSTER_CIDRS: LpmTrie<Ipv4, ClusterCidr, 1024> = LpmTrie::new
 /// Egress IPs this node serves as a gateway -> interface they leave through.
 #[btf_map]
 pub(crate) static EGRESS_IPS: HashMap<Ipv4, EgressIp, 1024> = HashMap::new();
+
+/// Gateway groups: a policy entry's candidate gateways, in order of preference.
+#[btf_map]
+pub(crate) static GATEWAY_GROUPS: HashMap<u32, GatewayGroup, { GATEWAY_GROUP_MAP_SIZE as usize }> =
+    HashMap::new();
+
+/// Gateways' health as this node's prober judged it; on a gateway, its own entry says
+/// whether it can serve (and its probe replies say so).
+#[btf_map]
+pub(crate) static GATEWAY_HEALTH: HashMap<Ipv4, GatewayHealth, 4096> = HashMap::new();
+
+/// The last probe reply from each gateway, for the prober.
+#[btf_map]
+pub(crate) static PROBE_REPLIES: HashMap<Ipv4, ProbeReply, 4096> = HashMap::new();
 
 #[btf_map]
 pub(crate) static CONFIG: Array<DatapathConfig, 1> = Array::new();

@@ -327,6 +327,7 @@ fn synthetic_inventory(pods: u32, policies: u32) -> anyhow::Result<Inventory> {
                 Ipv4Addr::new(10, 192 + (i >> 8) as u8, i as u8, 0),
                 24,
             )?],
+            unschedulable: false,
         });
     }
     for i in 0..NAMESPACES {

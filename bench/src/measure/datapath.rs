@@ -392,7 +392,7 @@ fn policy_value(egress_ip: Ipv4Addr, gateway: [u8; 4]) -> PolicyValue {
         egress_ip: egress_ip.octets(),
         gateway_ip: gateway,
         pod_node_ip: POD_NODE.octets(),
-        reserved: 0,
+        gateway_group: 0,
     }
 }
 

@@ -40,6 +40,14 @@ pub fn hash<K: Pod + Ord, V: Pod>(pins: &PinLayout, name: &'static str) -> Resul
     Ok(entries)
 }
 
+/// A pinned hash map to read and write (the prober's health and reply maps).
+pub fn hash_map<K: Pod, V: Pod>(
+    pins: &PinLayout,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>> {
+    HashMap::try_from(open(pins, name)?).map_err(|source| DatapathError::Map { name, source })
+}
+
 /// A pinned map's capacity (`max_entries`), as the kernel holds it.
 pub fn capacity(pins: &PinLayout, name: &'static str) -> Result<u32> {
     aya::maps::MapInfo::from_pin(pins.map(name))

@@ -10,6 +10,7 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
 };
 use egress_common::{
+    gateway::GatewayGroup,
     map_names,
     nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
@@ -85,6 +86,18 @@ pub struct MapContents {
     pub cluster_cidrs: BTreeSet<Ipv4Net>,
     pub local_pods: BTreeMap<Ipv4Addr, u32>,
     pub egress_ips: BTreeMap<Ipv4Addr, u32>,
+    /// Gateway group id -> candidates in order of preference.
+    pub gateway_groups: BTreeMap<u32, Vec<Ipv4Addr>>,
+}
+
+/// A group as the datapath holds it: the first `MAX_CANDIDATES` candidates.
+pub(super) fn gateway_group(candidates: &[Ipv4Addr]) -> GatewayGroup {
+    let mut group = GatewayGroup::default();
+    for (slot, ip) in group.candidates.iter_mut().zip(candidates) {
+        *slot = ip.octets();
+    }
+    group.count = u32::try_from(candidates.len().min(group.candidates.len())).unwrap_or(0);
+    group
 }
 
 impl Datapath {
@@ -92,7 +105,20 @@ impl Datapath {
     /// the ones not wanted (mark and sweep against what the kernel really holds).
     pub fn sync_maps(&mut self, desired: &MapContents) -> SyncReport {
         let mut report = SyncReport::default();
+        // Groups are named by their content: new ones go in before the policy entries that
+        // name them, old ones out after the last entry naming them is gone.
+        let groups: BTreeMap<u32, GatewayGroup> = desired
+            .gateway_groups
+            .iter()
+            .map(|(id, candidates)| (*id, gateway_group(candidates)))
+            .collect();
+        let mut groups_and_old = self
+            .current::<u32, GatewayGroup>(map_names::GATEWAY_GROUPS)
+            .unwrap_or_default();
+        groups_and_old.extend(groups.iter().map(|(id, group)| (*id, *group)));
+        report.add(self.sync_hash(map_names::GATEWAY_GROUPS, &groups_and_old));
         report.add(self.sync_lpm(map_names::POLICIES, &desired.policies));
+        report.add(self.sync_hash(map_names::GATEWAY_GROUPS, &groups));
         let cluster_cidrs = desired
             .cluster_cidrs
             .iter()
@@ -137,6 +163,12 @@ impl Datapath {
             .collect();
         report.add(self.sync_hash(map_names::EGRESS_IPS, &egress_ips));
         report
+    }
+
+    /// What a hash map holds now; `None` when it cannot be read (the sync reports that).
+    fn current<K: Pod + Ord, V: Pod>(&mut self, name: &'static str) -> Option<BTreeMap<K, V>> {
+        let map: HashMap<&mut MapData, K, V> = self.map_mut(name).ok()?;
+        map.iter().collect::<Result<_, _>>().ok()
     }
 
     fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(

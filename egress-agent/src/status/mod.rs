@@ -302,6 +302,7 @@ mod tests {
             matched_pods: 2,
             problem,
             ipv6_not_programmed: Vec::new(),
+            ..PolicySummary::default()
         }
     }
 

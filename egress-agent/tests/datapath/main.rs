@@ -8,6 +8,7 @@
 )]
 
 mod cilium_scenarios;
+mod failover;
 mod fragments;
 mod from_egress;
 mod from_pod;

@@ -239,7 +239,7 @@ pub(crate) fn to_gateway(egress_ip: Ipv4Addr) -> PolicyValue {
         egress_ip: egress_ip.octets(),
         gateway_ip: GATEWAY.octets(),
         pod_node_ip: POD_NODE.octets(),
-        reserved: 0,
+        gateway_group: 0,
     }
 }
 
@@ -248,7 +248,7 @@ pub(crate) fn with_gateway(gateway: [u8; 4]) -> PolicyValue {
         egress_ip: [0; 4],
         gateway_ip: gateway,
         pod_node_ip: POD_NODE.octets(),
-        reserved: 0,
+        gateway_group: 0,
     }
 }
 

@@ -1,0 +1,89 @@
+//! Gateway groups (the candidates a pod's traffic may leave through, in order of
+//! preference), their health as the prober judged it, and the health probes.
+//!
+//! A policy entry names its group (`PolicyValue::gateway_group`); a new flow takes the first
+//! candidate that is neither down nor draining and keeps it (`SteeredFlow::gateway_ip`) while
+//! that gateway is up, so a failover is one `GATEWAY_HEALTH` write, not a rewrite of every
+//! policy entry.
+
+use crate::Ipv4;
+
+/// Most candidates a group holds; the control plane keeps the first ones.
+pub const MAX_CANDIDATES: usize = 8;
+
+/// Capacity of `GATEWAY_GROUPS`: distinct candidate lists, a few per policy.
+pub const GATEWAY_GROUP_MAP_SIZE: u32 = 1024;
+
+/// Value of `GATEWAY_GROUPS`, keyed by a group id (`u32`, never 0: 0 means no group).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatewayGroup {
+    /// Underlay addresses, in order of preference; only the first `count` are used.
+    pub candidates: [Ipv4; MAX_CANDIDATES],
+    pub count: u32,
+    pub _pad: u32,
+}
+
+/// `GatewayHealth::flags`: the gateway did not answer its last probes, or answered that it
+/// cannot serve (its egress interface is down or lacks the egress IP). On a gateway, its own
+/// entry says whether it can serve, and its probe replies say so.
+pub const GATEWAY_DOWN: u32 = 1 << 0;
+/// `GatewayHealth::flags`: the node is being drained: no new flows, established ones stay.
+pub const GATEWAY_DRAINING: u32 = 1 << 1;
+
+/// Value of `GATEWAY_HEALTH`, keyed by a gateway's underlay address; written by the agent's
+/// prober only. No entry: healthy (not judged yet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatewayHealth {
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// UDP port of the probes, inside the tunnel (BFD's single-hop port, as RFC 8971 runs BFD
+/// inside VXLAN): between node addresses, VNI `VNI_TO_GATEWAY` there and
+/// `VNI_TO_POD_NODE` back.
+pub const PROBE_PORT: u16 = 3784;
+/// First bytes of a probe's payload.
+pub const PROBE_MAGIC: [u8; 4] = *b"EGWP";
+pub const PROBE_REQUEST: u8 = 1;
+pub const PROBE_REPLY: u8 = 2;
+
+/// A probe's UDP payload. The gateway's datapath answers it (never its agent, so a busy or
+/// restarting agent is not a dead gateway): it turns the request around with its own
+/// `GATEWAY_HEALTH` flags and echoes `seq` and `sent_ns`, which only the prober reads (in
+/// its own byte order and clock).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Probe {
+    pub magic: [u8; 4],
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    /// In a reply: the gateway's own `GatewayHealth::flags`.
+    pub flags: u32,
+    pub _pad2: u32,
+    pub seq: u64,
+    /// The prober's monotonic clock when it sent the probe.
+    pub sent_ns: u64,
+}
+
+/// Value of `PROBE_REPLIES`, keyed by a gateway's underlay address: the last probe reply
+/// this node's datapath received from it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeReply {
+    pub seq: u64,
+    pub sent_ns: u64,
+    /// This node's monotonic clock when the reply arrived.
+    pub received_ns: u64,
+    /// The gateway's own `GatewayHealth::flags`.
+    pub gateway_flags: u32,
+    pub _pad: u32,
+}
+
+assert_size!(
+    GatewayGroup = 40,
+    GatewayHealth = 8,
+    Probe = 32,
+    ProbeReply = 32
+);
