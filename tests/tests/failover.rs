@@ -1,0 +1,298 @@
+//! Several gateway candidates for one policy: when the active gateway fails (its links go
+//! down, its egress interface goes down or loses its address, it leaves the inventory), the
+//! pod's traffic continues through the next candidate; an agent killed on the gateway is no
+//! failover; a gateway coming back moves no established flow. The leak detector runs on all
+//! of it. Failover gaps are printed here and measured by `cargo xtask bench`, never asserted.
+//!
+//! Root only (otherwise SKIPPED); needs the agent (`cargo build -p egress-agent`).
+#![allow(
+    unused_crate_dependencies,
+    reason = "an integration test links every dependency of its package and uses a few"
+)]
+
+use std::{net::Ipv4Addr, thread, time::Duration};
+
+use egress_tests::{
+    Cluster, ClusterConfig, FlowKind, LeakDetector, PeerProtocol, Pod, Signal,
+    expected::{EgressSource, SimplePolicy},
+    skip_unless_root, wait_until,
+};
+
+/// The first candidate by name, and the next one; each leaves through its eth1.
+const GATEWAY_A: &str = "k8s-worker-2";
+const GATEWAY_B: &str = "k8s-worker-3";
+const EGRESS_A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 12);
+const EGRESS_B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 13);
+const POD_NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
+/// Requests (HTTP) and the long UDP flow get a destination port each.
+const APP_PORT: u16 = 9001;
+const FLOW_PORT: u16 = 9002;
+const PROGRAMMED: Duration = Duration::from_secs(30);
+
+/// Both gateways labelled egress-node=true, policy `app` (app=my-app, `interface: eth1`),
+/// my-app on worker-1 served through A; capture running.
+fn two_candidates() -> (Cluster, Pod) {
+    let mut cluster = Cluster::new(ClusterConfig {
+        extra_peer_ports: vec![APP_PORT, FLOW_PORT],
+        ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
+    })
+    .expect("building the test cluster");
+    for node in [GATEWAY_A, GATEWAY_B] {
+        cluster.add_secondary_interface(node).unwrap();
+        cluster.label_node(node, "egress-node", "true").unwrap();
+    }
+    SimplePolicy::new(
+        "app",
+        &[("app", "my-app")],
+        &["198.51.100.0/24"],
+        &[("egress-node", "true")],
+        EgressSource::Interface("eth1".into()),
+    )
+    .apply(&cluster)
+    .unwrap();
+    let pod = cluster
+        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
+        .unwrap();
+    cluster.start_all_agents().unwrap();
+    wait_until_served(&cluster, &pod, EGRESS_A);
+    cluster.start_capture().unwrap();
+    (cluster, pod)
+}
+
+/// The source the destination reports for one request, or None if it failed.
+fn source_seen(cluster: &Cluster, pod: &Pod) -> Option<Ipv4Addr> {
+    let url = format!("http://198.51.100.10:{APP_PORT}/");
+    cluster.curl_from_pod(pod, &url).ok()?.parse().ok()
+}
+
+fn wait_until_served(cluster: &Cluster, pod: &Pod, expected: Ipv4Addr) {
+    let mut last = None;
+    let served = wait_until(PROGRAMMED, || {
+        last = source_seen(cluster, pod);
+        last == Some(expected)
+    });
+    if !served {
+        cluster.dump_logs();
+    }
+    assert!(
+        served,
+        "new requests must leave as {expected}; last answer: {last:?}"
+    );
+}
+
+/// What worker-1's prober says of `gateway` (1 up, 0 down).
+fn healthy(cluster: &Cluster, gateway: &str) -> Option<f64> {
+    let series = format!("egress_gateway_gateway_healthy{{node=\"{gateway}\"}}");
+    cluster.agent_metric("k8s-worker-1", &series)
+}
+
+/// Gateways worker-1's prober found down for `cause`.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "a counter's value"
+)]
+fn failovers(cluster: &Cluster, cause: &str) -> u64 {
+    let series = format!("egress_gateway_gateway_failovers_total{{cause=\"{cause}\"}}");
+    cluster
+        .agent_metric("k8s-worker-1", &series)
+        .map_or(0, |count| count as u64)
+}
+
+fn assert_no_leaks(cluster: &mut Cluster, pod: &Pod) {
+    let packets = cluster.stop_capture().unwrap();
+    let matched = LeakDetector::new()
+        .matched_port(APP_PORT, [EGRESS_A, EGRESS_B])
+        .matched_port(FLOW_PORT, [EGRESS_A, EGRESS_B])
+        .forbidden_sources([pod.ip, POD_NODE_IP])
+        .check(&packets)
+        .unwrap();
+    assert!(matched > 0, "the pod's traffic was captured");
+}
+
+/// Whether worker-1 still probes gateway A after the fault (not when A left the inventory).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Probed {
+    Down,
+    NoLonger,
+}
+
+/// Runs `fault` on gateway A while a UDP flow (a datagram every 20 ms) goes through it;
+/// new requests must then leave through B, and the flow must go on through B. The flow's
+/// longest pause, the failover gap seen at the destination, is printed.
+fn fails_over(
+    cluster: &mut Cluster,
+    pod: &Pod,
+    what: &str,
+    probed: Probed,
+    fault: impl FnOnce(&mut Cluster),
+) {
+    let flow = cluster
+        .start_long_flow(pod, FlowKind::Udp, FLOW_PORT)
+        .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    fault(cluster);
+    wait_until_served(cluster, pod, EGRESS_B);
+    thread::sleep(Duration::from_secs(1));
+    let summary = flow.stop().unwrap();
+    eprintln!(
+        "{what}: the UDP flow's longest pause was {} ms ({} of {} datagrams answered)",
+        summary.max_gap_ms, summary.received, summary.sent
+    );
+    let allowed = [EGRESS_A.to_string(), EGRESS_B.to_string()];
+    assert!(
+        summary
+            .sources
+            .iter()
+            .all(|source| allowed.contains(source)),
+        "{what}: the destination saw {:?}",
+        summary.sources
+    );
+    assert!(
+        summary.sources.contains(&EGRESS_B.to_string()),
+        "{what}: the flow did not go on through the next candidate: {summary:?}"
+    );
+    let expected = match probed {
+        Probed::Down => Some(0.0),
+        Probed::NoLonger => None,
+    };
+    assert_eq!(
+        healthy(cluster, GATEWAY_A),
+        expected,
+        "{what}: what worker-1's prober says of {GATEWAY_A}"
+    );
+}
+
+#[test]
+fn links_down_on_the_active_gateway_move_its_traffic_to_the_next_candidate() {
+    skip_unless_root!();
+    let (mut cluster, pod) = two_candidates();
+    assert_eq!(healthy(&cluster, GATEWAY_A), Some(1.0));
+    fails_over(&mut cluster, &pod, "links down", Probed::Down, |cluster| {
+        cluster.set_link(GATEWAY_A, "eth0", false).unwrap();
+        cluster.set_link(GATEWAY_A, "eth1", false).unwrap();
+    });
+    assert!(failovers(&cluster, "unanswered") >= 1);
+
+    // A comes back: new flows return to it (first by name).
+    cluster.set_link(GATEWAY_A, "eth0", true).unwrap();
+    cluster.set_link(GATEWAY_A, "eth1", true).unwrap();
+    assert!(wait_until(PROGRAMMED, || healthy(&cluster, GATEWAY_A) == Some(1.0)));
+    wait_until_served(&cluster, &pod, EGRESS_A);
+    assert_no_leaks(&mut cluster, &pod);
+}
+
+#[test]
+fn an_egress_interface_down_or_without_its_address_moves_traffic_to_the_next_candidate() {
+    skip_unless_root!();
+    let (mut cluster, pod) = two_candidates();
+    fails_over(
+        &mut cluster,
+        &pod,
+        "egress interface down",
+        Probed::Down,
+        |cluster| {
+            cluster.set_link(GATEWAY_A, "eth1", false).unwrap();
+        },
+    );
+    assert!(failovers(&cluster, "not_serving") >= 1);
+    cluster.set_link(GATEWAY_A, "eth1", true).unwrap();
+    wait_until_served(&cluster, &pod, EGRESS_A);
+
+    let cidr = format!("{EGRESS_A}/24");
+    fails_over(
+        &mut cluster,
+        &pod,
+        "egress IP removed",
+        Probed::Down,
+        |cluster| {
+            cluster.remove_address(GATEWAY_A, "eth1", &cidr).unwrap();
+        },
+    );
+    // Back, as a network manager restores it: the address, eth1's table-100 route (gone
+    // with eth1's only address) and the router's stale neighbour entry.
+    cluster.add_address(GATEWAY_A, "eth1", &cidr).unwrap();
+    cluster.set_link(GATEWAY_A, "eth1", true).unwrap();
+    let _ = cluster.exec(
+        cluster.underlay_netns(),
+        &["ip", "neigh", "flush", "to", &EGRESS_A.to_string()],
+    );
+    wait_until_served(&cluster, &pod, EGRESS_A);
+    assert_no_leaks(&mut cluster, &pod);
+}
+
+#[test]
+fn a_gateway_leaving_the_inventory_moves_traffic_to_the_next_candidate() {
+    skip_unless_root!();
+    let (mut cluster, pod) = two_candidates();
+    fails_over(
+        &mut cluster,
+        &pod,
+        "node deleted",
+        Probed::NoLonger,
+        |cluster| {
+            cluster.delete_node_manifest(GATEWAY_A).unwrap();
+        },
+    );
+    cluster.restore_node_manifest(GATEWAY_A).unwrap();
+    wait_until_served(&cluster, &pod, EGRESS_A);
+    assert_no_leaks(&mut cluster, &pod);
+}
+
+/// The agent on the active gateway is killed: its datapath answers the probes and
+/// translates on, so nothing moves and nothing is lost.
+#[test]
+fn killing_the_active_gateways_agent_is_no_failover() {
+    skip_unless_root!();
+    let (mut cluster, pod) = two_candidates();
+    let flow = cluster
+        .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
+        .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    let failovers_before = failovers(&cluster, "unanswered") + failovers(&cluster, "not_serving");
+    cluster.kill_agent(GATEWAY_A, Signal::Kill).unwrap();
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(source_seen(&cluster, &pod), Some(EGRESS_A));
+    let summary = flow.stop().unwrap();
+    summary
+        .check_unbroken(&EGRESS_A.to_string(), Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(healthy(&cluster, GATEWAY_A), Some(1.0));
+    assert_eq!(
+        failovers(&cluster, "unanswered") + failovers(&cluster, "not_serving"),
+        failovers_before,
+        "no failover"
+    );
+    assert_no_leaks(&mut cluster, &pod);
+}
+
+/// After a failover, the gateway coming back takes new flows only: the flow that moved stays
+/// on the candidate it moved to.
+#[test]
+fn a_gateway_coming_back_moves_no_established_flow() {
+    skip_unless_root!();
+    let (mut cluster, pod) = two_candidates();
+    let flow = cluster
+        .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
+        .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    cluster.set_link(GATEWAY_A, "eth0", false).unwrap();
+    wait_until_served(&cluster, &pod, EGRESS_B);
+    cluster.set_link(GATEWAY_A, "eth0", true).unwrap();
+    assert!(wait_until(PROGRAMMED, || healthy(&cluster, GATEWAY_A) == Some(1.0)));
+    wait_until_served(&cluster, &pod, EGRESS_A);
+    let since = cluster.peer_log().len();
+    thread::sleep(Duration::from_secs(2));
+    let summary = flow.stop().unwrap();
+    let udp_sources: Vec<Ipv4Addr> = cluster.peer_log()[since..]
+        .iter()
+        .filter(|record| record.protocol == PeerProtocol::Udp)
+        .map(|record| *record.source.ip())
+        .collect();
+    assert!(!udp_sources.is_empty(), "the flow went on: {summary:?}");
+    assert!(
+        udp_sources.iter().all(|source| *source == EGRESS_B),
+        "the established flow moved back: {udp_sources:?}"
+    );
+    assert_no_leaks(&mut cluster, &pod);
+}
