@@ -336,6 +336,12 @@ pub fn render(report: &Report, datapath: &DatapathSample, histograms: &Histogram
             ConstCounter::new(slot(reason::NAT_PORT_RETRY)),
         );
         registry.register(
+            "flows_failed_over",
+            "Steered flows this node moved to another gateway because theirs was down or no \
+             longer a candidate",
+            ConstCounter::new(slot(reason::FLOW_FAILED_OVER)),
+        );
+        registry.register(
             "nat_port_allocation_failures",
             "New flows dropped because no free NAT port was found (drop_nat_exhausted)",
             ConstCounter::new(slot(reason::DROP_NAT_EXHAUSTED)),
@@ -613,11 +619,13 @@ mod tests {
     fn retries_are_not_a_packet_verdict() {
         let text = render(&report(), &datapath(), &Histograms::default());
         assert!(!text.contains("reason=\"nat_port_retry\""), "{text}");
+        assert!(!text.contains("reason=\"flow_failed_over\""), "{text}");
         let verdicts = text
             .lines()
             .filter(|line| line.starts_with("egress_gateway_packets_total{"))
             .count();
-        assert_eq!(verdicts, reason::COUNT as usize - 1, "{text}");
+        assert_eq!(verdicts, reason::COUNT as usize - 2, "{text}");
+        assert!(text.contains("egress_gateway_flows_failed_over_total 0"), "{text}");
     }
 
     #[test]
