@@ -58,6 +58,9 @@ pub struct DesiredState {
     /// Gateway groups by id (`PolicyValue::gateway_group`): candidates' underlay addresses,
     /// in order of preference. Only groups some policy entry references.
     pub gateway_groups: BTreeMap<u32, Vec<Ipv4Addr>>,
+    /// `GatewayGroup::flags` of the groups of `gateway_groups` that have any
+    /// (`GROUP_POD_NODE_TRANSLATES`: a floating egress IP's).
+    pub group_flags: BTreeMap<u32, u32>,
     /// Gateways this node probes, by underlay address: the candidates of every group an
     /// entry of a local pod references, this node excepted. Empty on a node without
     /// selected pods: only those probe.
@@ -82,6 +85,7 @@ impl Default for DesiredState {
             pod_priority: BTreeMap::new(),
             conflicts: Vec::new(),
             gateway_groups: BTreeMap::new(),
+            group_flags: BTreeMap::new(),
             probe_targets: BTreeMap::new(),
             self_draining: false,
             self_serving: true,
@@ -188,6 +192,7 @@ impl DesiredState {
             .map(|v| v.gateway_group)
             .collect();
         self.gateway_groups.retain(|id, _| referenced.contains(id));
+        self.group_flags.retain(|id, _| referenced.contains(id));
     }
 
     /// The candidates of the groups that entries of local pods reference.
@@ -387,7 +392,7 @@ impl<'a> PolicyGateways<'a> {
             _ => Role::NotCandidate,
         };
         let steering = Steering {
-            group: groups.intern(&group),
+            group: groups.intern(&group, 0),
             gateway_ip: group[0].ip.octets(),
             role,
         };
@@ -528,13 +533,14 @@ fn finish_groups(
     inv: &Inventory,
     node_name: &str,
 ) {
-    let (final_ids, all_groups) = groups.finish();
+    let groups = groups.finish();
     for value in state.policy_entries.values_mut() {
         if value.gateway_group != 0 {
-            value.gateway_group = final_ids[value.gateway_group as usize - 1];
+            value.gateway_group = groups.final_ids[value.gateway_group as usize - 1];
         }
     }
-    state.gateway_groups = all_groups;
+    state.gateway_groups = groups.candidates;
+    state.group_flags = groups.flags;
     state.drop_unreferenced_groups();
     let mut by_ip: BTreeMap<Ipv4Addr, &Node> = BTreeMap::new();
     for node in inv.nodes.values() {
@@ -768,7 +774,7 @@ mod tests {
 
     fn group_id(group: &[[u8; 4]]) -> u32 {
         let list: Vec<Ipv4Addr> = group.iter().map(|&o| Ipv4Addr::from(o)).collect();
-        crate::gateways::assign_group_ids([list.as_slice()])[&list]
+        crate::gateways::assign_group_ids([(list.as_slice(), 0)])[&(list, 0)]
     }
 
     /// A steered entry: through `group`'s first candidate, with `group`'s id.

@@ -16,9 +16,11 @@
 //! - A pod's group is the candidates of its first spec, then those of the next ones
 //!   ([`group_of`]): a spec with no healthy candidate hands its pods to the next spec in
 //!   each pod's own order, which spreads them over the others instead of piling them onto one.
-//! - Group ids are derived from the group's content ([`assign_group_ids`]), so they are the
-//!   same on every node and across reconciles, and a failover or a reconcile never renumbers
-//!   the `GATEWAY_GROUPS` map.
+//! - Group ids are derived from the group's content ([`assign_group_ids`]): its candidates and
+//!   its flags (`GROUP_POD_NODE_TRANSLATES` for a floating egress IP's), so they are the
+//!   same on every node and across reconciles, a
+//!   failover or a reconcile never renumbers the `GATEWAY_GROUPS` map, and a floating group
+//!   never shares an id with a plain group of the same candidates.
 
 use std::{
     cmp::Reverse,
@@ -61,7 +63,6 @@ pub fn pod_hash(pod: &Pod) -> u64 {
 /// flips about half of the output bits for any input change, so scores of one pod's specs
 /// look independent and every spec is first for about 1/n of the pods.
 pub fn hrw_score(pod_hash: u64, entry: usize) -> u64 {
-    const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
     mix64(pod_hash.wrapping_add((entry as u64 + 1).wrapping_mul(GOLDEN_GAMMA)))
 }
 
@@ -95,40 +96,47 @@ where
     group
 }
 
+/// A group's content: its candidates in order of preference, and its
+/// `GatewayGroup::flags`.
+pub type GroupKey = (Vec<Ipv4Addr>, u32);
+
 /// The id a group's content hashes to (before collisions are resolved; may be 0, which
-/// [`assign_group_ids`] never hands out): FNV-1a over the candidates' octets in order,
+/// [`assign_group_ids`] never hands out): FNV-1a over the candidates' octets in order, the
+/// flags mixed in (a multiple of the golden gamma, so flags 0 leave the hash as it was
+/// before groups had flags: nodes of both versions agree during a rolling update),
 /// finalized as [`hrw_score`] is and folded to 32 bits.
-pub fn group_id_hash(candidates: &[Ipv4Addr]) -> u32 {
+pub fn group_id_hash(candidates: &[Ipv4Addr], flags: u32) -> u32 {
     let octets: Vec<u8> = candidates.iter().flat_map(Ipv4Addr::octets).collect();
-    let hash = mix64(fnv1a(&[&octets]));
+    let hash = mix64(fnv1a(&[&octets]) ^ u64::from(flags).wrapping_mul(GOLDEN_GAMMA));
     (hash ^ (hash >> 32)) as u32
 }
 
-/// Ids of `lists`, never 0 (0 means "no group"): each list takes its [`group_id_hash`],
-/// or, when that is 0 or already taken by another list, the next free id (linear probing,
-/// wrapping), lists taken in sorted order. Every node sees the same lists (all pods are
-/// programmed cluster-wide), so every node gives a list the same id; an id changes only if
-/// a new list collides with it and sorts before it (odds about lists² / 2³³).
+/// Ids of `groups` (candidates, flags), never 0 (0 means "no group"): each takes its
+/// [`group_id_hash`], or, when that is 0 or already taken by another group, the next free
+/// id (linear probing, wrapping), groups taken in sorted order. Every node sees the same
+/// groups (all pods are programmed cluster-wide), so every node gives a group the same id;
+/// an id changes only if a new group collides with it and sorts before it (odds about
+/// groups² / 2³³). Two groups differing only in their flags get different ids.
 pub fn assign_group_ids<'l>(
-    lists: impl IntoIterator<Item = &'l [Ipv4Addr]>,
-) -> BTreeMap<Vec<Ipv4Addr>, u32> {
-    assign_ids_with(lists, group_id_hash)
+    groups: impl IntoIterator<Item = (&'l [Ipv4Addr], u32)>,
+) -> BTreeMap<GroupKey, u32> {
+    assign_ids_with(groups, group_id_hash)
 }
 
 fn assign_ids_with<'l>(
-    lists: impl IntoIterator<Item = &'l [Ipv4Addr]>,
-    hash: impl Fn(&[Ipv4Addr]) -> u32,
-) -> BTreeMap<Vec<Ipv4Addr>, u32> {
-    let sorted: BTreeSet<&[Ipv4Addr]> = lists.into_iter().collect();
+    groups: impl IntoIterator<Item = (&'l [Ipv4Addr], u32)>,
+    hash: impl Fn(&[Ipv4Addr], u32) -> u32,
+) -> BTreeMap<GroupKey, u32> {
+    let sorted: BTreeSet<(&[Ipv4Addr], u32)> = groups.into_iter().collect();
     let mut taken = BTreeSet::new();
     sorted
         .into_iter()
-        .map(|list| {
-            let mut id = hash(list);
+        .map(|(list, flags)| {
+            let mut id = hash(list, flags);
             while id == 0 || !taken.insert(id) {
                 id = id.wrapping_add(1);
             }
-            (list.to_vec(), id)
+            ((list.to_vec(), flags), id)
         })
         .collect()
 }
@@ -139,33 +147,61 @@ fn assign_ids_with<'l>(
 /// and [`GroupInterner::finish`] maps provisional ids to final ones.
 #[derive(Default)]
 pub(crate) struct GroupInterner {
-    ids: BTreeMap<Vec<Ipv4Addr>, u32>,
-    lists: Vec<Vec<Ipv4Addr>>,
+    ids: BTreeMap<GroupKey, u32>,
+    keys: Vec<GroupKey>,
+}
+
+/// What [`GroupInterner::finish`] gives.
+pub(crate) struct Groups {
+    /// Final id of each provisional id (index: provisional id - 1).
+    pub(crate) final_ids: Vec<u32>,
+    /// Candidates by final id.
+    pub(crate) candidates: BTreeMap<u32, Vec<Ipv4Addr>>,
+    /// Flags by final id, only the non-zero ones.
+    pub(crate) flags: BTreeMap<u32, u32>,
 }
 
 impl GroupInterner {
-    /// The provisional id of `group` (never 0).
-    pub(crate) fn intern(&mut self, group: &[Candidate<'_>]) -> u32 {
-        let list: Vec<Ipv4Addr> = group.iter().map(|c| c.ip).collect();
-        if let Some(&id) = self.ids.get(&list) {
+    /// The provisional id of `group` with `flags` (never 0).
+    pub(crate) fn intern(&mut self, group: &[Candidate<'_>], flags: u32) -> u32 {
+        let key: GroupKey = (group.iter().map(|c| c.ip).collect(), flags);
+        if let Some(&id) = self.ids.get(&key) {
             return id;
         }
-        self.lists.push(list.clone());
-        let id = self.lists.len() as u32;
-        self.ids.insert(list, id);
+        self.keys.push(key.clone());
+        let id = self.keys.len() as u32;
+        self.ids.insert(key, id);
         id
     }
 
-    /// Final id of each provisional id (index: provisional id - 1), and the groups by final id.
-    pub(crate) fn finish(self) -> (Vec<u32>, BTreeMap<u32, Vec<Ipv4Addr>>) {
-        let final_ids = assign_group_ids(self.lists.iter().map(Vec::as_slice));
-        let by_provisional = self.lists.iter().map(|list| final_ids[list]).collect();
-        let groups = final_ids.into_iter().map(|(list, id)| (id, list)).collect();
-        (by_provisional, groups)
+    /// The final ids, and the groups by final id.
+    pub(crate) fn finish(self) -> Groups {
+        let ids = assign_group_ids(
+            self.keys
+                .iter()
+                .map(|(list, flags)| (list.as_slice(), *flags)),
+        );
+        let final_ids = self.keys.iter().map(|key| ids[key]).collect();
+        let mut groups = Groups {
+            final_ids,
+            candidates: BTreeMap::new(),
+            flags: BTreeMap::new(),
+        };
+        for ((list, flags), id) in ids {
+            groups.candidates.insert(id, list);
+            if flags != 0 {
+                groups.flags.insert(id, flags);
+            }
+        }
+        groups
     }
 }
 
-fn fnv1a(parts: &[&[u8]]) -> u64 {
+/// splitmix64's increment: 2⁶⁴ / φ, odd.
+const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// FNV-1a (64-bit) over the concatenation of `parts`.
+pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in parts.iter().flat_map(|p| p.iter()) {
         hash ^= u64::from(*byte);
@@ -175,7 +211,7 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 }
 
 /// splitmix64's finalizer (Steele, Lea and Flood, 2014).
-fn mix64(mut z: u64) -> u64 {
+pub(crate) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
@@ -183,6 +219,8 @@ fn mix64(mut z: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use egress_common::gateway::GROUP_POD_NODE_TRANSLATES;
+
     use super::*;
     use crate::inventory::test_support::{labels, node, pod};
 
@@ -316,14 +354,23 @@ mod tests {
             octets.iter().map(|&o| Ipv4Addr::new(10, 0, 0, o)).collect()
         };
         let (ab, ba, c) = (list(&[1, 2]), list(&[2, 1]), list(&[3]));
-        let alone = assign_group_ids([ab.as_slice()]);
-        let among = assign_group_ids([c.as_slice(), ba.as_slice(), ab.as_slice(), c.as_slice()]);
-        assert_eq!(alone[&ab], group_id_hash(&ab));
-        assert_eq!(among[&ab], alone[&ab]);
+        let plain = |l: &Vec<Ipv4Addr>| (l.clone(), 0);
+        let alone = assign_group_ids([(ab.as_slice(), 0)]);
+        let among = assign_group_ids([&c, &ba, &ab, &c].map(|l| (l.as_slice(), 0)));
+        assert_eq!(alone[&plain(&ab)], group_id_hash(&ab, 0));
+        assert_eq!(among[&plain(&ab)], alone[&plain(&ab)]);
         assert_eq!(among.len(), 3);
         // The order of the candidates is part of the content.
-        assert_ne!(among[&ab], among[&ba]);
+        assert_ne!(among[&plain(&ab)], among[&plain(&ba)]);
         assert!(among.values().all(|&id| id != 0));
+        // So are the flags: a floating group never shares a plain group's id, and adding it
+        // leaves the plain group's id alone.
+        let floating = (ab.clone(), GROUP_POD_NODE_TRANSLATES);
+        let both = assign_group_ids([(ab.as_slice(), 0), (ab.as_slice(), floating.1)]);
+        assert_eq!(both.len(), 2);
+        assert_eq!(both[&plain(&ab)], alone[&plain(&ab)]);
+        assert_ne!(both[&floating], both[&plain(&ab)]);
+        assert_eq!(both[&floating], group_id_hash(&ab, floating.1));
     }
 
     /// Pinned values (computed independently): hashes must not change between releases,
@@ -344,7 +391,12 @@ mod tests {
         );
         assert_eq!(entry_order(h, 0..3), [1, 0, 2]);
         let group = [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)];
-        assert_eq!(group_id_hash(&group), 0xcfe2_11c5);
+        // Flags 0: the id groups had before they had flags.
+        assert_eq!(group_id_hash(&group, 0), 0xcfe2_11c5);
+        assert_eq!(
+            group_id_hash(&group, GROUP_POD_NODE_TRANSLATES),
+            0x3648_519f
+        );
     }
 
     #[test]
@@ -353,14 +405,19 @@ mod tests {
             .rev()
             .map(|o| vec![Ipv4Addr::new(10, 0, 0, o)])
             .collect();
-        let slices = || lists.iter().map(Vec::as_slice);
-        let ids = assign_ids_with(slices(), |_| 7);
+        let slices = || lists.iter().map(|l| (l.as_slice(), 0));
+        let ids = assign_ids_with(slices(), |_, _| 7);
         let by_list: Vec<u32> = ids.values().copied().collect();
         assert_eq!(by_list, [7, 8, 9]);
-        let ids = assign_ids_with(slices(), |_| u32::MAX);
+        let ids = assign_ids_with(slices(), |_, _| u32::MAX);
         assert_eq!(ids.values().copied().collect::<Vec<_>>(), [u32::MAX, 1, 2]);
-        let ids = assign_ids_with(slices(), |_| 0);
+        let ids = assign_ids_with(slices(), |_, _| 0);
         assert_eq!(ids.values().copied().collect::<Vec<_>>(), [1, 2, 3]);
+        // Same candidates, flags apart: the plain group sorts first and keeps the hash.
+        let one = lists[2].as_slice();
+        let ids = assign_ids_with([(one, GROUP_POD_NODE_TRANSLATES), (one, 0)], |_, _| 7);
+        assert_eq!(ids[&(one.to_vec(), 0)], 7);
+        assert_eq!(ids[&(one.to_vec(), GROUP_POD_NODE_TRANSLATES)], 8);
     }
 
     #[test]
@@ -370,14 +427,29 @@ mod tests {
             .collect();
         let all = candidates(&nodes);
         let mut interner = GroupInterner::default();
-        let first = interner.intern(&all);
-        let second = interner.intern(&all[1..]);
-        assert_eq!(interner.intern(&all), first);
-        assert_eq!((first, second), (1, 2));
-        let (final_ids, groups) = interner.finish();
+        let first = interner.intern(&all, 0);
+        let second = interner.intern(&all[1..], 0);
+        let floating = interner.intern(&all, GROUP_POD_NODE_TRANSLATES);
+        assert_eq!(interner.intern(&all, 0), first);
+        assert_eq!((first, second, floating), (1, 2, 3));
+        let Groups {
+            final_ids,
+            candidates,
+            flags,
+        } = interner.finish();
         let ab = vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)];
-        assert_eq!(groups[&final_ids[0]], ab);
-        assert_eq!(final_ids[0], assign_group_ids([ab.as_slice()])[&ab]);
-        assert_eq!(groups[&final_ids[1]], [Ipv4Addr::new(10, 0, 0, 2)]);
+        assert_eq!(candidates[&final_ids[0]], ab);
+        assert_eq!(
+            final_ids[0],
+            assign_group_ids([(ab.as_slice(), 0)])[&(ab.clone(), 0)]
+        );
+        assert_eq!(candidates[&final_ids[1]], [Ipv4Addr::new(10, 0, 0, 2)]);
+        assert_eq!(candidates[&final_ids[2]], ab);
+        assert_ne!(final_ids[2], final_ids[0]);
+        // Only the non-zero flags are listed.
+        assert_eq!(
+            flags,
+            BTreeMap::from([(final_ids[2], GROUP_POD_NODE_TRANSLATES)])
+        );
     }
 }
