@@ -14,7 +14,9 @@ use egress_common::{
 };
 use ipnet::Ipv4Net;
 
+pub use crate::floating::{FloatingIp, NatPorts};
 use crate::{
+    floating,
     gateways::{Candidate, GroupInterner, entry_order, group_of, pod_hash, spec_candidates},
     inventory::{EgressSource, Inventory, Node, Pod, PodIndex, Policy},
 };
@@ -37,14 +39,17 @@ pub struct LocalInterface {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredState {
-    /// (pod IP, destination CIDR) -> value of the policy LPM trie.
+    /// (pod IP, destination CIDR) -> value of the policy LPM trie. On a candidate of a
+    /// floating egress IP, also (egress IP, destination CIDR): what it may forward once a
+    /// pod's node translated it (see [`crate::floating`]).
     pub policy_entries: BTreeMap<(Ipv4Addr, Ipv4Net), PolicyValue>,
     /// `InternalIPs` of all nodes.
     pub nodes: BTreeSet<Ipv4Addr>,
     /// Pod CIDRs of all nodes: in-cluster destinations, never steered.
     pub cluster_cidrs: BTreeSet<Ipv4Net>,
     /// Egress IPs this node serves as a gateway candidate -> ifindex of the interface
-    /// holding them.
+    /// holding them (for a floating egress IP, the interface it goes on when this node
+    /// holds it).
     pub egress_ips: BTreeMap<Ipv4Addr, u32>,
     /// IPs of the pods scheduled on this node.
     pub local_pods: BTreeSet<Ipv4Addr>,
@@ -62,9 +67,22 @@ pub struct DesiredState {
     /// (`GROUP_POD_NODE_TRANSLATES`: a floating egress IP's).
     pub group_flags: BTreeMap<u32, u32>,
     /// Gateways this node probes, by underlay address: the candidates of every group an
-    /// entry of a local pod references, this node excepted. Empty on a node without
-    /// selected pods: only those probe.
+    /// entry of a local pod references, and on a candidate of a floating egress IP the
+    /// candidates before it ([`FloatingIp::candidates_before`]); this node excepted. Empty
+    /// on a node without selected pods that is no floating IP's candidate.
     pub probe_targets: BTreeMap<Ipv4Addr, ProbeTarget>,
+    /// Floating egress IP -> this node's block of its NAT ports, (first port, count): the
+    /// ports this node translates its pods' flows to. Only on nodes running pods of a
+    /// floating policy, and that got a block.
+    pub own_port_blocks: BTreeMap<Ipv4Addr, (u16, u16)>,
+    /// (floating egress IP, block index) -> InternalIP of the node owning the block, where
+    /// a reply to one of its ports goes. The whole table of every floating IP this node is
+    /// a candidate of: any candidate may be holding the IP when a reply comes.
+    pub port_block_owners: BTreeMap<(Ipv4Addr, u16), Ipv4Addr>,
+    /// Floating egress IPs this node is a candidate of, and may hold (their interface is
+    /// up): where the address goes, and which candidates come first. An address this node
+    /// holds that is not here (any more) is to be given up.
+    pub floating_ips: BTreeMap<Ipv4Addr, FloatingIp>,
     /// This node is being drained ([`Node::is_draining`]): as a gateway it takes no new flows.
     pub self_draining: bool,
     /// This node can translate what its groups may send it: every egress IP it serves a
@@ -87,6 +105,9 @@ impl Default for DesiredState {
             gateway_groups: BTreeMap::new(),
             group_flags: BTreeMap::new(),
             probe_targets: BTreeMap::new(),
+            own_port_blocks: BTreeMap::new(),
+            port_block_owners: BTreeMap::new(),
+            floating_ips: BTreeMap::new(),
             self_draining: false,
             self_serving: true,
         }
@@ -139,6 +160,11 @@ impl DesiredState {
     /// Kept entries are exactly the entries of the full state, so programming the subset
     /// never changes an entry that is already right; and a pod added late in the order
     /// never evicts an earlier one. Groups and probe targets only kept pods need stay.
+    ///
+    /// A candidate's entries keyed by a floating egress IP are one such unit (with the
+    /// policy's priority, counted as a pod in `dropped_pods`). Left out, the candidate
+    /// cannot forward for that IP: it gives up the IP (out of `floating_ips`) and reports
+    /// itself as not serving, so the next candidate takes the address.
     pub fn fit_policy_map(&mut self, capacity: usize) -> PolicyMapFit {
         let wanted = self.policy_entries.len();
         if wanted <= capacity {
@@ -172,6 +198,12 @@ impl DesiredState {
             kept.insert(pod);
         }
         self.policy_entries.retain(|(pod, _), _| kept.contains(pod));
+        let floating_before = self.floating_ips.len();
+        self.floating_ips
+            .retain(|ip, _| kept.contains(ip) || !per_pod.contains_key(ip));
+        if self.floating_ips.len() < floating_before {
+            self.self_serving = false;
+        }
         self.drop_unreferenced_groups();
         let probed = self.probed_gateways();
         self.probe_targets.retain(|ip, _| probed.contains(ip));
@@ -195,7 +227,8 @@ impl DesiredState {
         self.group_flags.retain(|id, _| referenced.contains(id));
     }
 
-    /// The candidates of the groups that entries of local pods reference.
+    /// The candidates of the groups that entries of local pods reference, and the
+    /// candidates before this node of the floating IPs it may hold.
     fn probed_gateways(&self) -> BTreeSet<Ipv4Addr> {
         let local_groups: BTreeSet<u32> = self
             .policy_entries
@@ -203,10 +236,15 @@ impl DesiredState {
             .filter(|((pod, _), v)| v.gateway_group != 0 && self.local_pods.contains(pod))
             .map(|(_, v)| v.gateway_group)
             .collect();
+        let holders_before = self
+            .floating_ips
+            .values()
+            .flat_map(|floating| &floating.candidates_before);
         local_groups
             .iter()
             .filter_map(|id| self.gateway_groups.get(id))
             .flatten()
+            .chain(holders_before)
             .copied()
             .collect()
     }
@@ -249,6 +287,23 @@ pub enum PolicyProblem {
     DefaultRouteInterfaceNotFound(u32),
     #[error("some entries are overridden by policy {0}")]
     OverriddenBy(String),
+    #[error(
+        "egress IP {egress_ip} already floats between the candidates of policy {policy}: a \
+         floating egress IP has one set of candidates, so give this policy the same \
+         nodeSelector and interface, or another egress IP; its pods' traffic is dropped"
+    )]
+    FloatingEgressIpTaken { egress_ip: Ipv4Addr, policy: String },
+    #[error(
+        "floating egress IP {egress_ip}: {nodes_without} nodes running its pods got no block \
+         of its ports (--nat-port-range holds {blocks} blocks of 64), so their pods' traffic \
+         is dropped; spread the pods over more floating egress IPs (more policies), or widen \
+         --nat-port-range on every node"
+    )]
+    PortBlocksExhausted {
+        egress_ip: Ipv4Addr,
+        nodes_without: usize,
+        blocks: u16,
+    },
 }
 
 /// The trie key of an entry: the pod is an exact /32, then the destination's mask bits.
@@ -305,12 +360,20 @@ struct PolicyGateways<'a> {
     gateways: Vec<Gateway<'a>>,
     /// Indexes of the specs that have candidates.
     usable: Vec<usize>,
+    /// `GatewayGroup::flags` of the policy's groups.
+    group_flags: u32,
     by_order: BTreeMap<Vec<usize>, Steering>,
 }
 
 impl<'a> PolicyGateways<'a> {
     /// Finds every spec's candidates and, where this node is one, its egress IP.
-    fn resolve(inv: &'a Inventory, policy: &Policy, node_name: &str, local: &LocalNetwork) -> Self {
+    fn resolve(
+        inv: &'a Inventory,
+        policy: &Policy,
+        node_name: &str,
+        local: &LocalNetwork,
+        group_flags: u32,
+    ) -> Self {
         let gateways: Vec<Gateway<'a>> = policy
             .gateways
             .iter()
@@ -329,7 +392,16 @@ impl<'a> PolicyGateways<'a> {
         Self {
             gateways,
             usable,
+            group_flags,
             by_order: BTreeMap::new(),
+        }
+    }
+
+    /// Forgets this node's egress IPs: the policy is not programmed, its gateways serve
+    /// nothing (its pods' traffic is dropped).
+    fn forget_egress(&mut self) {
+        for gateway in &mut self.gateways {
+            gateway.egress = None;
         }
     }
 
@@ -392,7 +464,7 @@ impl<'a> PolicyGateways<'a> {
             _ => Role::NotCandidate,
         };
         let steering = Steering {
-            group: groups.intern(&group, 0),
+            group: groups.intern(&group, self.group_flags),
             gateway_ip: group[0].ip.octets(),
             role,
         };
@@ -422,8 +494,20 @@ fn destination_value(steering: Option<Steering>) -> PolicyValue {
     }
 }
 
-/// Computes this node's desired map contents.
+/// Computes this node's desired map contents, with the default NAT port range (see
+/// [`desired_state_with_nat_ports`]).
 pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> DesiredState {
+    desired_state_with_nat_ports(inv, node_name, local, NatPorts::default())
+}
+
+/// Computes this node's desired map contents; `nat_ports` (`--nat-port-range`, the same on
+/// every node) is split into the port blocks of floating egress IPs.
+pub fn desired_state_with_nat_ports(
+    inv: &Inventory,
+    node_name: &str,
+    local: &LocalNetwork,
+    nat_ports: NatPorts,
+) -> DesiredState {
     let mut state = DesiredState {
         nodes: inv.nodes.values().filter_map(|n| n.internal_ip).collect(),
         // In-cluster destinations: nodes' pod CIDRs, and every pod IP, since many CNIs'
@@ -449,6 +533,7 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
         ..Default::default()
     };
     let pods = PodIndex::new(inv);
+    let floating = floating::Plan::new(inv, &pods, nat_ports);
     let mut owners: BTreeMap<(Ipv4Addr, Ipv4Net), Owner<'_>> = BTreeMap::new();
     let mut conflicts: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     let mut groups = GroupInterner::default();
@@ -460,12 +545,22 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
             ..PolicySummary::default()
         };
         let mut problems = Vec::new();
-        let mut gateways = PolicyGateways::resolve(inv, policy, node_name, local);
+        let group_flags = floating.group_flags(policy);
+        let mut gateways = PolicyGateways::resolve(inv, policy, node_name, local, group_flags);
+        let refusal = floating.refusal(policy);
+        if let Some(problem) = refusal {
+            problems.push(problem.clone());
+            gateways.forget_egress();
+        }
         gateways.record(&mut state, &mut summary, &mut problems);
+        problems.extend(floating.exhaustion(policy));
 
         for pod in pods.matching_pods(policy) {
             summary.matched_pods += 1;
-            let steering = gateways.steer(pod, node_name, &mut groups);
+            let steering = match refusal {
+                Some(_) => None,
+                None => gateways.steer(pod, node_name, &mut groups),
+            };
             let cannot_serve = matches!(steering.map(|s| s.role), Some(Role::CannotServe));
             if cannot_serve {
                 state.self_serving = false;
@@ -488,6 +583,7 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
                 pod_node_ip,
                 ..destination_value(steering)
             };
+            let value = floating.pod_value(policy, pod, value);
             for &ip in &pod.ips {
                 state.pod_priority.entry(ip).or_insert(policy_index);
                 let entries = policy
@@ -505,6 +601,15 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
                 }
             }
         }
+        for (key, value, excluded) in floating.gateway_entries(policy, node_name, &mut groups) {
+            state.pod_priority.entry(key.0).or_insert(policy_index);
+            let new = Owner {
+                policy: &policy.name,
+                value,
+                excluded,
+            };
+            merge(&mut owners, &mut conflicts, key, new);
+        }
         summary.problem = problems.into_iter().next();
         state.policies.insert(policy.name.clone(), summary);
     }
@@ -521,6 +626,7 @@ pub fn desired_state(inv: &Inventory, node_name: &str, local: &LocalNetwork) -> 
         }
     }
     state.policy_entries = owners.into_iter().map(|(k, o)| (k, o.value)).collect();
+    floating.finish(&mut state, node_name, local);
     finish_groups(&mut state, groups, inv, node_name);
     state
 }
@@ -632,6 +738,9 @@ fn resolve_egress(
             })
             .and_then(usable)
             .map(|i| (*ip, i.ifindex)),
+        EgressSource::Floating { ip, interface } => {
+            floating::holding_interface(interface.as_deref(), local).map(|i| (*ip, i.ifindex))
+        }
         EgressSource::DefaultRoute => {
             let ifindex = local
                 .default_route_ifindex

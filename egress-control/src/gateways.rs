@@ -17,8 +17,8 @@
 //!   ([`group_of`]): a spec with no healthy candidate hands its pods to the next spec in
 //!   each pod's own order, which spreads them over the others instead of piling them onto one.
 //! - Group ids are derived from the group's content ([`assign_group_ids`]): its candidates and
-//!   its flags (`GROUP_POD_NODE_TRANSLATES` for a floating egress IP's), so they are the
-//!   same on every node and across reconciles, a
+//!   its flags (`GROUP_POD_NODE_TRANSLATES` for a floating egress IP's, see
+//!   [`crate::floating`]), so they are the same on every node and across reconciles, a
 //!   failover or a reconcile never renumbers the `GATEWAY_GROUPS` map, and a floating group
 //!   never shares an id with a plain group of the same candidates.
 

@@ -595,6 +595,30 @@ mod tests {
         }
     }
 
+    /// The floating annotation is read from the manifest's metadata; a wrong one is refused
+    /// as any invalid field is, naming the file, the policy and the annotation.
+    #[test]
+    fn the_floating_annotation_loads_from_manifests_and_is_refused_by_name() {
+        let manifest = |name: &str, value: &str| {
+            format!(
+                "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata:\n  name: {name}\n  annotations:\n    egress-gateway.io/floating-egress-ip: {value}\nspec:\n  selectors: [{{podSelector: {{}}}}]\n  destinationCIDRs: [0.0.0.0/0]\n  egressGateway: {{nodeSelector: {{}}, egressIP: 192.0.2.50}}\n"
+            )
+        };
+        let text = [manifest("floats", "'true'"), manifest("typo", "'yes'")].join("---\n");
+        let r = load_text(Path::new("float.yaml"), &text);
+        assert_eq!(
+            r.inventory.policies["floats"].floating_egress(),
+            Some((std::net::Ipv4Addr::new(192, 0, 2, 50), None))
+        );
+        let msgs: Vec<String> = r.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            msgs,
+            [
+                r#"float.yaml: CiliumEgressGatewayPolicy "typo": metadata.annotations[egress-gateway.io/floating-egress-ip]: must be "true" or "false", got "yes""#
+            ]
+        );
+    }
+
     /// A `ServiceCIDR` (networking.k8s.io/v1, as `kubectl get servicecidr -o yaml` prints the
     /// cluster's `kubernetes` one): its IPv4 ranges are in-cluster destinations.
     #[test]

@@ -15,6 +15,10 @@ pub const API_VERSION: &str = "cilium.io/v2";
 pub const KIND: &str = "CiliumEgressGatewayPolicy";
 /// Cilium's limit on `spec.egressGateways`.
 pub const MAX_GATEWAYS: usize = 64;
+/// Policy annotation (`"true"` or `"false"`): the gateway spec's `egressIP` floats between
+/// its candidates instead of being an address of each (see [`crate::floating`]). An
+/// annotation, not a spec field, so the spec stays Cilium's.
+pub const FLOATING_EGRESS_IP_ANNOTATION: &str = "egress-gateway.io/floating-egress-ip";
 
 // Raw types: as the API server stores them. Unknown fields (status, newer spec fields) are
 // tolerated so policies users already have load unchanged.
@@ -67,8 +71,25 @@ pub struct Policy {
     /// IPv6 destination and excluded CIDRs (normalised): loaded but not programmed until the
     /// datapath does IPv6, and reported as such (a dual-stack policy's IPv4 part works).
     pub ipv6_cidrs: Vec<Ipv6Net>,
-    /// At least one entry.
+    /// At least one entry; exactly one, [`EgressSource::Floating`], when the policy floats
+    /// its egress IP ([`FLOATING_EGRESS_IP_ANNOTATION`]).
     pub gateways: Vec<GatewaySpec>,
+}
+
+impl Policy {
+    /// The floating egress IP and the interface its holder adds it to (`None`: the default
+    /// route's), when the policy floats one.
+    pub fn floating_egress(&self) -> Option<(Ipv4Addr, Option<&str>)> {
+        match self.gateways.as_slice() {
+            [
+                GatewaySpec {
+                    egress: EgressSource::Floating { ip, interface },
+                    ..
+                },
+            ] => Some((*ip, interface.as_deref())),
+            _ => None,
+        }
+    }
 }
 
 /// One `spec.selectors[]` entry; the three parts are `ANDed`. `None` means "any".
@@ -92,6 +113,14 @@ pub enum EgressSource {
     DefaultRoute,
     Interface(String),
     Ip(Ipv4Addr),
+    /// `egressIP` of a policy annotated [`FLOATING_EGRESS_IP_ANNOTATION`]: no candidate needs
+    /// the address; the one holding it adds it to `interface` (`None`: the default route's
+    /// interface). Unlike a plain `egressIP`, `interface` may be given with it: the address
+    /// is on no interface yet, so the spec says where it goes.
+    Floating {
+        ip: Ipv4Addr,
+        interface: Option<String>,
+    },
 }
 
 /// What is wrong with one field.
@@ -121,6 +150,18 @@ pub enum PolicyError {
     InterfaceAndEgressIp,
     #[error("at most {MAX_GATEWAYS} gateways are supported, got {0}")]
     TooManyGateways(usize),
+    #[error("must be \"true\" or \"false\", got {0:?}")]
+    FloatingValue(String),
+    #[error(
+        "a floating egress IP needs exactly one gateway, spec.egressGateway without \
+         spec.egressGateways[]: one address cannot float between several entries' candidates"
+    )]
+    FloatingNeedsOneGateway,
+    #[error(
+        "a floating egress IP needs spec.egressGateway.egressIP: the address that moves \
+         between the candidates"
+    )]
+    FloatingNeedsEgressIp,
     #[error(transparent)]
     Selector(#[from] SelectorError),
 }
@@ -202,6 +243,7 @@ pub fn validate(raw: &RawPolicy) -> Result<Policy, Vec<FieldError>> {
     if name.is_empty() {
         errors.push("metadata.name", PolicyError::Required);
     }
+    let floating = floating_annotation(&raw.metadata, &mut errors);
     let Some(spec) = &raw.spec else {
         errors.push("spec", PolicyError::Required);
         return Err(errors.list);
@@ -278,15 +320,19 @@ pub fn validate(raw: &RawPolicy) -> Result<Policy, Vec<FieldError>> {
                     PolicyError::TooManyGateways(list.len()),
                 );
             }
+            if floating {
+                errors.push(floating_field(), PolicyError::FloatingNeedsOneGateway);
+            }
             for (i, g) in list.iter().enumerate() {
                 gateways.extend(gateway(
                     g,
                     &format!("spec.egressGateways[{i}]"),
+                    false,
                     &mut errors,
                 ));
             }
         }
-        (_, Some(g)) => gateways.extend(gateway(g, "spec.egressGateway", &mut errors)),
+        (_, Some(g)) => gateways.extend(gateway(g, "spec.egressGateway", floating, &mut errors)),
         (_, None) => errors.push("spec.egressGateway", PolicyError::GatewayRequired),
     }
 
@@ -315,6 +361,32 @@ impl Errors<'_> {
             field: field.into(),
             error,
         });
+    }
+}
+
+/// The annotation's field path, as Kubernetes writes a map key's.
+fn floating_field() -> String {
+    format!("metadata.annotations[{FLOATING_EGRESS_IP_ANNOTATION}]")
+}
+
+/// Whether the policy floats its egress IP: [`FLOATING_EGRESS_IP_ANNOTATION`] is `"true"`.
+/// Any value but `"true"` and `"false"` is refused rather than read as either: a typo
+/// (`"yes"`, `"True"`) must not silently give the user the other design.
+fn floating_annotation(metadata: &ObjectMeta, errors: &mut Errors) -> bool {
+    let value = metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(FLOATING_EGRESS_IP_ANNOTATION));
+    match value.map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            errors.push(
+                floating_field(),
+                PolicyError::FloatingValue(other.to_owned()),
+            );
+            false
+        }
     }
 }
 
@@ -397,7 +469,13 @@ fn parse_cidr(s: &str) -> Result<Cidr, String> {
     }
 }
 
-fn gateway(raw: &RawGateway, path: &str, errors: &mut Errors) -> Option<GatewaySpec> {
+/// One gateway spec; `floating`: the policy floats its egress IP, which it must name.
+fn gateway(
+    raw: &RawGateway,
+    path: &str,
+    floating: bool,
+    errors: &mut Errors,
+) -> Option<GatewaySpec> {
     let before = errors.list.len();
     let node_selector = match &raw.node_selector {
         None => {
@@ -410,12 +488,20 @@ fn gateway(raw: &RawGateway, path: &str, errors: &mut Errors) -> Option<GatewayS
     let interface = raw.interface.as_deref().filter(|s| !s.is_empty());
     let egress_ip = raw.egress_ip.as_deref().filter(|s| !s.is_empty());
     let egress = match (interface, egress_ip) {
-        (Some(_), Some(_)) => {
+        (_, None) if floating => {
+            errors.push(floating_field(), PolicyError::FloatingNeedsEgressIp);
+            None
+        }
+        (Some(_), Some(_)) if !floating => {
             errors.push(path, PolicyError::InterfaceAndEgressIp);
             None
         }
         (Some(name), None) => Some(EgressSource::Interface(name.to_owned())),
-        (None, Some(ip)) => match ip.trim().parse::<IpAddr>() {
+        (interface, Some(ip)) => match ip.trim().parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) if floating => Some(EgressSource::Floating {
+                ip,
+                interface: interface.map(str::to_owned),
+            }),
             Ok(IpAddr::V4(ip)) => Some(EgressSource::Ip(ip)),
             Ok(IpAddr::V6(_)) => {
                 errors.push(
@@ -646,6 +732,113 @@ spec:
         .unwrap_err();
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].error, PolicyError::TooManyGateways(65));
+    }
+
+    fn floating(annotation: &str, gateways: &str) -> Result<Policy, Vec<FieldError>> {
+        let yaml = BASE.replace(
+            "metadata: {name: p}",
+            &format!(
+                "metadata: {{name: p, annotations: {{egress-gateway.io/floating-egress-ip: {annotation}}}}}"
+            ),
+        );
+        parse(&format!("{yaml}{gateways}"))
+    }
+
+    #[test]
+    fn a_floating_egress_ip_is_the_one_spec_s_egress_ip_with_an_optional_interface() {
+        let egress_ip = Ipv4Addr::new(192, 0, 2, 50);
+        let p = floating(
+            "'true'",
+            "  egressGateway: {nodeSelector: {}, egressIP: 192.0.2.50}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            p.gateways[0].egress,
+            EgressSource::Floating {
+                ip: egress_ip,
+                interface: None
+            }
+        );
+        assert_eq!(p.floating_egress(), Some((egress_ip, None)));
+        // With the annotation the interface says where the address goes, so both may be given.
+        let p = floating(
+            "'true'",
+            "  egressGateway: {nodeSelector: {}, egressIP: 192.0.2.50, interface: eth1}\n",
+        )
+        .unwrap();
+        assert_eq!(p.floating_egress(), Some((egress_ip, Some("eth1"))));
+        // "false", or no annotation: Cilium's semantics, both together still refused.
+        let p = floating(
+            "'false'",
+            "  egressGateway: {nodeSelector: {}, egressIP: 192.0.2.50}\n",
+        )
+        .unwrap();
+        assert_eq!(p.gateways[0].egress, EgressSource::Ip(egress_ip));
+        assert_eq!(p.floating_egress(), None);
+        assert_eq!(
+            fields(floating(
+                "'false'",
+                "  egressGateway: {nodeSelector: {}, egressIP: 192.0.2.50, interface: eth1}\n"
+            )),
+            ["spec.egressGateway"]
+        );
+    }
+
+    #[test]
+    fn floating_refusals_name_the_annotation_and_the_reason() {
+        let field = "metadata.annotations[egress-gateway.io/floating-egress-ip]";
+        let one = "  egressGateway: {nodeSelector: {}, egressIP: 192.0.2.50}\n";
+        let cases: [(&str, String, PolicyError); 5] = [
+            (
+                "'yes'",
+                one.into(),
+                PolicyError::FloatingValue("yes".into()),
+            ),
+            (
+                "'True'",
+                one.into(),
+                PolicyError::FloatingValue("True".into()),
+            ),
+            (
+                "'true'",
+                format!(
+                    "{one}  egressGateways:\n  - {{nodeSelector: {{}}, egressIP: 192.0.2.50}}\n"
+                ),
+                PolicyError::FloatingNeedsOneGateway,
+            ),
+            (
+                "'true'",
+                "  egressGateway: {nodeSelector: {}, interface: eth1}\n".into(),
+                PolicyError::FloatingNeedsEgressIp,
+            ),
+            (
+                "'true'",
+                "  egressGateway: {nodeSelector: {}}\n".into(),
+                PolicyError::FloatingNeedsEgressIp,
+            ),
+        ];
+        for (annotation, gateways, error) in cases {
+            let errors = floating(annotation, &gateways).unwrap_err();
+            assert_eq!(errors.len(), 1, "{annotation} {gateways}: {errors:?}");
+            assert_eq!(errors[0].field, field);
+            assert_eq!(errors[0].error, error);
+            let shown = errors[0].to_string();
+            assert!(
+                shown.starts_with(&format!("policy \"p\": {field}: ")),
+                "{shown}"
+            );
+        }
+        let shown = floating("'yes'", one).unwrap_err()[0].to_string();
+        assert!(
+            shown.ends_with(r#"must be "true" or "false", got "yes""#),
+            "{shown}"
+        );
+        let shown =
+            floating("'true'", "  egressGateway: {nodeSelector: {}}\n").unwrap_err()[0].to_string();
+        assert!(
+            shown.contains("needs spec.egressGateway.egressIP"),
+            "{shown}"
+        );
     }
 
     #[test]
