@@ -2,7 +2,7 @@
 //!
 //! A policy annotated [`FLOATING_EGRESS_IP_ANNOTATION`] `"true"` has one gateway spec whose
 //! `egressIP` is on no node: it floats between the spec's candidates, and the one holding it
-//! (the first candidate, by name, that all candidates before it consider down) adds it to
+//! (a candidate whose own probes find every candidate before it, by name, down) adds it to
 //! its interface and announces it. Translation moves off the gateway:
 //!
 //! - **The pod's node translates**, with ports from its own block of the egress IP's NAT
