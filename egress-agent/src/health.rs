@@ -39,6 +39,7 @@ use tracing::{info, warn};
 use crate::{
     chain::Chain,
     datapath::{PinLayout, monotonic_now_ns, pinned},
+    floating::{FloatingTarget, Holder, should_hold},
     say_once::SayOnce,
 };
 
@@ -66,6 +67,9 @@ pub struct Targets {
     /// addresses); told to whoever probes it.
     pub self_serving: bool,
     pub self_draining: bool,
+    /// Floating egress IPs this node is a candidate of: it holds one when every candidate
+    /// before it is down.
+    pub floating: BTreeMap<Ipv4Addr, FloatingTarget>,
 }
 
 /// Why a gateway went down.
@@ -298,6 +302,8 @@ struct Prober {
     written: BTreeMap<Ipv4Addr, u32>,
     /// The gateways of the last round, with their node names (for the metric).
     probed: BTreeMap<Ipv4Addr, String>,
+    /// Holds this node's floating egress IPs; made when the first one shows up.
+    holder: Option<Holder>,
     said: SayOnce<String>,
 }
 
@@ -318,6 +324,7 @@ impl Prober {
             maps: None,
             written: BTreeMap::new(),
             probed: BTreeMap::new(),
+            holder: None,
             said: SayOnce::new(String::new()),
         }
     }
@@ -414,6 +421,7 @@ impl Prober {
             }
         }
         self.write_health(health, targets)?;
+        self.hold_floating_ips(targets)?;
         self.send_probes(targets)
     }
 
@@ -472,6 +480,29 @@ impl Prober {
             .iter()
             .map(|(ip, target)| (*ip, target.node.clone()))
             .collect();
+        Ok(())
+    }
+
+    /// Holds the floating egress IPs whose candidates before this node are all down.
+    fn hold_floating_ips(&mut self, targets: &Targets) -> anyhow::Result<()> {
+        if targets.floating.is_empty() && self.holder.is_none() {
+            return Ok(());
+        }
+        let wanted: BTreeMap<Ipv4Addr, (u32, String)> = targets
+            .floating
+            .iter()
+            .filter(|(_, target)| {
+                should_hold(target, targets.self_serving, targets.self_draining, |ip| {
+                    self.judge.is_down(ip)
+                })
+            })
+            .map(|(ip, target)| (*ip, (target.ifindex, target.interface.clone())))
+            .collect();
+        let holder = match &mut self.holder {
+            Some(holder) => holder,
+            None => self.holder.insert(Holder::new()?),
+        };
+        holder.apply(&wanted, &targets.floating);
         Ok(())
     }
 

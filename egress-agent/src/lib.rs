@@ -11,6 +11,7 @@ pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod floating;
 pub mod health;
 pub mod inspect;
 pub mod metrics;

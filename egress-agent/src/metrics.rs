@@ -625,7 +625,10 @@ mod tests {
             .filter(|line| line.starts_with("egress_gateway_packets_total{"))
             .count();
         assert_eq!(verdicts, reason::COUNT as usize - 2, "{text}");
-        assert!(text.contains("egress_gateway_flows_failed_over_total 0"), "{text}");
+        assert!(
+            text.contains("egress_gateway_flows_failed_over_total 0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -214,6 +214,42 @@ impl Netlink {
             })
     }
 
+    /// Adds `ip`/32 to interface `index` (a floating egress IP this node now holds);
+    /// already there is fine.
+    pub async fn add_address(&self, index: u32, ip: Ipv4Addr) -> Result<()> {
+        self.handle
+            .address()
+            .add(index, ip.into(), 32)
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                what: "add a floating egress IP",
+                source,
+            })
+    }
+
+    /// Removes `ip` from interface `index`; not there is fine.
+    pub async fn remove_address(&self, index: u32, ip: Ipv4Addr) -> Result<()> {
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(ip.into())
+            .execute();
+        let request = |what| move |source| NetlinkError::Request { what, source };
+        while let Some(message) = stream.try_next().await.map_err(request("address dump"))? {
+            self.handle
+                .address()
+                .del(message)
+                .execute()
+                .await
+                .map_err(request("remove a floating egress IP"))?;
+        }
+        Ok(())
+    }
+
     pub async fn delete_link(&self, index: u32) -> Result<()> {
         self.handle
             .link()

@@ -1,6 +1,7 @@
 //! Least privilege: the agent needs root powers to load programs, mount bpffs and create
-//! its tunnel, but only `CAP_BPF` and `CAP_NET_ADMIN` afterwards (map updates, TCX attachments
-//! for new pods, netlink). And whoever can write its inputs controls egress, so those must
+//! its tunnel, but only `CAP_BPF`, `CAP_NET_ADMIN` (map updates, TCX attachments for new
+//! pods, netlink) and `CAP_NET_RAW` (the gratuitous ARP of a floating egress IP it takes)
+//! afterwards. And whoever can write its inputs controls egress, so those must
 //! be root's alone.
 
 use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
@@ -9,7 +10,11 @@ use caps::{CapSet, Capability, CapsHashSet};
 use thiserror::Error;
 
 /// What the agent keeps after start-up.
-pub const KEPT: [Capability; 2] = [Capability::CAP_BPF, Capability::CAP_NET_ADMIN];
+pub const KEPT: [Capability; 3] = [
+    Capability::CAP_BPF,
+    Capability::CAP_NET_ADMIN,
+    Capability::CAP_NET_RAW,
+];
 
 #[derive(Debug, Error)]
 pub enum PrivilegeError {

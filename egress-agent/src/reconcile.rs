@@ -9,8 +9,9 @@ use std::{
 };
 
 use egress_common::{config::DatapathConfig, gateway::GATEWAY_GROUP_MAP_SIZE, map_names};
-use egress_control::desired::{
-    self, DesiredState, LocalInterface, LocalNetwork, PolicyConflict, PolicyMapFit,
+use egress_control::{
+    desired::{self, DesiredState, LocalInterface, LocalNetwork, PolicyConflict, PolicyMapFit},
+    floating::NatPorts,
 };
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -19,6 +20,7 @@ use crate::{
     chain::Chain,
     config::AgentConfig,
     datapath::{Attachment, Datapath, Hook, MapContents, check_capacity},
+    floating::FloatingTarget,
     health::{Target, Targets},
     netlink,
     report::Report,
@@ -165,7 +167,12 @@ impl<'a> Reconciler<'a> {
             self.written_config = Some(datapath_config);
         }
         let local = local_network(network);
-        let mut desired = desired::desired_state(inventory, &config.node_name, &local);
+        let nat_ports = NatPorts {
+            min: config.nat_ports.min,
+            max: config.nat_ports.max,
+        };
+        let mut desired =
+            desired::desired_state_with_nat_ports(inventory, &config.node_name, &local, nat_ports);
         self.say_policy_problems(&desired);
         self.tell_prober(node_ip, &desired);
         let fit = desired.fit_policy_map(config.map_sizes.policies as usize);
@@ -389,6 +396,18 @@ impl<'a> Reconciler<'a> {
                 .collect(),
             self_serving: desired.self_serving,
             self_draining: desired.self_draining,
+            floating: desired
+                .floating_ips
+                .iter()
+                .map(|(ip, floating)| {
+                    let target = FloatingTarget {
+                        ifindex: floating.ifindex,
+                        interface: floating.interface.clone(),
+                        candidates_before: floating.candidates_before.clone(),
+                    };
+                    (*ip, target)
+                })
+                .collect(),
         };
         *self
             .probe_targets
@@ -417,6 +436,9 @@ impl<'a> Reconciler<'a> {
                 .collect(),
             egress_ips: desired.egress_ips.clone(),
             gateway_groups: desired.gateway_groups.clone(),
+            group_flags: desired.group_flags.clone(),
+            own_port_blocks: desired.own_port_blocks.clone(),
+            port_block_owners: desired.port_block_owners.clone(),
             ..MapContents::default()
         };
         let mut attachments = BTreeSet::new();

@@ -89,6 +89,14 @@ pub mod reason {
         /// Not a packet verdict: a steered flow moved to another gateway because its own was
         /// down or left its group (counted once per move; the packet counts as a redirect).
         FLOW_FAILED_OVER = 23 => "flow_failed_over",
+        /// A flow of a floating egress IP from a node that holds no block of its ports (more
+        /// nodes than blocks): dropped.
+        DROP_NO_PORT_BLOCK = 24 => "drop_no_port_block",
+        /// A gateway forwarded a packet the pod's node translated to a floating egress IP.
+        FORWARD_TRANSLATED = 25 => "forward_translated",
+        /// A gateway sent a reply to a floating egress IP on to the node owning its port's
+        /// block.
+        REPLY_TO_BLOCK_OWNER = 26 => "reply_to_block_owner",
     }
 
     /// Capacity of the `COUNTERS` map.

@@ -21,6 +21,45 @@ pub struct GatewayGroup {
     /// Underlay addresses, in order of preference; only the first `count` are used.
     pub candidates: [Ipv4; MAX_CANDIDATES],
     pub count: u32,
+    /// `GROUP_POD_NODE_TRANSLATES`, or 0.
+    pub flags: u32,
+}
+
+/// `GatewayGroup::flags`: the group's egress IP floats between its candidates, and the pod's
+/// node translates (with its own block of the egress IP's ports, `OWN_PORT_BLOCKS`); the
+/// gateway only forwards, and maps a reply's port to its block's node
+/// (`PORT_BLOCK_OWNERS`). A connection survives a failover: its translation lives on the
+/// pod's node, and any candidate holding the egress IP serves it.
+pub const GROUP_POD_NODE_TRANSLATES: u32 = 1 << 0;
+
+/// Ports per block of a floating egress IP's NAT range.
+pub const PORT_BLOCK_SIZE: u16 = 64;
+
+/// Value of `OWN_PORT_BLOCKS`, keyed by a floating egress IP: the ports this node translates
+/// its pods' flows to (host byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortBlock {
+    pub first: u16,
+    pub count: u16,
+    pub _pad: u32,
+}
+
+/// Key of `PORT_BLOCK_OWNERS`: a floating egress IP and a block index (the port's offset
+/// from the NAT range's first port, divided by `PORT_BLOCK_SIZE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortBlockKey {
+    pub egress_ip: Ipv4,
+    pub block: u16,
+    pub _pad: u16,
+}
+
+/// Value of `PORT_BLOCK_OWNERS`: the node whose pods' flows use the block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortBlockOwner {
+    pub node_ip: Ipv4,
     pub _pad: u32,
 }
 

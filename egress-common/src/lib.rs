@@ -78,6 +78,11 @@ pub mod map_names {
         GATEWAY_HEALTH = "GATEWAY_HEALTH",
         /// The last probe reply from each gateway, written by the datapath.
         PROBE_REPLIES = "PROBE_REPLIES",
+        /// This node's port block of each floating egress IP it translates for.
+        OWN_PORT_BLOCKS = "OWN_PORT_BLOCKS",
+        /// Every port block of the floating egress IPs this node is a candidate of, with the
+        /// node that owns it.
+        PORT_BLOCK_OWNERS = "PORT_BLOCK_OWNERS",
     }
 
     /// Test objects only (feature `test-programs`), never pinned: where the last redirect

@@ -4,7 +4,9 @@ use crate::{
     config::DatapathConfig,
     counters::Counter,
     flow::{FlowKey, InboundFlow, SteeredFlow},
-    gateway::{GatewayGroup, GatewayHealth, Probe, ProbeReply},
+    gateway::{
+        GatewayGroup, GatewayHealth, PortBlock, PortBlockKey, PortBlockOwner, Probe, ProbeReply,
+    },
     nat::{NatForward, NatReverse},
     nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
@@ -36,4 +38,7 @@ impl_pod!(
     GatewayHealth,
     Probe,
     ProbeReply,
+    PortBlock,
+    PortBlockKey,
+    PortBlockOwner,
 );

@@ -14,8 +14,8 @@ use egress_common::{
     counters::reason,
     flow::PROTO_UDP,
     gateway::{
-        GATEWAY_DOWN, GATEWAY_DRAINING, GatewayGroup, MAX_CANDIDATES, PROBE_MAGIC, PROBE_PORT,
-        PROBE_REPLY, PROBE_REQUEST, Probe, ProbeReply,
+        GATEWAY_DOWN, GATEWAY_DRAINING, GROUP_POD_NODE_TRANSLATES, GatewayGroup, MAX_CANDIDATES,
+        PROBE_MAGIC, PROBE_PORT, PROBE_REPLY, PROBE_REQUEST, Probe, ProbeReply,
     },
     policy::{GATEWAY_NONE, PolicyValue},
 };
@@ -92,6 +92,12 @@ pub(crate) fn choose(policy: &PolicyValue, pinned: Option<Ipv4>) -> Option<Ipv4>
         i += 1;
     }
     None
+}
+
+/// Whether the entry's pod node translates (a floating egress IP): its group says so.
+#[inline(always)]
+pub(crate) fn pod_node_translates(policy: &PolicyValue) -> bool {
+    group_of(policy).is_some_and(|group| group.flags & GROUP_POD_NODE_TRANSLATES != 0)
 }
 
 /// Whether this node may translate the entry's traffic: it is the entry's gateway, or one

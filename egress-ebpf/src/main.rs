@@ -23,6 +23,7 @@
 #![expect(clippy::inline_always, reason = "see above")]
 #![expect(clippy::needless_borrows_for_generic_args, reason = "see above")]
 
+mod floating;
 mod gateway;
 mod maps;
 mod nat;
@@ -54,7 +55,7 @@ use crate::{
         CLUSTER_CIDRS, EGRESS_IPS, EGRESS_POLICIES, INBOUND_FLOWS, LOCAL_PODS, NAT_FORWARD,
         NAT_REVERSE, NODES, STEERED_FLOWS, config, count,
     },
-    nat::Translation,
+    nat::{PortRange, Translation},
     packet::{
         End, Packet, clamp_mss, decrement_ttl, parse, quoted_packet, rewrite, rewrite_icmp_error,
     },
@@ -67,14 +68,14 @@ const TUNNEL_TTL: u8 = 64;
 const PACKET_HOST: u32 = 0;
 
 #[inline(always)]
-fn drop(reason: u32, packet: &Packet) -> i32 {
+pub(crate) fn drop(reason: u32, packet: &Packet) -> i32 {
     count(reason, packet.len);
     DROP
 }
 
 /// Why a matched packet that cannot be translated is dropped.
 #[inline(always)]
-fn untranslatable(packet: &Packet) -> u32 {
+pub(crate) fn untranslatable(packet: &Packet) -> u32 {
     if packet.later_fragment {
         reason::DROP_FRAGMENT_UNKNOWN
     } else {
@@ -205,6 +206,10 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
             return drop(reason::DROP_FLOW_TABLE_FULL, &packet);
         }
     }
+    if gateway::pod_node_translates(&policy) {
+        // A floating egress IP: this node translates, the gateway forwards.
+        return floating::translate_and_send(&mut ctx, &packet, &policy, gateway, config, now);
+    }
     if gateway == config.node_ip {
         // The pod runs on its gateway: translate here, no tunnel.
         return snat_and_send(&mut ctx, &packet, &policy, config.node_ip, config, now);
@@ -320,7 +325,14 @@ fn gateway_request(
         return drop(reason::DROP_NOT_ALLOWED, packet);
     };
     let policy = *policy;
-    if policy.pod_node_ip != remote || !gateway::serves(&policy, config.node_ip) {
+    if !gateway::serves(&policy, config.node_ip) {
+        return drop(reason::DROP_NOT_ALLOWED, packet);
+    }
+    if policy.pod_node_ip == [0; 4] && policy.egress_ip == packet.flow.src_ip {
+        // Translated by the pod's node to a floating egress IP: forwarded, not translated.
+        return floating::forward(ctx, packet, &policy, remote, config);
+    }
+    if policy.pod_node_ip != remote {
         return drop(reason::DROP_NOT_ALLOWED, packet);
     }
     // A pod's echo reply answers an inbound ping and never opens a flow: from_pod keeps it
@@ -341,15 +353,36 @@ fn deliver_reply(ctx: &mut TcContext, packet: &Packet, config: &DatapathConfig) 
     if packet.later_fragment && !packet.translatable {
         return drop(reason::DROP_FRAGMENT_UNKNOWN, packet);
     }
+    // A reply to a floating egress IP: this node translated the flow, so it turns it back.
+    let (pod_ip, translated) = match floating::reverse_translate(ctx, packet) {
+        Some(Ok(reverse)) => {
+            let event = packet.close_event(false);
+            if event != 0 {
+                record_remote_close(packet, &reverse, event);
+            }
+            let flow = FlowKey {
+                src_ip: reverse.pod_ip,
+                dst_ip: packet.flow.src_ip,
+                src_port: reverse.pod_port,
+                dst_port: packet.flow.src_port,
+                protocol: packet.flow.protocol,
+                _pad: [0; 3],
+            };
+            (reverse.pod_ip, Some(flow))
+        }
+        Some(Err(verdict)) => return verdict,
+        None => (packet.flow.dst_ip, None),
+    };
     // SAFETY: plain lookups.
-    let Some(pod) = (unsafe { LOCAL_PODS.get(&packet.flow.dst_ip) }) else {
+    let Some(pod) = (unsafe { LOCAL_PODS.get(&pod_ip) }) else {
         return drop(reason::DROP_UNKNOWN_REPLY, packet);
     };
     let ifindex = pod.ifindex;
-    let steered_flow = match quoted_packet(ctx, packet) {
-        Some(quoted) if quoted.flow.src_ip == packet.flow.dst_ip => quoted.flow,
-        Some(_) => return drop(reason::DROP_UNKNOWN_REPLY, packet),
-        None => packet.flow.reversed(),
+    let steered_flow = match (translated, quoted_packet(ctx, packet)) {
+        (Some(flow), _) => flow,
+        (None, Some(quoted)) if quoted.flow.src_ip == packet.flow.dst_ip => quoted.flow,
+        (None, Some(_)) => return drop(reason::DROP_UNKNOWN_REPLY, packet),
+        (None, None) => packet.flow.reversed(),
     };
     let Some(steered) = STEERED_FLOWS.get_ptr_mut(&steered_flow) else {
         return drop(reason::DROP_UNKNOWN_REPLY, packet);
@@ -406,14 +439,20 @@ fn snat_and_send(
     if packet.later_fragment && unsafe { NAT_FORWARD.get(&packet.flow) }.is_none() {
         return drop(reason::DROP_FRAGMENT_UNKNOWN, packet);
     }
-    let (translation, verdict) =
-        match nat::translate(ctx, packet, policy.egress_ip, pod_node_ip, config, now) {
-            Translation::Existing(t) => (t, reason::SNAT_EXISTING_FLOW),
-            Translation::New(t) => (t, reason::SNAT_NEW_FLOW),
-            Translation::Exhausted => return drop(reason::DROP_NAT_EXHAUSTED, packet),
-            Translation::TableFull => return drop(reason::DROP_FLOW_TABLE_FULL, packet),
-            Translation::Error => return drop(reason::DROP_ERROR, packet),
-        };
+    let (translation, verdict) = match nat::translate(
+        ctx,
+        packet,
+        policy.egress_ip,
+        pod_node_ip,
+        PortRange::of(config),
+        now,
+    ) {
+        Translation::Existing(t) => (t, reason::SNAT_EXISTING_FLOW),
+        Translation::New(t) => (t, reason::SNAT_NEW_FLOW),
+        Translation::Exhausted => return drop(reason::DROP_NAT_EXHAUSTED, packet),
+        Translation::TableFull => return drop(reason::DROP_FLOW_TABLE_FULL, packet),
+        Translation::Error => return drop(reason::DROP_ERROR, packet),
+    };
     if rewrite(
         ctx,
         packet,
@@ -488,6 +527,10 @@ pub(crate) fn from_egress(mut ctx: TcContext) -> i32 {
             }
             return send_back(&ctx, &packet, &reverse, config);
         }
+    }
+    // A floating egress IP's reply for a flow another node translated: to that node.
+    if let Some(verdict) = floating::reply_to_owner(&ctx, &packet, config) {
+        return verdict;
     }
     // The node's own traffic to its egress IP.
     PASS
@@ -577,7 +620,7 @@ fn send_to_pod(packet: &Packet, ifindex: u32, verdict: u32) -> i32 {
 
 /// Sends out of `ifindex`; the kernel resolves the next hop and fills the Ethernet header.
 #[inline(always)]
-fn redirect_neigh(packet: &Packet, ifindex: u32, verdict: u32) -> i32 {
+pub(crate) fn redirect_neigh(packet: &Packet, ifindex: u32, verdict: u32) -> i32 {
     // SAFETY: no neighbour parameters: the helper does the FIB lookup itself.
     let ret = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32;
     if ret != TC_ACT_REDIRECT {

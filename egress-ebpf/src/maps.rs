@@ -15,7 +15,10 @@ use egress_common::{
     config::DatapathConfig,
     counters::{Counter, reason},
     flow::{FlowKey, FragmentKey, FragmentPorts, InboundFlow, SteeredFlow},
-    gateway::{GATEWAY_GROUP_MAP_SIZE, GatewayGroup, GatewayHealth, ProbeReply},
+    gateway::{
+        GATEWAY_GROUP_MAP_SIZE, GatewayGroup, GatewayHealth, PortBlock, PortBlockKey,
+        PortBlockOwner, ProbeReply,
+    },
     nat::{NatForward, NatReverse},
     nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
@@ -78,6 +81,14 @@ pub(crate) static GATEWAY_HEALTH: HashMap<Ipv4, GatewayHealth, 4096> = HashMap::
 /// The last probe reply from each gateway, for the prober.
 #[btf_map]
 pub(crate) static PROBE_REPLIES: HashMap<Ipv4, ProbeReply, 4096> = HashMap::new();
+
+/// This node's block of each floating egress IP's ports, when its pods use that IP.
+#[btf_map]
+pub(crate) static OWN_PORT_BLOCKS: HashMap<Ipv4, PortBlock, 1024> = HashMap::new();
+
+/// Every block of the floating egress IPs this node may hold, with its node: where replies go.
+#[btf_map]
+pub(crate) static PORT_BLOCK_OWNERS: HashMap<PortBlockKey, PortBlockOwner, 16384> = HashMap::new();
 
 #[btf_map]
 pub(crate) static CONFIG: Array<DatapathConfig, 1> = Array::new();

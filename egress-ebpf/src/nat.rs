@@ -35,18 +35,36 @@ pub(crate) enum Translation {
 /// `bpf_map_update_elem` with `BPF_NOEXIST` on a key that exists.
 const EEXIST: i32 = -17;
 
+/// The ports a translation may use, inclusive, host byte order: the gateway's NAT range,
+/// or on a pod's node its block of a floating egress IP.
+#[derive(Clone, Copy)]
+pub(crate) struct PortRange {
+    pub(crate) min: u32,
+    pub(crate) max: u32,
+}
+
+impl PortRange {
+    #[inline(always)]
+    pub(crate) fn of(config: &DatapathConfig) -> Self {
+        PortRange {
+            min: u32::from(config.nat_port_min),
+            max: u32::from(config.nat_port_max),
+        }
+    }
+}
+
 /// Returns the translation of `flow` (as the pod sent it) to `egress_ip`, allocating a port
-/// when the flow is new: the pod's own port when it lies in the NAT range and is free for
-/// (egress IP, destination, destination port, protocol), otherwise random ports in the range,
-/// at most `NAT_PORT_RETRIES` tries. The reverse entry is claimed first with BPF_NOEXIST, so
-/// a port is never handed to two flows.
+/// of `ports` when the flow is new: the pod's own port when it lies in the range and is free
+/// for (egress IP, destination, destination port, protocol), otherwise random ports in the
+/// range, at most `NAT_PORT_RETRIES` tries. The reverse entry is claimed first with
+/// BPF_NOEXIST, so a port is never handed to two flows.
 #[inline(always)]
 pub(crate) fn translate(
     ctx: &TcContext,
     packet: &Packet,
     egress_ip: Ipv4,
     pod_node_ip: Ipv4,
-    config: &DatapathConfig,
+    ports: PortRange,
     now: u64,
 ) -> Translation {
     let flow = &packet.flow;
@@ -104,8 +122,7 @@ pub(crate) fn translate(
         }
         let _ = NAT_FORWARD.remove(flow);
     }
-    let min = u32::from(config.nat_port_min);
-    let max = u32::from(config.nat_port_max);
+    let (min, max) = (ports.min, ports.max);
     if min == 0 || max < min {
         return Translation::Error;
     }

@@ -67,7 +67,7 @@ const AGENT_API_ACCESS: &[(Option<&str>, &str, &str, &[&str])] = &[
 ];
 
 /// The agent container's capabilities: programs and maps, the verifier, links and the tunnel.
-const AGENT_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
+const AGENT_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "NET_RAW", "PERFMON"];
 
 /// The agent's metrics port, where the probes look.
 const METRICS_PORT: i32 = 9969;

@@ -27,13 +27,16 @@ const POD_NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
 /// Requests (HTTP) and the long UDP flow get a destination port each.
 const APP_PORT: u16 = 9001;
 const FLOW_PORT: u16 = 9002;
+const TCP_FLOW_PORT: u16 = 9003;
+/// The floating egress IP: held by the first candidate up, on its eth1.
+const FLOATING_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 const PROGRAMMED: Duration = Duration::from_secs(30);
 
 /// Both gateways labelled egress-node=true, policy `app` (app=my-app, `interface: eth1`),
 /// my-app on worker-1 served through A; capture running.
 fn two_candidates() -> (Cluster, Pod) {
     let mut cluster = Cluster::new(ClusterConfig {
-        extra_peer_ports: vec![APP_PORT, FLOW_PORT],
+        extra_peer_ports: vec![APP_PORT, FLOW_PORT, TCP_FLOW_PORT],
         ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
     })
     .expect("building the test cluster");
@@ -295,4 +298,119 @@ fn a_gateway_coming_back_moves_no_established_flow() {
         "the established flow moved back: {udp_sources:?}"
     );
     assert_no_leaks(&mut cluster, &pod);
+}
+
+/// Policy `app` with a floating egress IP (the annotation), candidates A and B, my-app on
+/// worker-1 served through A holding the address; capture running.
+fn floating_candidates() -> (Cluster, Pod) {
+    let mut cluster = Cluster::new(ClusterConfig {
+        extra_peer_ports: vec![APP_PORT, FLOW_PORT, TCP_FLOW_PORT],
+        ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
+    })
+    .expect("building the test cluster");
+    for node in [GATEWAY_A, GATEWAY_B] {
+        cluster.add_secondary_interface(node).unwrap();
+        cluster.label_node(node, "egress-node", "true").unwrap();
+    }
+    let policy = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata:\n  name: app\n  \
+         annotations:\n    egress-gateway.io/floating-egress-ip: \"true\"\nspec:\n  selectors:\n  \
+         - podSelector:\n      matchLabels: {{app: my-app}}\n  destinationCIDRs: \
+         [198.51.100.0/24]\n  egressGateway:\n    nodeSelector:\n      matchLabels: \
+         {{egress-node: \"true\"}}\n    interface: eth1\n    egressIP: {FLOATING_IP}\n"
+    );
+    cluster.apply_policy("app", &policy).unwrap();
+    let pod = cluster
+        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
+        .unwrap();
+    cluster.start_all_agents().unwrap();
+    wait_until_served(&cluster, &pod, FLOATING_IP);
+    cluster.start_capture().unwrap();
+    (cluster, pod)
+}
+
+/// A 60 s download, a TCP connection exchanging a line every 100 ms and a UDP flow, all
+/// through gateway A holding the floating egress IP; A's node loses its links at 20 s. The
+/// next candidate takes the address; every connection goes on and finishes, and the
+/// destination sees nothing but the floating egress IP.
+#[test]
+fn a_floating_egress_ip_keeps_connections_through_a_failover() {
+    skip_unless_root!();
+    // 600 KiB paced by the server, 1 KiB every 100 ms: 60 s.
+    const CHUNKS: u64 = 600;
+    let (mut cluster, pod) = floating_candidates();
+    let url = egress_tests::peer_url(&format!("/drip/{CHUNKS}"));
+    let mut download = cluster
+        .spawn_in_pod(
+            &pod,
+            "download",
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_download} %{http_code}",
+                "--max-time",
+                "120",
+                &url,
+            ],
+        )
+        .unwrap();
+    let mut tcp = cluster
+        .start_long_flow(&pod, FlowKind::Tcp, TCP_FLOW_PORT)
+        .unwrap();
+    tcp.wait_connected(PROGRAMMED).unwrap();
+    let udp = cluster
+        .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
+        .unwrap();
+    thread::sleep(Duration::from_secs(20));
+    cluster.set_link(GATEWAY_A, "eth0", false).unwrap();
+    cluster.set_link(GATEWAY_A, "eth1", false).unwrap();
+    wait_until_served(&cluster, &pod, FLOATING_IP);
+    assert_eq!(healthy(&cluster, GATEWAY_A), Some(0.0));
+    assert!(
+        download.is_running(),
+        "the download must outlive the failover"
+    );
+
+    let finished = download.wait(Duration::from_secs(90)).unwrap();
+    assert!(
+        finished.status.success(),
+        "curl failed: {}",
+        finished.stderr
+    );
+    assert_eq!(
+        finished.stdout.trim(),
+        format!("{} 200", CHUNKS * 1024),
+        "the download is complete"
+    );
+    let floating = FLOATING_IP.to_string();
+    let tcp = tcp.stop().unwrap();
+    eprintln!(
+        "floating failover: the TCP connection's longest pause was {} ms",
+        tcp.max_gap_ms
+    );
+    tcp.check_unbroken(&floating, Duration::from_secs(5))
+        .unwrap();
+    let udp = udp.stop().unwrap();
+    eprintln!(
+        "floating failover: the UDP flow's longest pause was {} ms ({} of {} answered)",
+        udp.max_gap_ms, udp.received, udp.sent
+    );
+    assert_eq!(
+        udp.sources.iter().collect::<Vec<_>>(),
+        [&floating],
+        "one source for the whole UDP flow"
+    );
+    let packets = cluster.stop_capture().unwrap();
+    let matched = LeakDetector::new()
+        .matched_port(egress_tests::PEER_HTTP_PORT, [FLOATING_IP])
+        .matched_port(APP_PORT, [FLOATING_IP])
+        .matched_port(FLOW_PORT, [FLOATING_IP])
+        .matched_port(TCP_FLOW_PORT, [FLOATING_IP])
+        .forbidden_sources([pod.ip, POD_NODE_IP, EGRESS_A, EGRESS_B])
+        .check(&packets)
+        .unwrap();
+    assert!(matched > 0);
 }

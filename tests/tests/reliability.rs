@@ -995,6 +995,7 @@ fn walk(root: &Path, out: &mut Vec<(std::path::PathBuf, u32, u32, bool)>) {
 }
 
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
 const CAP_BPF: u32 = 39;
 
 fn capability_set(status: &str, name: &str) -> u64 {
@@ -1006,12 +1007,12 @@ fn capability_set(status: &str, name: &str) -> u64 {
 }
 
 #[test]
-fn pins_are_root_only_and_the_agent_keeps_only_bpf_and_net_admin() {
+fn pins_are_root_only_and_the_agent_keeps_only_bpf_net_admin_and_net_raw() {
     skip_unless_root!();
     let mut cluster = cluster_with(&[], &[]);
     serve_my_app(&mut cluster);
 
-    let wanted = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN);
+    let wanted = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN) | (1u64 << CAP_NET_RAW);
     for node in cluster.nodes.clone() {
         let mut entries = Vec::new();
         walk(&node.bpffs, &mut entries);
@@ -1046,7 +1047,9 @@ fn pins_are_root_only_and_the_agent_keeps_only_bpf_and_net_admin() {
         );
         let line = cluster.agent_log_lines(&node.name, &["dropped every other capability"]);
         assert!(
-            line[0].contains("CAP_BPF") && line[0].contains("CAP_NET_ADMIN"),
+            line[0].contains("CAP_BPF")
+                && line[0].contains("CAP_NET_ADMIN")
+                && line[0].contains("CAP_NET_RAW"),
             "{line:?}"
         );
         let pid = cluster.agent_pid(&node.name).unwrap();
@@ -1055,7 +1058,7 @@ fn pins_are_root_only_and_the_agent_keeps_only_bpf_and_net_admin() {
             assert_eq!(
                 capability_set(&status, set),
                 wanted,
-                "{}: {set} of the running agent (pid {pid}) must be CAP_BPF|CAP_NET_ADMIN",
+                "{}: {set} of the running agent (pid {pid}) must be CAP_BPF|CAP_NET_ADMIN|CAP_NET_RAW",
                 node.name
             );
         }

@@ -10,7 +10,7 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
 };
 use egress_common::{
-    gateway::GatewayGroup,
+    gateway::{GatewayGroup, PortBlock, PortBlockKey, PortBlockOwner},
     map_names,
     nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
     policy::{PolicyKey, PolicyValue},
@@ -88,6 +88,12 @@ pub struct MapContents {
     pub egress_ips: BTreeMap<Ipv4Addr, u32>,
     /// Gateway group id -> candidates in order of preference.
     pub gateway_groups: BTreeMap<u32, Vec<Ipv4Addr>>,
+    /// Gateway group id -> `GatewayGroup::flags` (only non-zero ones).
+    pub group_flags: BTreeMap<u32, u32>,
+    /// Floating egress IP -> this node's block of its ports (first, count).
+    pub own_port_blocks: BTreeMap<Ipv4Addr, (u16, u16)>,
+    /// (floating egress IP, block index) -> the node owning the block.
+    pub port_block_owners: BTreeMap<(Ipv4Addr, u16), Ipv4Addr>,
 }
 
 /// A group as the datapath holds it: the first `MAX_CANDIDATES` candidates.
@@ -110,13 +116,53 @@ impl Datapath {
         let groups: BTreeMap<u32, GatewayGroup> = desired
             .gateway_groups
             .iter()
-            .map(|(id, candidates)| (*id, gateway_group(candidates)))
+            .map(|(id, candidates)| {
+                let flags = desired.group_flags.get(id).copied().unwrap_or(0);
+                (
+                    *id,
+                    GatewayGroup {
+                        flags,
+                        ..gateway_group(candidates)
+                    },
+                )
+            })
             .collect();
         let mut groups_and_old = self
             .current::<u32, GatewayGroup>(map_names::GATEWAY_GROUPS)
             .unwrap_or_default();
         groups_and_old.extend(groups.iter().map(|(id, group)| (*id, *group)));
         report.add(self.sync_hash(map_names::GATEWAY_GROUPS, &groups_and_old));
+        // Blocks before the entries that make this node translate with them.
+        let own_blocks = desired
+            .own_port_blocks
+            .iter()
+            .map(|(ip, (first, count))| {
+                let block = PortBlock {
+                    first: *first,
+                    count: *count,
+                    _pad: 0,
+                };
+                (ip.octets(), block)
+            })
+            .collect();
+        report.add(self.sync_hash(map_names::OWN_PORT_BLOCKS, &own_blocks));
+        let owners = desired
+            .port_block_owners
+            .iter()
+            .map(|((ip, block), owner)| {
+                let key = PortBlockKey {
+                    egress_ip: ip.octets(),
+                    block: *block,
+                    _pad: 0,
+                };
+                let owner = PortBlockOwner {
+                    node_ip: owner.octets(),
+                    _pad: 0,
+                };
+                (key, owner)
+            })
+            .collect();
+        report.add(self.sync_hash(map_names::PORT_BLOCK_OWNERS, &owners));
         report.add(self.sync_lpm(map_names::POLICIES, &desired.policies));
         report.add(self.sync_hash(map_names::GATEWAY_GROUPS, &groups));
         let cluster_cidrs = desired

@@ -189,9 +189,29 @@ struct Reflector {
 
 /// Whether an updated object is news to the inventory: always, unless only spec changes
 /// count and its generation is the one last seen for it.
-fn is_news(spec_changes_only: bool, last_generation: Option<i64>, generation: Option<i64>) -> bool {
-    !spec_changes_only || generation.is_none() || last_generation != generation
+fn is_news(spec_changes_only: bool, last: Option<&Version>, now: &Version) -> bool {
+    !spec_changes_only || now.generation.is_none() || last != Some(now)
 }
+
+/// What tells a spec change of an object from a status write: its generation, and the
+/// annotations the agent reads (which do not bump the generation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Version {
+    generation: Option<i64>,
+    annotations: std::collections::BTreeMap<String, String>,
+}
+
+impl Version {
+    fn of(meta: &kube::api::ObjectMeta) -> Version {
+        Version {
+            generation: meta.generation,
+            annotations: meta.annotations.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Annotations the agent reads (the floating egress IP's): the others are dropped.
+const OWN_ANNOTATIONS: &str = "egress-gateway.io/";
 
 impl Reflector {
     fn spawn_typed<K>(self, api: Api<K>) -> Store<K>
@@ -212,15 +232,17 @@ impl Reflector {
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
             // Only names, labels and the fields the inventory reads matter; managed fields
-            // and annotations (last-applied-configuration) would only cost memory.
+            // and other annotations (last-applied-configuration) would only cost memory.
             .modify(|object| {
                 object.managed_fields_mut().clear();
-                object.annotations_mut().clear();
+                object
+                    .annotations_mut()
+                    .retain(|key, _| key.starts_with(OWN_ANNOTATIONS));
             });
         let mut stream = reflector::reflector(writer, stream).boxed();
         tokio::spawn(async move {
-            // Generation last seen per object name (for `spec_changes_only`).
-            let mut generations: std::collections::HashMap<String, i64> =
+            // Version last seen per object name (for `spec_changes_only`).
+            let mut versions: std::collections::HashMap<String, Version> =
                 std::collections::HashMap::new();
             while let Some(event) = stream.next().await {
                 match event {
@@ -230,24 +252,23 @@ impl Reflector {
                         self.changed.notify_one();
                     }
                     Ok(watcher::Event::Apply(object)) => {
-                        let generation = object.meta().generation;
-                        let name = object.name_any();
-                        let last = generations.get(&name).copied();
-                        if let Some(generation) = generation {
-                            generations.insert(name, generation);
-                        }
-                        if is_news(self.spec_changes_only, last, generation) {
+                        let version = Version::of(object.meta());
+                        let news = is_news(
+                            self.spec_changes_only,
+                            versions.get(&object.name_any()),
+                            &version,
+                        );
+                        versions.insert(object.name_any(), version);
+                        if news {
                             self.changed.notify_one();
                         }
                     }
                     Ok(watcher::Event::Delete(object)) => {
-                        generations.remove(&object.name_any());
+                        versions.remove(&object.name_any());
                         self.changed.notify_one();
                     }
                     Ok(watcher::Event::InitApply(object)) => {
-                        if let Some(generation) = object.meta().generation {
-                            generations.insert(object.name_any(), generation);
-                        }
+                        versions.insert(object.name_any(), Version::of(object.meta()));
                     }
                     // The store swaps in a relist's objects at InitDone, all at once.
                     Ok(watcher::Event::Init) => {}
@@ -369,15 +390,37 @@ mod tests {
 
     #[test]
     fn status_only_updates_of_policies_are_no_news() {
+        let version = |generation: Option<i64>, floating: Option<&str>| Version {
+            generation,
+            annotations: floating
+                .map(|value| {
+                    std::collections::BTreeMap::from([(
+                        "egress-gateway.io/floating-egress-ip".to_string(),
+                        value.to_string(),
+                    )])
+                })
+                .unwrap_or_default(),
+        };
+        let three = version(Some(3), None);
         assert!(
-            !is_news(true, Some(3), Some(3)),
+            !is_news(true, Some(&three), &three),
             "status write: same generation"
         );
-        assert!(is_news(true, Some(3), Some(4)), "spec edit");
-        assert!(is_news(true, None, Some(1)), "new object");
-        assert!(is_news(true, Some(3), None), "no generation: cannot tell");
         assert!(
-            is_news(false, Some(3), Some(3)),
+            is_news(true, Some(&three), &version(Some(4), None)),
+            "spec edit"
+        );
+        assert!(is_news(true, None, &version(Some(1), None)), "new object");
+        assert!(
+            is_news(true, Some(&three), &version(None, None)),
+            "no generation: cannot tell"
+        );
+        assert!(
+            is_news(true, Some(&three), &version(Some(3), Some("true"))),
+            "the floating annotation added: no new generation, but news"
+        );
+        assert!(
+            is_news(false, Some(&three), &three),
             "pods: every update counts"
         );
     }

@@ -51,6 +51,10 @@ pub enum Reason {
     InterfaceDown,
     NoEgressIp,
     InvalidSpec,
+    /// A floating egress IP another policy uses with other candidates.
+    FloatingEgressIpTaken,
+    /// Some nodes running the policy's pods got no block of the floating egress IP's ports.
+    PortBlocksExhausted,
 }
 
 impl Reason {
@@ -62,6 +66,8 @@ impl Reason {
             Reason::InterfaceDown => "InterfaceDown",
             Reason::NoEgressIp => "NoEgressIP",
             Reason::InvalidSpec => "InvalidSpec",
+            Reason::FloatingEgressIpTaken => "FloatingEgressIPTaken",
+            Reason::PortBlocksExhausted => "PortBlocksExhausted",
         }
     }
 }
@@ -84,6 +90,9 @@ pub fn readiness(problem: Option<&PolicyProblem>) -> (bool, Reason) {
             | PolicyProblem::EgressIpNotLocal { .. }
             | PolicyProblem::NoDefaultRoute,
         ) => (false, Reason::NoEgressIp),
+        Some(PolicyProblem::FloatingEgressIpTaken { .. }) => (false, Reason::FloatingEgressIpTaken),
+        // Partly served: the pods of the nodes without a block are not.
+        Some(PolicyProblem::PortBlocksExhausted { .. }) => (false, Reason::PortBlocksExhausted),
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod cilium_scenarios;
 mod failover;
+mod floating;
 mod fragments;
 mod from_egress;
 mod from_pod;

@@ -1,0 +1,239 @@
+//! Floating egress IPs: the candidate that is first by name among those up holds the address
+//! on its egress interface and announces it with gratuitous ARP; the others do not hold it.
+//! Each candidate decides from its own probes of the candidates before it, so no agreement
+//! protocol is needed: while two candidates disagree (a partition) both may hold it for a
+//! moment, which breaks nothing, since no gateway keeps per-flow state for a floating IP (the
+//! pod's node translates, and any holder sends a reply to the node owning its port's block).
+
+use std::{collections::BTreeMap, fs, io, mem, net::Ipv4Addr};
+
+use tracing::{info, warn};
+
+use crate::{chain::Chain, netlink::Netlink};
+
+/// A floating egress IP this node is a candidate of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FloatingTarget {
+    pub ifindex: u32,
+    pub interface: String,
+    /// The candidates ahead of this node, by name.
+    pub candidates_before: Vec<Ipv4Addr>,
+}
+
+/// Whether this node holds the address: it can serve, is not being drained (no flow state
+/// lives on a gateway of a floating IP, so a draining one hands over at once), and every
+/// candidate before it is down.
+pub fn should_hold(
+    target: &FloatingTarget,
+    self_serving: bool,
+    self_draining: bool,
+    is_down: impl Fn(Ipv4Addr) -> bool,
+) -> bool {
+    self_serving && !self_draining && target.candidates_before.iter().all(|ip| is_down(*ip))
+}
+
+/// How often a newly held address is announced (once per probe round).
+const ANNOUNCEMENTS: u8 = 3;
+
+/// Adds and removes the floating addresses (netlink), and announces them.
+pub struct Holder {
+    runtime: tokio::runtime::Runtime,
+    netlink: Netlink,
+    /// Held addresses -> (interface index, name, announcements left).
+    held: BTreeMap<Ipv4Addr, (u32, String, u8)>,
+    /// Whether the first pass (which also removes addresses an earlier run left) happened.
+    started: bool,
+}
+
+impl Holder {
+    pub fn new() -> anyhow::Result<Holder> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let netlink = runtime.block_on(async { Netlink::connect() })?;
+        Ok(Holder {
+            runtime,
+            netlink,
+            held: BTreeMap::new(),
+            started: false,
+        })
+    }
+
+    /// Makes this node hold exactly the addresses of `wanted` (ip -> ifindex, interface) among
+    /// `known` (every floating IP this node is a candidate of).
+    pub fn apply(
+        &mut self,
+        wanted: &BTreeMap<Ipv4Addr, (u32, String)>,
+        known: &BTreeMap<Ipv4Addr, FloatingTarget>,
+    ) {
+        for (ip, target) in known {
+            // Not wanted: released when held, and on the first pass in any case (an earlier
+            // run of the agent may have left it).
+            if wanted.contains_key(ip) || (self.started && !self.held.contains_key(ip)) {
+                continue;
+            }
+            let removed = self
+                .runtime
+                .block_on(self.netlink.remove_address(target.ifindex, *ip));
+            match removed {
+                Ok(()) => {
+                    if self.held.remove(ip).is_some() {
+                        info!(egress_ip = %ip, interface = target.interface, "floating egress IP released");
+                    }
+                }
+                Err(error) => {
+                    warn!(egress_ip = %ip, error = %Chain(&error), "cannot release the floating egress IP");
+                }
+            }
+        }
+        let gone: Vec<Ipv4Addr> = self
+            .held
+            .keys()
+            .filter(|ip| !known.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            if let Some((ifindex, _, _)) = self.held.remove(&ip) {
+                let _ = self
+                    .runtime
+                    .block_on(self.netlink.remove_address(ifindex, ip));
+            }
+        }
+        for (ip, (ifindex, interface)) in wanted {
+            if !self.held.contains_key(ip) {
+                match self
+                    .runtime
+                    .block_on(self.netlink.add_address(*ifindex, *ip))
+                {
+                    Ok(()) => {
+                        info!(egress_ip = %ip, interface, "floating egress IP taken");
+                        self.held
+                            .insert(*ip, (*ifindex, interface.clone(), ANNOUNCEMENTS));
+                    }
+                    Err(error) => {
+                        warn!(egress_ip = %ip, error = %Chain(&error), "cannot take the floating egress IP");
+                        continue;
+                    }
+                }
+            }
+            if let Some((ifindex, interface, left)) = self.held.get_mut(ip)
+                && *left > 0
+            {
+                *left -= 1;
+                if let Err(error) = gratuitous_arp(interface, *ifindex, *ip) {
+                    warn!(egress_ip = %ip, error = %error, "cannot announce the floating egress IP");
+                }
+            }
+        }
+        self.started = true;
+    }
+}
+
+/// The ARP payload of a gratuitous ARP request for `ip` from `mac`: who-has `ip` tell `ip`,
+/// which updates every neighbour's entry for it (as `arping -U` sends it).
+pub fn gratuitous_arp_payload(mac: [u8; 6], ip: Ipv4Addr) -> [u8; 28] {
+    let mut payload = [0u8; 28];
+    payload[0..2].copy_from_slice(&1_u16.to_be_bytes()); // Ethernet
+    payload[2..4].copy_from_slice(&0x0800_u16.to_be_bytes()); // IPv4
+    payload[4] = 6;
+    payload[5] = 4;
+    payload[6..8].copy_from_slice(&1_u16.to_be_bytes()); // request
+    payload[8..14].copy_from_slice(&mac);
+    payload[14..18].copy_from_slice(&ip.octets());
+    // Target hardware address zero, target protocol address the IP itself.
+    payload[24..28].copy_from_slice(&ip.octets());
+    payload
+}
+
+fn interface_mac(interface: &str) -> io::Result<[u8; 6]> {
+    let text = fs::read_to_string(format!("/sys/class/net/{interface}/address"))?;
+    let mut mac = [0u8; 6];
+    let mut parts = text.trim().split(':');
+    for byte in &mut mac {
+        let part = parts
+            .next()
+            .ok_or_else(|| io::Error::other("short MAC address"))?;
+        *byte = u8::from_str_radix(part, 16).map_err(io::Error::other)?;
+    }
+    Ok(mac)
+}
+
+/// Broadcasts a gratuitous ARP for `ip` out of `interface` (needs `CAP_NET_RAW`).
+fn gratuitous_arp(interface: &str, ifindex: u32, ip: Ipv4Addr) -> io::Result<()> {
+    const ETH_P_ARP: u16 = 0x0806;
+    let payload = gratuitous_arp_payload(interface_mac(interface)?, ip);
+    // SAFETY: a plain socket call; the descriptor is closed below.
+    let socket = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            i32::from(ETH_P_ARP.to_be()),
+        )
+    };
+    if socket < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields the kernel reads are set below.
+    let mut address: libc::sockaddr_ll = unsafe { mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = ETH_P_ARP.to_be();
+    address.sll_ifindex = i32::try_from(ifindex).unwrap_or(0);
+    address.sll_halen = 6;
+    address.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: payload and address are valid for the lengths passed.
+    let sent = unsafe {
+        libc::sendto(
+            socket,
+            payload.as_ptr().cast(),
+            payload.len(),
+            0,
+            (&raw const address).cast(),
+            u32::try_from(mem::size_of::<libc::sockaddr_ll>()).unwrap_or(0),
+        )
+    };
+    let result = if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    };
+    // SAFETY: closes the descriptor opened above.
+    unsafe { libc::close(socket) };
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
+
+    #[test]
+    fn the_first_candidate_up_holds_the_address() {
+        let first = FloatingTarget {
+            ifindex: 3,
+            interface: "eth1".into(),
+            candidates_before: vec![],
+        };
+        assert!(should_hold(&first, true, false, |_| false));
+        assert!(
+            !should_hold(&first, false, false, |_| false),
+            "cannot serve"
+        );
+        assert!(!should_hold(&first, true, true, |_| false), "drained");
+        let second = FloatingTarget {
+            candidates_before: vec![A],
+            ..first
+        };
+        assert!(!should_hold(&second, true, false, |_| false));
+        assert!(should_hold(&second, true, false, |ip| ip == A));
+    }
+
+    #[test]
+    fn gratuitous_arp_asks_for_its_own_address() {
+        let payload = gratuitous_arp_payload([2, 0, 0, 0, 0, 1], A);
+        assert_eq!(&payload[6..8], &[0, 1], "a request");
+        assert_eq!(&payload[14..18], &A.octets(), "sender");
+        assert_eq!(&payload[24..28], &A.octets(), "target");
+        assert_eq!(&payload[18..24], &[0; 6]);
+    }
+}
