@@ -532,6 +532,7 @@ mod tests {
                 "ci-runners-to-registry",
                 "crawlers",
                 "egress-sample",
+                "orders-to-partner",
                 "payments-to-bank",
                 "reports-to-partner",
                 "scrapers-to-saas",
@@ -563,6 +564,10 @@ mod tests {
             (
                 "bad-operator.yaml",
                 r#"CiliumEgressGatewayPolicy "bad-operator": spec.selectors[0].podSelector.matchExpressions[0].operator: unknown operator "Equals""#,
+            ),
+            (
+                "floating-with-egress-gateways.yaml",
+                r#"CiliumEgressGatewayPolicy "floating-with-egress-gateways": metadata.annotations[egress-gateway.io/floating-egress-ip]: a floating egress IP needs exactly one gateway"#,
             ),
             (
                 "gateways-without-egress-gateway.yaml",

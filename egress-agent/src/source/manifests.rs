@@ -356,9 +356,9 @@ mod tests {
             "kind: CiliumEgressGatewayPolicy\nmetadata: {name: [\n---\napiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata: {name: after-broken}\nspec: {selectors: [{podSelector: {}}], destinationCIDRs: [10.0.0.0/8], egressGateway: {nodeSelector: {}}}\n",
         );
         let r = load_dir(&t.0);
-        assert_eq!(r.inventory.policies.len(), 8, "{:#?}", messages(&r));
+        assert_eq!(r.inventory.policies.len(), 9, "{:#?}", messages(&r));
         assert!(r.inventory.policies.contains_key("after-broken"));
-        assert_eq!(r.errors.len(), 9, "{:#?}", messages(&r));
+        assert_eq!(r.errors.len(), 10, "{:#?}", messages(&r));
         let mixed = r
             .errors
             .iter()
