@@ -532,7 +532,7 @@ mod tests {
                 "ci-runners-to-registry",
                 "crawlers",
                 "egress-sample",
-                "orders-to-partner",
+                "my-app-floating-ip",
                 "payments-to-bank",
                 "reports-to-partner",
                 "scrapers-to-saas",

@@ -3,8 +3,10 @@
 //! Builds k8s-worker-1..3 and an external destination, starts the agents, and shows the source
 //! IP the destination sees: before the policy (the pod's node IP), with the policy (the
 //! gateway's egress IP), and after the pod was rescheduled to another node (still the egress
-//! IP). Prints the agents' egress tables and a summary, and tears everything down (also on
-//! Ctrl-C or an error). Exits non-zero if the destination saw anything else.
+//! IP); then with two gateway candidates and a floating egress IP, the active gateway fails
+//! while a download runs: the destination keeps seeing the same address and the download
+//! completes. Prints the agents' egress tables and a summary, and tears everything down (also
+//! on Ctrl-C or an error). Exits non-zero if the destination saw anything else.
 #![allow(
     unused_crate_dependencies,
     reason = "a binary links every dependency of its package; the library uses most of them"
@@ -36,6 +38,10 @@ const GATEWAY: &str = "k8s-worker-2";
 const FIRST_NODE: &str = "k8s-worker-1";
 const SECOND_NODE: &str = "k8s-worker-3";
 const PROGRAMMED_TIMEOUT: Duration = Duration::from_secs(30);
+/// The floating egress IP of examples/floating-egress-ip.yaml, on the gateways' eth1.
+const FLOATING_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+/// The download that runs through the failover: 100 KiB, 1 KiB every 100 ms (10 s).
+const DOWNLOAD_CHUNKS: u64 = 100;
 
 /// One line of the summary: where the pod ran and what the destination saw.
 struct Step {
@@ -137,7 +143,7 @@ fn run(args: Args) -> Result<()> {
     {
         println!("    {line}");
     }
-    cluster.apply_policy_file(&policy)?;
+    let applied = cluster.apply_policy_file(&policy)?;
     let gateway_ip = cluster.node(GATEWAY)?.ip;
     wait_programmed(&cluster, &pod, gateway_ip)?;
     let egress_ip = egress_ip_on_gateway(&cluster, &pod)?;
@@ -187,11 +193,129 @@ fn run(args: Args) -> Result<()> {
         cluster.agent_cli(SECOND_NODE, &["bpf", "egress", "list"])?
     );
 
+    let failover = floating_failover(&mut cluster, &moved, (&policy, &applied), &mut steps)?;
+
     heading("Tearing the cluster down");
     drop(cluster);
     println!("  done.");
 
-    summarize(&steps, started.elapsed())
+    summarize(&steps, started.elapsed(), &failover)
+}
+
+/// Step 4: a second candidate, a floating egress IP, and the active gateway failing while a
+/// download runs. Returns the line the summary ends with about it.
+/// `applied` is the first policy (its file, and the name `delete_policy` knows it by): it
+/// makes way for the floating one.
+fn floating_failover(
+    cluster: &mut Cluster,
+    pod: &Pod,
+    applied: (&std::path::Path, &str),
+    steps: &mut Vec<Step>,
+) -> Result<String> {
+    heading("4. Two gateways, a floating egress IP, and the active gateway fails");
+    for node in [GATEWAY, SECOND_NODE] {
+        cluster.add_secondary_interface(node)?;
+    }
+    println!("  (both gateways get eth1 on 192.0.2.0/24, where the floating IP lives)");
+    println!("$ kubectl label nodes {SECOND_NODE} egress-node=true");
+    cluster.label_node(SECOND_NODE, "egress-node", "true")?;
+    println!("$ kubectl delete -f {}", applied.0.display());
+    cluster.delete_policy(applied.1)?;
+    let floating = example_policy("floating-egress-ip.yaml");
+    println!("$ kubectl apply -f {}", floating.display());
+    let text = std::fs::read_to_string(&floating)
+        .with_context(|| format!("reading {}", floating.display()))?;
+    for line in text
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+    {
+        println!("    {line}");
+    }
+    cluster.apply_policy_file(&floating)?;
+    wait_for_source(cluster, pod, FLOATING_IP)?;
+    steps.push(Step::observe(
+        cluster,
+        "floating egress IP",
+        pod,
+        FLOATING_IP,
+        format!("the floating IP, on {GATEWAY}"),
+    )?);
+    let url = peer_url(&format!("/drip/{DOWNLOAD_CHUNKS}"));
+    println!(
+        "$ kubectl exec {} -- curl -s -o /dev/null {url} &   # 10 s",
+        pod.name
+    );
+    let download = cluster.spawn_in_pod(
+        pod,
+        "demo-download",
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{http_code}",
+            "--max-time",
+            "60",
+            &url,
+        ],
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    println!(
+        "$ ip link set eth0 down; ip link set eth1 down   # on {GATEWAY}: the gateway is gone"
+    );
+    cluster.set_link(GATEWAY, "eth0", false)?;
+    cluster.set_link(GATEWAY, "eth1", false)?;
+    let failed_at = Instant::now();
+    wait_for_source(cluster, pod, FLOATING_IP)?;
+    let served_after = failed_at.elapsed();
+    steps.push(Step::observe(
+        cluster,
+        "gateway failed",
+        pod,
+        FLOATING_IP,
+        format!("the floating IP, now on {SECOND_NODE}"),
+    )?);
+    let finished = download
+        .wait(Duration::from_mins(1))
+        .context("waiting for the download")?;
+    let expected = format!("{} 200", DOWNLOAD_CHUNKS * 1024);
+    if !finished.status.success() || finished.stdout.trim() != expected {
+        bail!(
+            "the download through the failover did not complete: {} {}",
+            finished.stdout.trim(),
+            finished.stderr
+        );
+    }
+    println!(
+        "  -> a new request was served through {SECOND_NODE}, with the same IP, {:.1} s after \
+         {GATEWAY} went away (the first one may wait for a TCP retransmit); the download \
+         completed ({} bytes) on its one connection.",
+        served_after.as_secs_f64(),
+        DOWNLOAD_CHUNKS * 1024
+    );
+    Ok(format!(
+        "Through the gateway failure the destination kept seeing {FLOATING_IP}, and the download \
+         went on."
+    ))
+}
+
+/// Waits until a request from `pod` leaves with `source`.
+fn wait_for_source(cluster: &Cluster, pod: &Pod, source: Ipv4Addr) -> Result<()> {
+    let deadline = Instant::now() + PROGRAMMED_TIMEOUT;
+    loop {
+        let url = peer_url("/");
+        if cluster
+            .curl_from_pod(pod, &url)
+            .is_ok_and(|body| body.trim() == source.to_string())
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("requests from {} never left with {source}", pod.name);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// `kubectl exec my-app -- curl`: the source IP the destination answered with.
@@ -235,7 +359,7 @@ fn print_pod(pod: &Pod) {
 }
 
 /// The one-screen summary; fails if the destination saw a source other than expected.
-fn summarize(steps: &[Step], took: Duration) -> Result<()> {
+fn summarize(steps: &[Step], took: Duration, failover: &str) -> Result<()> {
     heading("Summary: the source IP the destination saw");
     println!(
         "  {:<20} {:<14} {:<12} destination saw",
@@ -265,8 +389,13 @@ fn summarize(steps: &[Step], took: Duration) -> Result<()> {
             wrong.meaning
         );
     }
-    let egress = steps.last().map_or(Ipv4Addr::UNSPECIFIED, |step| step.seen);
-    println!("\nThe destination saw the egress IP {egress} wherever my-app ran.");
+    // The how-to's story ends the demo: the egress IP of its gateway, wherever the pod ran.
+    let egress = steps
+        .iter()
+        .find(|step| step.what == "after the move")
+        .map_or(Ipv4Addr::UNSPECIFIED, |step| step.seen);
+    println!("\n{failover}");
+    println!("The destination saw the egress IP {egress} wherever my-app ran.");
     Ok(())
 }
 
