@@ -414,3 +414,101 @@ fn a_floating_egress_ip_keeps_connections_through_a_failover() {
         .unwrap();
     assert!(matched > 0);
 }
+
+/// `egressGateways[]` with three gateways (worker-2, -3, -4, one entry each): twelve pods on
+/// worker-1 are spread over them by rendezvous hashing. Worker-3 loses its links: only the
+/// pods that left through it move (to the others), every other pod keeps its gateway.
+#[test]
+fn with_three_egress_gateways_only_the_failed_ones_pods_move() {
+    skip_unless_root!();
+    let gateways = ["k8s-worker-2", "k8s-worker-3", "k8s-worker-4"];
+    let mut cluster = Cluster::new(ClusterConfig {
+        nodes: [
+            "k8s-worker-1",
+            "k8s-worker-2",
+            "k8s-worker-3",
+            "k8s-worker-4",
+        ]
+        .map(String::from)
+        .to_vec(),
+        extra_peer_ports: vec![APP_PORT],
+        ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
+    })
+    .expect("building the test cluster");
+    let mut entries = String::new();
+    for gateway in gateways {
+        cluster.add_secondary_interface(gateway).unwrap();
+        entries.push_str(&format!(
+            "  - nodeSelector:\n      matchLabels: {{kubernetes.io/hostname: {gateway}}}\n    \
+             interface: eth1\n"
+        ));
+    }
+    let policy = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata:\n  name: fleet\n\
+         spec:\n  selectors:\n  - podSelector:\n      matchLabels: {{app: fleet}}\n  \
+         destinationCIDRs: [198.51.100.0/24]\n  egressGateway:\n    nodeSelector:\n      \
+         matchLabels: {{kubernetes.io/hostname: k8s-worker-2}}\n    interface: eth1\n  \
+         egressGateways:\n{entries}"
+    );
+    cluster.apply_policy("fleet", &policy).unwrap();
+    let pods: Vec<Pod> = (0..12)
+        .map(|i| {
+            cluster
+                .add_pod(
+                    "k8s-worker-1",
+                    "default",
+                    &format!("fleet-{i}"),
+                    &[("app", "fleet")],
+                )
+                .unwrap()
+        })
+        .collect();
+    cluster.start_all_agents().unwrap();
+    let egress_of =
+        |gateway: &str| -> Ipv4Addr { cluster.node(gateway).unwrap().secondary_ip.unwrap() };
+    let allowed: Vec<Ipv4Addr> = gateways.iter().map(|gateway| egress_of(gateway)).collect();
+    let served = |cluster: &Cluster| -> Option<Vec<Ipv4Addr>> {
+        pods.iter()
+            .map(|pod| source_seen(cluster, pod).filter(|ip| allowed.contains(ip)))
+            .collect()
+    };
+    let before = egress_tests::wait_for_value(PROGRAMMED, || served(&cluster))
+        .expect("every pod is served through one of the gateways");
+    let failed = egress_of("k8s-worker-3");
+    let on_failed = before.iter().filter(|ip| **ip == failed).count();
+    assert!(
+        on_failed > 0 && on_failed < pods.len(),
+        "the pods spread over the gateways: {before:?}"
+    );
+    cluster.start_capture().unwrap();
+
+    cluster.set_link("k8s-worker-3", "eth0", false).unwrap();
+    cluster.set_link("k8s-worker-3", "eth1", false).unwrap();
+    let after = egress_tests::wait_for_value(PROGRAMMED, || {
+        served(&cluster).filter(|now| !now.contains(&failed))
+    })
+    .expect("every pod is served again, none through the failed gateway");
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|(was, now)| was != now)
+        .count();
+    for (pod, (was, now)) in pods.iter().zip(before.iter().zip(&after)) {
+        if *was != failed {
+            assert_eq!(was, now, "{} moved though its gateway is fine", pod.name);
+        }
+    }
+    eprintln!(
+        "three gateways: {on_failed} of {} pods were on the failed one; {moved} moved",
+        pods.len()
+    );
+    assert_eq!(moved, on_failed, "only the failed gateway's pods moved");
+    let packets = cluster.stop_capture().unwrap();
+    let pod_ips: Vec<Ipv4Addr> = pods.iter().map(|pod| pod.ip).collect();
+    LeakDetector::new()
+        .matched_port(egress_tests::PEER_HTTP_PORT, allowed.clone())
+        .matched_port(APP_PORT, allowed)
+        .forbidden_sources(pod_ips.into_iter().chain([POD_NODE_IP]))
+        .check(&packets)
+        .unwrap();
+}
