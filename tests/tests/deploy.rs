@@ -939,6 +939,7 @@ fn crd_status_schema_holds_what_the_agent_reports() {
     policy["status"] = serde_json::json!({
         "observedGeneration": 3,
         "gatewayNodes": ["k8s-worker-2"],
+        "candidateNodes": [["k8s-worker-2", "k8s-worker-3"]],
         "egressIP": "10.0.0.12",
         "matchedPods": 2,
         "conditions": [{

@@ -35,6 +35,9 @@ pub struct PolicyStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     pub gateway_nodes: Vec<String>,
+    /// Each gateway spec's candidates, in order of preference (failover).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub candidate_nodes: Vec<Vec<String>>,
     /// Left out when unknown: the apply then removes the value it wrote before.
     #[serde(rename = "egressIP", skip_serializing_if = "Option::is_none")]
     pub egress_ip: Option<String>,
@@ -182,6 +185,9 @@ pub fn status(
     PolicyStatus {
         observed_generation: input.generation,
         gateway_nodes: summary.map(|s| s.gateway_nodes.clone()).unwrap_or_default(),
+        candidate_nodes: summary
+            .map(|s| s.candidate_nodes.clone())
+            .unwrap_or_default(),
         egress_ip: summary
             .filter(|_| is_gateway)
             .and_then(|s| s.egress_ip)
@@ -391,7 +397,10 @@ mod tests {
 
     #[test]
     fn status_of_a_served_policy() {
-        let served = summary(&["w2", "w3"], None);
+        let served = PolicySummary {
+            candidate_nodes: vec![vec!["w2".into(), "w4".into()], vec!["w3".into()]],
+            ..summary(&["w2", "w3"], None)
+        };
         let input = StatusInput {
             node_name: "w2",
             generation: Some(4),
@@ -405,6 +414,7 @@ mod tests {
             serde_json::json!({
                 "observedGeneration": 4,
                 "gatewayNodes": ["w2", "w3"],
+                "candidateNodes": [["w2", "w4"], ["w3"]],
                 "egressIP": "10.0.0.12",
                 "matchedPods": 2,
                 "conditions": [{
