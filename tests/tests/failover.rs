@@ -512,3 +512,174 @@ fn with_three_egress_gateways_only_the_failed_ones_pods_move() {
         .check(&packets)
         .unwrap();
 }
+
+/// A candidate joining ahead of the active gateway (first by name) takes new flows only: a
+/// flow established through the other keeps its gateway.
+#[test]
+fn a_gateway_joining_moves_no_established_flow() {
+    skip_unless_root!();
+    let mut cluster = Cluster::new(ClusterConfig {
+        extra_peer_ports: vec![APP_PORT, FLOW_PORT],
+        ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
+    })
+    .expect("building the test cluster");
+    for node in [GATEWAY_A, GATEWAY_B] {
+        cluster.add_secondary_interface(node).unwrap();
+    }
+    // Only B is a candidate at first.
+    cluster
+        .label_node(GATEWAY_B, "egress-node", "true")
+        .unwrap();
+    SimplePolicy::new(
+        "app",
+        &[("app", "my-app")],
+        &["198.51.100.0/24"],
+        &[("egress-node", "true")],
+        EgressSource::Interface("eth1".into()),
+    )
+    .apply(&cluster)
+    .unwrap();
+    let pod = cluster
+        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
+        .unwrap();
+    cluster.start_all_agents().unwrap();
+    wait_until_served(&cluster, &pod, EGRESS_B);
+    cluster.start_capture().unwrap();
+    let flow = cluster
+        .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
+        .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    // A joins, first by name: new requests take it.
+    cluster
+        .label_node(GATEWAY_A, "egress-node", "true")
+        .unwrap();
+    wait_until_served(&cluster, &pod, EGRESS_A);
+    let since = cluster.peer_log().len();
+    thread::sleep(Duration::from_secs(2));
+    let summary = flow.stop().unwrap();
+    let udp_sources: Vec<Ipv4Addr> = cluster.peer_log()[since..]
+        .iter()
+        .filter(|record| record.protocol == PeerProtocol::Udp)
+        .map(|record| *record.source.ip())
+        .collect();
+    assert!(!udp_sources.is_empty(), "the flow went on: {summary:?}");
+    assert!(
+        udp_sources.iter().all(|source| *source == EGRESS_B),
+        "the established flow moved to the new gateway: {udp_sources:?}"
+    );
+    summary
+        .check_unbroken(&EGRESS_B.to_string(), Duration::from_secs(1))
+        .unwrap();
+    assert_no_leaks(&mut cluster, &pod);
+}
+
+/// The active gateway is drained (the documented label): new flows take the next candidate,
+/// the established flow stays on the drained gateway, unbroken.
+#[test]
+fn a_draining_gateway_takes_no_new_flows_and_keeps_its_established_ones() {
+    skip_unless_root!();
+    let (mut cluster, pod) = two_candidates();
+    let flow = cluster
+        .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
+        .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    cluster
+        .label_node(GATEWAY_A, "egress-gateway.io/draining", "true")
+        .unwrap();
+    wait_until_served(&cluster, &pod, EGRESS_B);
+    thread::sleep(Duration::from_secs(2));
+    let summary = flow.stop().unwrap();
+    summary
+        .check_unbroken(&EGRESS_A.to_string(), Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(
+        healthy(&cluster, GATEWAY_A),
+        Some(1.0),
+        "draining is not down"
+    );
+    assert_no_leaks(&mut cluster, &pod);
+}
+
+/// Split brain: B stops hearing A's probe replies (a partition between the two only) while
+/// A still serves, so both hold the floating egress IP. Connections through either keep
+/// working and nothing leaves with another source.
+#[test]
+fn two_holders_of_a_floating_egress_ip_break_nothing() {
+    skip_unless_root!();
+    let (mut cluster, pod) = floating_candidates();
+    let tcp_flow = cluster
+        .start_long_flow(&pod, FlowKind::Tcp, TCP_FLOW_PORT)
+        .unwrap();
+    let udp = cluster
+        .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
+        .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    // A drops what B sends it through the tunnel: B's probes go unanswered, A stays up for
+    // worker-1.
+    let b_ip = cluster.node(GATEWAY_B).unwrap().ip.to_string();
+    let a_netns = cluster.node(GATEWAY_A).unwrap().netns.clone();
+    for command in [
+        vec!["nft", "add", "table", "ip", "egt_partition"],
+        vec![
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            "egt_partition",
+            "input",
+            "{ type filter hook input priority -300; }",
+        ],
+        vec![
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "egt_partition",
+            "input",
+            "ip",
+            "saddr",
+            &b_ip,
+            "udp",
+            "dport",
+            "8475",
+            "drop",
+        ],
+    ] {
+        let added = cluster.exec(&a_netns, &command).unwrap();
+        assert!(
+            added.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+    }
+    let both_hold = wait_until(PROGRAMMED, || {
+        [GATEWAY_A, GATEWAY_B].iter().all(|node| {
+            let netns = cluster.node(node).unwrap().netns.clone();
+            cluster
+                .exec(&netns, &["ip", "-4", "addr", "show", "dev", "eth1"])
+                .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("192.0.2.100/"))
+        })
+    });
+    assert!(both_hold, "B took the floating IP while A kept it");
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(source_seen(&cluster, &pod), Some(FLOATING_IP));
+    let floating = FLOATING_IP.to_string();
+    let tcp_summary = tcp_flow.stop().unwrap();
+    tcp_summary
+        .check_unbroken(&floating, Duration::from_secs(5))
+        .unwrap();
+    let udp_summary = udp.stop().unwrap();
+    assert_eq!(
+        udp_summary.sources.iter().collect::<Vec<_>>(),
+        [&floating],
+        "{udp_summary:?}"
+    );
+    let packets = cluster.stop_capture().unwrap();
+    LeakDetector::new()
+        .matched_port(APP_PORT, [FLOATING_IP])
+        .matched_port(FLOW_PORT, [FLOATING_IP])
+        .matched_port(TCP_FLOW_PORT, [FLOATING_IP])
+        .forbidden_sources([pod.ip, POD_NODE_IP, EGRESS_A, EGRESS_B])
+        .check(&packets)
+        .unwrap();
+}
