@@ -18,15 +18,18 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
-use egress_agent::datapath::testing::{
-    OBJECT,
-    packets::{
-        ACK, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, packet,
-        scenario::{
-            DEST, EGRESS_IFINDEX, EGRESS_IP, GATEWAY, OTHER_DEST, POD, POD_IFINDEX, POD_NODE,
-            TUNNEL_IFINDEX,
+use egress_agent::{
+    datapath::testing::{
+        OBJECT,
+        packets::{
+            ACK, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, packet,
+            scenario::{
+                DEST, EGRESS_IFINDEX, EGRESS_IP, GATEWAY, OTHER_DEST, POD, POD_IFINDEX, POD_NODE,
+                TUNNEL_IFINDEX,
+            },
         },
     },
+    health::probe_frame,
 };
 use egress_common::{
     config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
@@ -313,8 +316,10 @@ fn measure_level(
     // New flows: one run per distinct flow, next to the empty program measured alike.
     let mut new_flow_runs = Vec::new();
     let mut single_empty_runs = Vec::new();
+    let mut probe_runs = Vec::new();
     for _ in 0..args.runs {
         new_flow_runs.push(gateway.snat_new_flows(args.new_flows)?);
+        probe_runs.push(gateway.answer_probes(args.new_flows, from_pod_node)?);
         let mut total = 0.0;
         for _ in 0..args.new_flows {
             total += gateway
@@ -337,6 +342,13 @@ fn measure_level(
             "gateway: SNAT of a new flow (port allocation, both NAT entries)",
             true,
             new_flow_runs,
+        ),
+        (
+            "from_tunnel/probe_answer",
+            program_names::TEST_FROM_TUNNEL,
+            "gateway: a health probe answered (turned around into the tunnel)",
+            false,
+            probe_runs,
         ),
     ] {
         results.push(CaseResult {
@@ -664,6 +676,27 @@ impl BenchNode {
             self.hash::<FlowKey, NatReverse>(map_names::NAT_REVERSE)?
                 .remove(&reply)?;
         }
+        Ok(total / f64::from(count.max(1)))
+    }
+
+    /// ns per health probe answered: one run per probe (answering rewrites the packet into
+    /// the reply, so it cannot be repeated on one skb).
+    fn answer_probes(&mut self, count: u32, cb: [u32; 2]) -> anyhow::Result<f64> {
+        let before = self.counter(reason::PROBE_ANSWERED)?;
+        let mut total = 0.0;
+        for seq in 0..count {
+            let frame = probe_frame(POD_NODE, GATEWAY, u64::from(seq) + 1, 0)[8..].to_vec();
+            let (verdict, ns) = self.run(program_names::TEST_FROM_TUNNEL, &frame, cb, 1)?;
+            check_verdict("from_tunnel/probe_answer", TC_ACT_REDIRECT, verdict)?;
+            total += ns;
+        }
+        let answered = self.counter(reason::PROBE_ANSWERED)? - before;
+        check_path(
+            "from_tunnel/probe_answer",
+            reason::PROBE_ANSWERED,
+            u64::from(count),
+            answered,
+        )?;
         Ok(total / f64::from(count.max(1)))
     }
 
