@@ -1,13 +1,14 @@
 //! The benchmarks of `cargo xtask bench`, run by the `egress-bench` binary: measurements of
 //! the agent's pieces ([`measure`]: BPF cost, control plane, manifest latency; each in its own
-//! process), real traffic through three paths of one namespace cluster, NAT under pressure;
-//! then the report (`latest.json`, `latest.md`, `latest.svg`). See `bench/README.md`.
+//! process), real traffic through three paths of one namespace cluster, NAT under pressure,
+//! the failover gap of the active gateway and the probe load on a gateway; then the report (`latest.json`, `latest.md`, `latest.svg`). See `bench/README.md`.
 
 #![allow(
     unused_crate_dependencies,
     reason = "tokio serves the egress-load binary of the package"
 )]
 
+mod failover;
 mod kernel_way;
 pub mod measure;
 pub mod report;
@@ -50,6 +51,12 @@ pub struct Params {
     pub nat_port_range: Option<&'static str>,
     pub nat_connect_timeout_ms: u64,
     pub latency_changes: u32,
+    /// Trials per fault type of the failover section.
+    pub failover_trials: usize,
+    /// Pairs of probe floods (answered, closed port) and their rate and length.
+    pub probe_flood_runs: usize,
+    pub probe_flood_rate: u32,
+    pub probe_flood_seconds: f64,
 }
 
 impl Params {
@@ -71,6 +78,10 @@ impl Params {
             nat_port_range: None,
             nat_connect_timeout_ms: 3000,
             latency_changes: 100,
+            failover_trials: 20,
+            probe_flood_runs: 5,
+            probe_flood_rate: 50_000,
+            probe_flood_seconds: 4.0,
         }
     }
 
@@ -94,6 +105,10 @@ impl Params {
             nat_port_range: Some("1024-1123"),
             nat_connect_timeout_ms: 1000,
             latency_changes: 5,
+            failover_trials: 2,
+            probe_flood_runs: 1,
+            probe_flood_rate: 10_000,
+            probe_flood_seconds: 1.0,
         }
     }
 }
@@ -125,60 +140,106 @@ impl Binaries {
     }
 }
 
+/// The sections of a run, in the order they run; `--only` picks some.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// BPF per-packet cost (BPF_PROG_TEST_RUN), including the health probe's answer.
+    Datapath,
+    /// Reconcile time and memory on synthetic inventories.
+    ControlPlane,
+    /// Traffic through three paths, NAT under pressure, manifest latency (one cluster).
+    Cluster,
+    /// Failover gap per fault type, and the probe load on a gateway (another cluster).
+    Failover,
+}
+
+impl Section {
+    pub const ALL: [Section; 4] = [
+        Section::Datapath,
+        Section::ControlPlane,
+        Section::Cluster,
+        Section::Failover,
+    ];
+}
+
 /// Runs every section and returns the full results document.
 pub fn run_all(params: &Params, bins: &Binaries) -> Result<Value> {
+    run_sections(params, bins, &Section::ALL)
+}
+
+/// Runs `sections` and returns the results document; a section not run has no key in it
+/// (and no part of the report).
+pub fn run_sections(params: &Params, bins: &Binaries, sections: &[Section]) -> Result<Value> {
     let started = Instant::now();
-    eprintln!("== BPF per-packet cost");
-    let datapath = measure_json(
-        &bins.bench,
-        &[
-            "measure",
-            "datapath",
-            "--reps",
-            &params.bpf_reps.to_string(),
-            "--runs",
-            &params.runs.to_string(),
-            "--new-flows",
-            &params.bpf_new_flows.to_string(),
-            "--policy-entries",
-            params.bpf_policy_entries,
-            "--nat-entries",
-            params.bpf_nat_entries,
-        ],
-    )?;
-    eprintln!("== control plane");
-    ensure_bpffs_mounted()?;
-    let bpffs = Path::new(BPFFS_ROOT).join(format!("egt{}-bench", std::process::id()));
-    let control_plane = measure_json(
-        &bins.bench,
-        &[
-            "measure",
-            "control-plane",
-            "--bpffs",
-            &bpffs.to_string_lossy(),
-            "--pods",
-            params.cp_pods,
-            "--policies",
-            params.cp_policies,
-            "--runs",
-            &params.runs.to_string(),
-            "--max-evaluations",
-            &params.cp_max_evaluations.to_string(),
-        ],
-    )?;
-    eprintln!("== traffic, NAT pressure and manifest latency in a namespace cluster");
-    let cluster = traffic::run(params, bins)?;
-    Ok(json!({
+    let mut doc = json!({
         "host": host_info(),
         "mode": if params.quick { "quick" } else { "full" },
         "runs": params.runs,
-        "datapath": datapath,
-        "control_plane": control_plane,
-        "traffic": cluster.traffic,
-        "nat_pressure": cluster.nat_pressure,
-        "manifest_latency": cluster.manifest_latency,
-        "elapsed_seconds": started.elapsed().as_secs_f64(),
-    }))
+    });
+    if sections.len() < Section::ALL.len() {
+        doc["sections"] = json!(
+            sections
+                .iter()
+                .filter_map(clap::ValueEnum::to_possible_value)
+                .map(|value| value.get_name().to_owned())
+                .collect::<Vec<_>>()
+        );
+    }
+    if sections.contains(&Section::Datapath) {
+        eprintln!("== BPF per-packet cost");
+        doc["datapath"] = measure_json(
+            &bins.bench,
+            &[
+                "measure",
+                "datapath",
+                "--reps",
+                &params.bpf_reps.to_string(),
+                "--runs",
+                &params.runs.to_string(),
+                "--new-flows",
+                &params.bpf_new_flows.to_string(),
+                "--policy-entries",
+                params.bpf_policy_entries,
+                "--nat-entries",
+                params.bpf_nat_entries,
+            ],
+        )?;
+    }
+    if sections.contains(&Section::ControlPlane) {
+        eprintln!("== control plane");
+        ensure_bpffs_mounted()?;
+        let bpffs = Path::new(BPFFS_ROOT).join(format!("egt{}-bench", std::process::id()));
+        doc["control_plane"] = measure_json(
+            &bins.bench,
+            &[
+                "measure",
+                "control-plane",
+                "--bpffs",
+                &bpffs.to_string_lossy(),
+                "--pods",
+                params.cp_pods,
+                "--policies",
+                params.cp_policies,
+                "--runs",
+                &params.runs.to_string(),
+                "--max-evaluations",
+                &params.cp_max_evaluations.to_string(),
+            ],
+        )?;
+    }
+    if sections.contains(&Section::Cluster) {
+        eprintln!("== traffic, NAT pressure and manifest latency in a namespace cluster");
+        let cluster = traffic::run(params, bins)?;
+        doc["traffic"] = cluster.traffic;
+        doc["nat_pressure"] = cluster.nat_pressure;
+        doc["manifest_latency"] = cluster.manifest_latency;
+    }
+    if sections.contains(&Section::Failover) {
+        eprintln!("== failover of the active gateway, probe load, in a namespace cluster");
+        doc["failover"] = failover::run(params, bins)?;
+    }
+    doc["elapsed_seconds"] = json!(started.elapsed().as_secs_f64());
+    Ok(doc)
 }
 
 /// Runs `egress-bench <args>` (a `measure` subcommand) and parses the JSON it prints.

@@ -10,7 +10,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use egress_bench::{Binaries, Params, measure, report, run_all};
+use egress_bench::{Binaries, Params, Section, measure, report, run_sections};
 use egress_tests::{is_root, teardown_all_clusters};
 
 #[derive(Parser)]
@@ -30,6 +30,13 @@ struct Cli {
     /// Only redo latest.md and latest.svg from the latest.json already in --out.
     #[arg(long)]
     render_only: bool,
+    /// Run only these sections (comma-separated), e.g. `--only failover`; the report then
+    /// has only their parts. Use another --out than the full run's.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+    /// Trials per fault type in the failover section (default: 20, 2 with --quick).
+    #[arg(long)]
+    failover_trials: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -40,10 +47,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.measure {
+    let mut cli = Cli::parse();
+    let result = match cli.measure.take() {
         Some(Command::Measure(args)) => measure::run(args),
-        None => benchmark(cli.out, cli.quick, cli.render_only),
+        None => benchmark(&cli),
     };
     teardown_all_clusters();
     match result {
@@ -55,23 +62,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn benchmark(out: Option<PathBuf>, quick: bool, render_only: bool) -> anyhow::Result<ExitCode> {
-    let out = out.context("--out FOLDER is required")?;
-    if render_only {
+fn benchmark(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let out = cli.out.as_ref().context("--out FOLDER is required")?;
+    if cli.render_only {
         let json = std::fs::read_to_string(out.join("latest.json"))?;
-        report::write(&mut serde_json::from_str(&json)?, &out)?;
+        report::write(&mut serde_json::from_str(&json)?, out)?;
         return Ok(ExitCode::SUCCESS);
     }
     if !is_root() {
         bail!("must run as root (BPF programs, network namespaces)");
     }
-    let params = if quick {
+    let mut params = if cli.quick {
         Params::quick()
     } else {
         Params::full()
     };
-    let mut doc = run_all(&params, &Binaries::locate()?)?;
-    report::write(&mut doc, &out)?;
+    if let Some(trials) = cli.failover_trials {
+        params.failover_trials = trials.max(1);
+    }
+    let sections = if cli.only.is_empty() {
+        &Section::ALL[..]
+    } else {
+        &cli.only[..]
+    };
+    let mut doc = run_sections(&params, &Binaries::locate()?, sections)?;
+    report::write(&mut doc, out)?;
     eprintln!(
         "egress-bench: report in {}",
         out.join("latest.md").display()

@@ -1,5 +1,5 @@
 //! `cargo xtask bench --quick` must keep working: runs `egress-bench --quick` (every section,
-//! tiny counts; about 20 s) and checks the report has every section and that the figures
+//! tiny counts; about 80 s) and checks the report has every section and that the figures
 //! are the ones the benchmarks claim to measure. Timings themselves are never asserted.
 #![allow(
     unused_crate_dependencies,
@@ -37,6 +37,8 @@ fn quick_benchmark_writes_every_section() {
         "traffic",
         "nat_pressure",
         "manifest_latency",
+        "failover",
+        "probe_cost",
         "targets",
     ] {
         assert!(!doc[section].is_null(), "section {section} missing: {json}");
@@ -60,6 +62,7 @@ fn quick_benchmark_writes_every_section() {
         "from_tunnel/snat_new_flow",
         "from_tunnel/snat_existing_flow",
         "from_egress/reverse_snat",
+        "from_tunnel/probe_answer",
     ] {
         assert!(ids.contains(&id), "datapath case {id} missing: {ids:?}");
     }
@@ -99,6 +102,39 @@ fn quick_benchmark_writes_every_section() {
     assert_eq!(nat["still_working_after"], nat["established"], "{nat}");
 
     assert_eq!(doc["manifest_latency"]["timed_out"], 0);
+
+    // Every fault type ran its trials (2 in the quick run), each stream went through the
+    // first candidate, and the ones that fail over went on through the next.
+    let faults = doc["failover"]["faults"].as_array().unwrap();
+    let ids: Vec<&str> = faults.iter().filter_map(|f| f["id"].as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "links_down",
+            "egress_interface_down",
+            "egress_ip_removed",
+            "node_deleted",
+            "agent_killed"
+        ]
+    );
+    for fault in faults {
+        let trials = fault["trials"].as_array().unwrap();
+        assert_eq!(trials.len(), 2, "{fault}");
+        for trial in trials {
+            let sources = trial["sources"].as_array().unwrap();
+            assert!(sources.contains(&"192.0.2.12".into()), "{trial}");
+            if fault["failover_expected"] == true {
+                assert!(sources.contains(&"192.0.2.13".into()), "{trial}");
+            }
+        }
+        assert!(fault["gap_ms"]["median"].as_f64().is_some(), "{fault}");
+    }
+    let probe_load = &doc["failover"]["probe_load"];
+    assert!(
+        !probe_load["runs"].as_array().unwrap().is_empty(),
+        "{probe_load}"
+    );
+    assert!(doc["probe_cost"]["bpf_ns_per_probe"].as_f64().is_some());
     for file in ["latest.md", "latest.svg"] {
         let path: PathBuf = out.join(file);
         let text = std::fs::read_to_string(&path).unwrap_or_default();

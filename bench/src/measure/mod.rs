@@ -6,10 +6,13 @@
 //! - `control-plane`: reconcile time and peak memory on synthetic inventories.
 //! - `manifest-latency`: manifest written to policy entry in the kernel, against a running
 //!   agent.
+//! - `probe-flood`: health probes sent to a gateway at a fixed rate, with the machine's busy
+//!   CPU meanwhile (the failover section runs it inside a node's namespace).
 
 mod control_plane;
 mod datapath;
 mod manifest_latency;
+mod probe_flood;
 pub mod stats;
 
 use std::process::ExitCode;
@@ -34,6 +37,9 @@ enum Measure {
     ControlPlaneOne(control_plane::OneArgs),
     /// Delay from a manifest change to the policy entry in a running agent's pinned map.
     ManifestLatency(manifest_latency::LatencyArgs),
+    /// Health probes to a gateway at a fixed rate; busy CPU of the machine meanwhile.
+    #[command(hide = true)]
+    ProbeFlood(probe_flood::FloodArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +67,7 @@ pub fn run(args: MeasureArgs) -> anyhow::Result<ExitCode> {
         Measure::ControlPlane(args) => print_json(&control_plane::run(&args)?),
         Measure::ControlPlaneOne(args) => print_json(&control_plane::run_one(&args)?),
         Measure::ManifestLatency(args) => print_json(&manifest_latency::run(&args)?),
+        Measure::ProbeFlood(args) => print_json(&probe_flood::run(&args)?),
     }
 }
 
