@@ -5,7 +5,12 @@
 //! moment, which breaks nothing, since no gateway keeps per-flow state for a floating IP (the
 //! pod's node translates, and any holder sends a reply to the node owning its port's block).
 
-use std::{collections::BTreeMap, fs, io, mem, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fs, io, mem,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use tracing::{info, warn};
 
@@ -22,25 +27,73 @@ pub struct FloatingTarget {
 
 /// Whether this node holds the address: it can serve, is not being drained (no flow state
 /// lives on a gateway of a floating IP, so a draining one hands over at once), and every
-/// candidate before it is down.
+/// candidate before it is out (`is_out`: down, draining, or not heard from yet).
 pub fn should_hold(
     target: &FloatingTarget,
     self_serving: bool,
     self_draining: bool,
-    is_down: impl Fn(Ipv4Addr) -> bool,
+    is_out: impl Fn(Ipv4Addr) -> bool,
 ) -> bool {
-    self_serving && !self_draining && target.candidates_before.iter().all(|ip| is_down(*ip))
+    self_serving && !self_draining && target.candidates_before.iter().all(|ip| is_out(*ip))
 }
 
 /// How often a newly held address is announced (once per probe round).
 const ANNOUNCEMENTS: u8 = 3;
+/// How often a held address is announced again: a neighbour that missed the first
+/// announcements (or heard another holder's, in a partition) learns it within this.
+const REANNOUNCE: Duration = Duration::from_secs(5);
+
+/// An address this node holds.
+struct Held {
+    ifindex: u32,
+    interface: String,
+    /// Announcements still to send one round after the other.
+    left: u8,
+    last_announced: Option<Instant>,
+}
+
+/// What to change: addresses to release (with their interface) and to take.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub release: Vec<(Ipv4Addr, u32)>,
+    pub take: Vec<(Ipv4Addr, u32)>,
+}
+
+/// The changes that make `held` (address -> interface) equal `wanted`: an address moves by
+/// release and take. On the first pass every `known` address not wanted is released too (an
+/// earlier run of the agent may have left it).
+pub fn plan(
+    held: &BTreeMap<Ipv4Addr, u32>,
+    wanted: &BTreeMap<Ipv4Addr, u32>,
+    known: &BTreeMap<Ipv4Addr, FloatingTarget>,
+    first_pass: bool,
+) -> Changes {
+    let mut changes = Changes::default();
+    for (ip, ifindex) in held {
+        if wanted.get(ip) != Some(ifindex) {
+            changes.release.push((*ip, *ifindex));
+        }
+    }
+    if first_pass {
+        for (ip, target) in known {
+            if !wanted.contains_key(ip) && !held.contains_key(ip) {
+                changes.release.push((*ip, target.ifindex));
+            }
+        }
+    }
+    for (ip, ifindex) in wanted {
+        if held.get(ip) != Some(ifindex) {
+            changes.take.push((*ip, *ifindex));
+        }
+    }
+    changes
+}
 
 /// Adds and removes the floating addresses (netlink), and announces them.
 pub struct Holder {
     runtime: tokio::runtime::Runtime,
     netlink: Netlink,
-    /// Held addresses -> (interface index, name, announcements left).
-    held: BTreeMap<Ipv4Addr, (u32, String, u8)>,
+    held: BTreeMap<Ipv4Addr, Held>,
     /// Whether the first pass (which also removes addresses an earlier run left) happened.
     started: bool,
 }
@@ -60,25 +113,31 @@ impl Holder {
     }
 
     /// Makes this node hold exactly the addresses of `wanted` (ip -> ifindex, interface) among
-    /// `known` (every floating IP this node is a candidate of).
+    /// `known` (every floating IP this node is a candidate of). A failed release is retried
+    /// at the next call.
     pub fn apply(
         &mut self,
         wanted: &BTreeMap<Ipv4Addr, (u32, String)>,
         known: &BTreeMap<Ipv4Addr, FloatingTarget>,
     ) {
-        for (ip, target) in known {
-            // Not wanted: released when held, and on the first pass in any case (an earlier
-            // run of the agent may have left it).
-            if wanted.contains_key(ip) || (self.started && !self.held.contains_key(ip)) {
-                continue;
-            }
-            let removed = self
+        let held: BTreeMap<Ipv4Addr, u32> = self
+            .held
+            .iter()
+            .map(|(ip, held)| (*ip, held.ifindex))
+            .collect();
+        let wanted_ifindex = wanted
+            .iter()
+            .map(|(ip, (ifindex, _))| (*ip, *ifindex))
+            .collect();
+        let changes = plan(&held, &wanted_ifindex, known, !self.started);
+        for (ip, ifindex) in changes.release {
+            match self
                 .runtime
-                .block_on(self.netlink.remove_address(target.ifindex, *ip));
-            match removed {
+                .block_on(self.netlink.remove_address(ifindex, ip))
+            {
                 Ok(()) => {
-                    if self.held.remove(ip).is_some() {
-                        info!(egress_ip = %ip, interface = target.interface, "floating egress IP released");
+                    if self.held.remove(&ip).is_some() {
+                        info!(egress_ip = %ip, ifindex, "floating egress IP released");
                     }
                 }
                 Err(error) => {
@@ -86,43 +145,42 @@ impl Holder {
                 }
             }
         }
-        let gone: Vec<Ipv4Addr> = self
-            .held
-            .keys()
-            .filter(|ip| !known.contains_key(ip))
-            .copied()
-            .collect();
-        for ip in gone {
-            if let Some((ifindex, _, _)) = self.held.remove(&ip) {
-                let _ = self
-                    .runtime
-                    .block_on(self.netlink.remove_address(ifindex, ip));
+        for (ip, ifindex) in changes.take {
+            let interface = wanted
+                .get(&ip)
+                .map_or_else(String::new, |(_, name)| name.clone());
+            if self.held.contains_key(&ip) {
+                // Still on its old interface: released first (failed above), retried later.
+                continue;
+            }
+            match self.runtime.block_on(self.netlink.add_address(ifindex, ip)) {
+                Ok(()) => {
+                    info!(egress_ip = %ip, interface, "floating egress IP taken");
+                    let held = Held {
+                        ifindex,
+                        interface,
+                        left: ANNOUNCEMENTS,
+                        last_announced: None,
+                    };
+                    self.held.insert(ip, held);
+                }
+                Err(error) => {
+                    warn!(egress_ip = %ip, error = %Chain(&error), "cannot take the floating egress IP");
+                }
             }
         }
-        for (ip, (ifindex, interface)) in wanted {
-            if !self.held.contains_key(ip) {
-                match self
-                    .runtime
-                    .block_on(self.netlink.add_address(*ifindex, *ip))
-                {
-                    Ok(()) => {
-                        info!(egress_ip = %ip, interface, "floating egress IP taken");
-                        self.held
-                            .insert(*ip, (*ifindex, interface.clone(), ANNOUNCEMENTS));
-                    }
-                    Err(error) => {
-                        warn!(egress_ip = %ip, error = %Chain(&error), "cannot take the floating egress IP");
-                        continue;
-                    }
-                }
+        for (ip, held) in &mut self.held {
+            let due = held.left > 0
+                || held
+                    .last_announced
+                    .is_none_or(|at| at.elapsed() >= REANNOUNCE);
+            if !due {
+                continue;
             }
-            if let Some((ifindex, interface, left)) = self.held.get_mut(ip)
-                && *left > 0
-            {
-                *left -= 1;
-                if let Err(error) = gratuitous_arp(interface, *ifindex, *ip) {
-                    warn!(egress_ip = %ip, error = %error, "cannot announce the floating egress IP");
-                }
+            held.left = held.left.saturating_sub(1);
+            held.last_announced = Some(Instant::now());
+            if let Err(error) = gratuitous_arp(&held.interface, held.ifindex, *ip) {
+                warn!(egress_ip = %ip, error = %error, "cannot announce the floating egress IP");
             }
         }
         self.started = true;
@@ -226,6 +284,45 @@ mod tests {
         };
         assert!(!should_hold(&second, true, false, |_| false));
         assert!(should_hold(&second, true, false, |ip| ip == A));
+    }
+
+    fn target(ifindex: u32) -> FloatingTarget {
+        FloatingTarget {
+            ifindex,
+            interface: "eth1".into(),
+            candidates_before: vec![],
+        }
+    }
+
+    #[test]
+    fn plans_release_what_is_not_wanted_and_move_by_release_and_take() {
+        const B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+        const C: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 101);
+        let known = BTreeMap::from([(B, target(3)), (C, target(3))]);
+        // First pass: a known address not wanted is released even if this run never took it.
+        let first = plan(&BTreeMap::new(), &BTreeMap::from([(B, 3)]), &known, true);
+        assert_eq!(first.release, [(C, 3)]);
+        assert_eq!(first.take, [(B, 3)]);
+        // Later: only what is held and not wanted.
+        let later = plan(&BTreeMap::from([(B, 3)]), &BTreeMap::new(), &known, false);
+        assert_eq!(later.release, [(B, 3)]);
+        assert!(later.take.is_empty());
+        // Moved to another interface.
+        let moved = plan(
+            &BTreeMap::from([(B, 3)]),
+            &BTreeMap::from([(B, 4)]),
+            &known,
+            false,
+        );
+        assert_eq!((moved.release, moved.take), (vec![(B, 3)], vec![(B, 4)]));
+        // Nothing to do.
+        let steady = plan(
+            &BTreeMap::from([(B, 3)]),
+            &BTreeMap::from([(B, 3)]),
+            &known,
+            false,
+        );
+        assert_eq!(steady, Changes::default());
     }
 
     #[test]

@@ -40,6 +40,7 @@ use crate::{
     chain::Chain,
     datapath::{PinLayout, monotonic_now_ns, pinned},
     floating::{FloatingTarget, Holder, should_hold},
+    privileges,
     say_once::SayOnce,
 };
 
@@ -78,7 +79,8 @@ pub enum Cause {
     /// Its last probes went unanswered: the node, its links or its datapath are gone.
     Unanswered,
     /// It never answered since this agent started probing it (its datapath is not up yet,
-    /// or it was down before): no failover, since no flow went there.
+    /// or it was down before): new flows avoid it from then on, but it is not counted as a
+    /// failover.
     NeverAnswered,
     /// It answered that it cannot serve: egress interface down or without its address.
     NotServing,
@@ -101,6 +103,8 @@ struct Peer {
     sent: u64,
     /// Highest sequence number answered.
     answered: u64,
+    /// Whether any probe was answered since this agent started probing the peer.
+    heard: bool,
     /// What the last reply said about the gateway itself.
     not_serving: bool,
     down: Option<Cause>,
@@ -110,6 +114,9 @@ struct Peer {
 #[derive(Debug)]
 pub struct Judge {
     multiplier: u64,
+    /// Where a new peer's sequence numbers start: a reply left in `PROBE_REPLIES` by an
+    /// earlier agent (or an earlier life of the peer) must never pass for a new one.
+    seq_base: u64,
     peers: BTreeMap<Ipv4Addr, Peer>,
 }
 
@@ -121,9 +128,12 @@ pub enum Change {
 }
 
 impl Judge {
-    pub fn new(multiplier: u32) -> Judge {
+    /// `seq_base` should grow from one agent to the next (the prober passes the monotonic
+    /// clock in microseconds).
+    pub fn new(multiplier: u32, seq_base: u64) -> Judge {
         Judge {
             multiplier: u64::from(multiplier.max(1)),
+            seq_base,
             peers: BTreeMap::new(),
         }
     }
@@ -133,9 +143,13 @@ impl Judge {
     pub fn retain(&mut self, targets: impl IntoIterator<Item = (Ipv4Addr, bool)>) {
         let mut kept = BTreeMap::new();
         for (ip, down_before) in targets {
+            let base = self.seq_base;
             let peer = self.peers.remove(&ip).unwrap_or_else(|| Peer {
+                sent: base,
+                answered: base,
+                heard: false,
+                not_serving: false,
                 down: down_before.then_some(Cause::Unanswered),
-                ..Peer::default()
             });
             kept.insert(ip, peer);
         }
@@ -159,6 +173,7 @@ impl Judge {
             return false;
         }
         peer.answered = seq;
+        peer.heard = true;
         peer.not_serving = !serving;
         true
     }
@@ -169,13 +184,13 @@ impl Judge {
         let mut changes = Vec::new();
         for (ip, peer) in &mut self.peers {
             let unanswered = peer.sent - peer.answered.min(peer.sent);
-            let verdict = if peer.sent >= self.multiplier && unanswered >= self.multiplier {
-                Some(if peer.answered == 0 {
-                    Cause::NeverAnswered
-                } else {
+            let verdict = if unanswered >= self.multiplier {
+                Some(if peer.heard {
                     Cause::Unanswered
+                } else {
+                    Cause::NeverAnswered
                 })
-            } else if peer.answered == 0 {
+            } else if !peer.heard {
                 // Nothing heard yet, and too few probes to say: keep what was.
                 peer.down
             } else if peer.not_serving {
@@ -194,6 +209,11 @@ impl Judge {
 
     pub fn is_down(&self, ip: Ipv4Addr) -> bool {
         self.peers.get(&ip).is_some_and(|peer| peer.down.is_some())
+    }
+
+    /// Whether `ip` answered since this agent started probing it.
+    pub fn has_answered(&self, ip: Ipv4Addr) -> bool {
+        self.peers.get(&ip).is_some_and(|peer| peer.heard)
     }
 }
 
@@ -319,7 +339,7 @@ impl Prober {
             tunnel_port,
             settings,
             metrics,
-            judge: Judge::new(settings.multiplier),
+            judge: Judge::new(settings.multiplier, monotonic_now_ns() / 1000),
             socket: None,
             maps: None,
             written: BTreeMap::new(),
@@ -330,12 +350,22 @@ impl Prober {
     }
 
     fn run(mut self, targets: &Mutex<Targets>) {
+        // Capabilities are per thread: this one started before the agent dropped its own.
+        if let Err(error) = privileges::drop_capabilities() {
+            warn!(error = %Chain(&error), "the gateway prober runs with all capabilities");
+        }
         let mut started = false;
         loop {
             let current = targets
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
+            if current.node_ip.is_none() {
+                // No reconcile yet: judging (or releasing) on empty targets would undo what
+                // an earlier agent found.
+                thread::sleep(self.settings.interval);
+                continue;
+            }
             match self.round(&current, started) {
                 Ok(()) => {
                     started = true;
@@ -421,8 +451,12 @@ impl Prober {
             }
         }
         self.write_health(health, targets)?;
-        self.hold_floating_ips(targets)?;
-        self.send_probes(targets)
+        self.send_probes(targets)?;
+        // After the probes: a failure here must not stop the health checks.
+        if let Err(error) = self.hold_floating_ips(targets) {
+            warn!(error = %Chain(&*error), "cannot hold the floating egress IPs");
+        }
+        Ok(())
     }
 
     fn write_health(&mut self, health: &mut HealthMap, targets: &Targets) -> anyhow::Result<()> {
@@ -492,8 +526,15 @@ impl Prober {
             .floating
             .iter()
             .filter(|(_, target)| {
+                // A candidate before this one is out when it is down, draining, or has not
+                // answered yet (a newcomer must prove itself before this one hands over).
                 should_hold(target, targets.self_serving, targets.self_draining, |ip| {
                     self.judge.is_down(ip)
+                        || !self.judge.has_answered(ip)
+                        || targets
+                            .gateways
+                            .get(&ip)
+                            .is_some_and(|gateway| gateway.draining)
                 })
             })
             .map(|(ip, target)| (*ip, (target.ifindex, target.interface.clone())))
@@ -554,7 +595,7 @@ mod tests {
 
     #[test]
     fn a_gateway_is_down_after_multiplier_unanswered_probes_and_up_at_the_next_reply() {
-        let mut judge = Judge::new(3);
+        let mut judge = Judge::new(3, 0);
         judge.retain([(GW, false)]);
         assert!(round(&mut judge, true).is_empty());
         assert!(round(&mut judge, false).is_empty());
@@ -572,7 +613,7 @@ mod tests {
     /// going down is no failover.
     #[test]
     fn a_gateway_that_never_answered_is_down_but_failed_nothing_over() {
-        let mut judge = Judge::new(2);
+        let mut judge = Judge::new(2, 0);
         judge.retain([(GW, false)]);
         assert!(round(&mut judge, false).is_empty());
         assert_eq!(
@@ -582,9 +623,23 @@ mod tests {
         assert_eq!(round(&mut judge, true), [(GW, Change::Up)]);
     }
 
+    /// Replies left by an earlier agent carry sequence numbers below the new base: no news.
+    #[test]
+    fn replies_from_before_a_restart_do_not_count() {
+        let mut judge = Judge::new(3, 1_000);
+        judge.retain([(GW, true)]);
+        assert!(!judge.replied(GW, 5, true), "an old agent's reply");
+        assert!(!judge.has_answered(GW));
+        let seq = judge.next_probe(GW);
+        assert_eq!(seq, 1_001);
+        assert!(judge.replied(GW, seq, true));
+        assert!(judge.has_answered(GW));
+        assert_eq!(judge.judge(), [(GW, Change::Up)]);
+    }
+
     #[test]
     fn a_gateway_that_says_it_cannot_serve_is_down() {
-        let mut judge = Judge::new(3);
+        let mut judge = Judge::new(3, 0);
         judge.retain([(GW, false)]);
         let seq = judge.next_probe(GW);
         judge.replied(GW, seq, false);
@@ -598,7 +653,7 @@ mod tests {
     /// duplicate replies are no news.
     #[test]
     fn verdicts_survive_a_restart_and_old_replies_count_once() {
-        let mut judge = Judge::new(3);
+        let mut judge = Judge::new(3, 0);
         judge.retain([(GW, true)]);
         assert!(judge.is_down(GW));
         let seq = judge.next_probe(GW);

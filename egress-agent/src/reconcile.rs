@@ -8,7 +8,11 @@ use std::{
     time::Instant,
 };
 
-use egress_common::{config::DatapathConfig, gateway::GATEWAY_GROUP_MAP_SIZE, map_names};
+use egress_common::{
+    config::DatapathConfig,
+    gateway::{GATEWAY_GROUP_MAP_SIZE, OWN_PORT_BLOCK_MAP_SIZE, PORT_BLOCK_OWNER_MAP_SIZE},
+    map_names,
+};
 use egress_control::{
     desired::{self, DesiredState, LocalInterface, LocalNetwork, PolicyConflict, PolicyMapFit},
     floating::NatPorts,
@@ -143,6 +147,12 @@ impl<'a> Reconciler<'a> {
                      keeps its last programming until it is"
                 );
             }
+            // Its floating egress IPs are let go: the other nodes no longer accept its tunnel.
+            self.probe_targets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .floating
+                .clear();
             return;
         };
         if self.said.node_missing.update(false).is_some() {
@@ -174,7 +184,6 @@ impl<'a> Reconciler<'a> {
         let mut desired =
             desired::desired_state_with_nat_ports(inventory, &config.node_name, &local, nat_ports);
         self.say_policy_problems(&desired);
-        self.tell_prober(node_ip, &desired);
         let fit = desired.fit_policy_map(config.map_sizes.policies as usize);
         self.say_policy_map_fit(fit);
         let (contents, attachments) = self.plan(&desired, network);
@@ -213,6 +222,16 @@ impl<'a> Reconciler<'a> {
                 contents.gateway_groups.len(),
                 GATEWAY_GROUP_MAP_SIZE,
             ),
+            (
+                map_names::OWN_PORT_BLOCKS,
+                contents.own_port_blocks.len(),
+                OWN_PORT_BLOCK_MAP_SIZE,
+            ),
+            (
+                map_names::PORT_BLOCK_OWNERS,
+                contents.port_block_owners.len(),
+                PORT_BLOCK_OWNER_MAP_SIZE,
+            ),
         ] {
             check_capacity(map, used, capacity);
         }
@@ -224,6 +243,9 @@ impl<'a> Reconciler<'a> {
         }
         // Every map is synced even when another fails; what failed is said once per change.
         let synced = datapath.sync_maps(&contents);
+        // After the maps: a floating egress IP is taken only once this node's blocks and
+        // forwarding entries are in (and after the fit, which may leave them out).
+        self.tell_prober(node_ip, &desired);
         let stats = synced.stats;
         let failures: Vec<String> = synced
             .errors

@@ -35,6 +35,12 @@ pub const GROUP_POD_NODE_TRANSLATES: u32 = 1 << 0;
 /// Ports per block of a floating egress IP's NAT range.
 pub const PORT_BLOCK_SIZE: u16 = 64;
 
+/// Capacity of `OWN_PORT_BLOCKS`: floating egress IPs this node's pods use.
+pub const OWN_PORT_BLOCK_MAP_SIZE: u32 = 1024;
+/// Capacity of `PORT_BLOCK_OWNERS`: blocks of the floating egress IPs this node is a
+/// candidate of (496 per IP with the default NAT range).
+pub const PORT_BLOCK_OWNER_MAP_SIZE: u32 = 16384;
+
 /// Value of `OWN_PORT_BLOCKS`, keyed by a floating egress IP: the ports this node translates
 /// its pods' flows to (host byte order).
 #[repr(C)]

@@ -8,21 +8,19 @@ use egress_common::{
     Ipv4,
     config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
     counters::reason,
+    flow::last_seen_is_stale,
     gateway::{PORT_BLOCK_SIZE, PortBlockKey},
-    nat::NatReverse,
+    nat::{NAT_TIME_WAIT, NatReverse},
     policy::PolicyValue,
 };
 
 use crate::{
-    drop,
+    PACKET_HOST, drop,
     maps::{EGRESS_IPS, NAT_FORWARD, NAT_REVERSE, OWN_PORT_BLOCKS, PORT_BLOCK_OWNERS, count},
     nat::{self, PortRange, Translation},
     packet::{End, Packet, clamp_mss, decrement_ttl, rewrite},
     redirect_neigh, tunnel_to,
 };
-
-/// `skb->pkt_type` of a frame addressed to this host.
-const PACKET_HOST: u32 = 0;
 
 /// Whether `egress_ip` floats and this node translates its pods' flows to it.
 #[inline(always)]
@@ -74,9 +72,10 @@ pub(crate) fn translate_and_send(
     if packet.later_fragment && unsafe { NAT_FORWARD.get(&packet.flow) }.is_none() {
         return drop(reason::DROP_FRAGMENT_UNKNOWN, packet);
     }
-    let translation =
+    let (translation, new_flow) =
         match nat::translate(ctx, packet, policy.egress_ip, config.node_ip, ports, now) {
-            Translation::Existing(t) | Translation::New(t) => t,
+            Translation::Existing(t) => (t, false),
+            Translation::New(t) => (t, true),
             Translation::Exhausted => return drop(reason::DROP_NAT_EXHAUSTED, packet),
             Translation::TableFull => return drop(reason::DROP_FLOW_TABLE_FULL, packet),
             Translation::Error => return drop(reason::DROP_ERROR, packet),
@@ -92,11 +91,18 @@ pub(crate) fn translate_and_send(
     {
         return drop(reason::DROP_ERROR, packet);
     }
-    if gateway == config.node_ip {
-        return forward_out(ctx, packet, policy.egress_ip, reason::SNAT_NEW_FLOW);
-    }
+    // Replies may come through the tunnel whichever node holds the egress IP: clamp even
+    // when this node sends the flow out itself.
     if clamp_mss(ctx, packet, config.tunnel_mss).is_err() {
         return drop(reason::DROP_ERROR, packet);
+    }
+    if gateway == config.node_ip {
+        let verdict = if new_flow {
+            reason::SNAT_NEW_FLOW
+        } else {
+            reason::SNAT_EXISTING_FLOW
+        };
+        return forward_out(ctx, packet, policy.egress_ip, verdict);
     }
     tunnel_to(
         ctx,
@@ -119,11 +125,11 @@ pub(crate) fn forward(
     remote: Ipv4,
     config: &DatapathConfig,
 ) -> i32 {
-    if block_owner(packet.flow.src_ip, packet.flow.src_port, config) != Some(remote) {
-        return drop(reason::DROP_NOT_ALLOWED, packet);
-    }
     if !packet.translatable {
         return drop(crate::untranslatable(packet), packet);
+    }
+    if block_owner(packet.flow.src_ip, packet.flow.src_port, config) != Some(remote) {
+        return drop(reason::DROP_NOT_ALLOWED, packet);
     }
     forward_out(ctx, packet, policy.egress_ip, reason::FORWARD_TRANSLATED)
 }
@@ -180,6 +186,7 @@ pub(crate) fn reply_to_owner(
 pub(crate) fn reverse_translate(
     ctx: &mut TcContext,
     packet: &Packet,
+    now: u64,
 ) -> Option<Result<NatReverse, i32>> {
     if !translates_here(packet.flow.dst_ip) {
         return None;
@@ -187,8 +194,18 @@ pub(crate) fn reverse_translate(
     let Some(reverse) = NAT_REVERSE.get_ptr_mut(&packet.flow) else {
         return Some(Err(drop(reason::DROP_UNKNOWN_REPLY, packet)));
     };
-    // SAFETY: valid for this run; plain data.
-    let reverse = unsafe { *reverse };
+    // SAFETY: valid for this run; last_seen is advisory (the garbage collector ages a NAT
+    // pair by the newer of its halves: replies keep a flow alive, as on a gateway).
+    let reverse = unsafe {
+        if last_seen_is_stale((*reverse).last_seen_ns, now) {
+            (*reverse).last_seen_ns = now;
+        }
+        *reverse
+    };
+    if reverse.flags & NAT_TIME_WAIT != 0 {
+        // The flow ended; only its port is held. Late segments go nowhere.
+        return Some(Err(drop(reason::DROP_UNKNOWN_REPLY, packet)));
+    }
     if rewrite(
         ctx,
         packet,

@@ -65,7 +65,7 @@ pub(crate) const PASS: i32 = TC_ACT_UNSPEC;
 pub(crate) const DROP: i32 = TC_ACT_SHOT;
 const TUNNEL_TTL: u8 = 64;
 /// `skb->pkt_type` of a frame addressed to this host.
-const PACKET_HOST: u32 = 0;
+pub(crate) const PACKET_HOST: u32 = 0;
 
 #[inline(always)]
 pub(crate) fn drop(reason: u32, packet: &Packet) -> i32 {
@@ -131,6 +131,11 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
     }
     // Matched: from here on the packet either takes the gateway path or is dropped, unless
     // it belongs to a connection that predates the policy or came in to the pod.
+    if policy.pod_node_ip != config.node_ip {
+        // Not a pod of this node: a source spoofed as another node's pod, or as a floating
+        // egress IP (whose gateway-side entries this node holds as a candidate).
+        return drop(reason::DROP_NOT_ALLOWED, &packet);
+    }
     if packet.is_icmp_error() || packet.is_icmp_echo_reply() {
         // The pod answers a ping, or reports a problem with traffic, that reached it: an
         // inbound flow's path.
@@ -313,7 +318,8 @@ pub(crate) fn from_tunnel_peer(ctx: &mut TcContext, remote: Ipv4, vni: u32) -> i
 }
 
 /// A pod's request arriving at its gateway: translate only what a policy naming this node
-/// allows, for a pod of the node that sent it. Anything else is dropped: no open relay.
+/// allows, for a pod of the node that sent it; or forward what a pod's node translated to a
+/// floating egress IP, from its own port block. Anything else is dropped: no open relay.
 #[inline(always)]
 fn gateway_request(
     ctx: &mut TcContext,
@@ -332,7 +338,10 @@ fn gateway_request(
         // Translated by the pod's node to a floating egress IP: forwarded, not translated.
         return floating::forward(ctx, packet, &policy, remote, config);
     }
-    if policy.pod_node_ip != remote {
+    if policy.pod_node_ip != remote || gateway::pod_node_translates(&policy) {
+        // Not that node's pod; or a floating egress IP's flow its node did not translate
+        // (an old agent there, a group missing): no gateway translates those, since its
+        // ports would not lie in that node's block.
         return drop(reason::DROP_NOT_ALLOWED, packet);
     }
     // A pod's echo reply answers an inbound ping and never opens a flow: from_pod keeps it
@@ -354,7 +363,7 @@ fn deliver_reply(ctx: &mut TcContext, packet: &Packet, config: &DatapathConfig) 
         return drop(reason::DROP_FRAGMENT_UNKNOWN, packet);
     }
     // A reply to a floating egress IP: this node translated the flow, so it turns it back.
-    let (pod_ip, translated) = match floating::reverse_translate(ctx, packet) {
+    let (pod_ip, translated) = match floating::reverse_translate(ctx, packet, now()) {
         Some(Ok(reverse)) => {
             let event = packet.close_event(false);
             if event != 0 {

@@ -16,8 +16,8 @@ use egress_common::{
     counters::{Counter, reason},
     flow::{FlowKey, FragmentKey, FragmentPorts, InboundFlow, SteeredFlow},
     gateway::{
-        GATEWAY_GROUP_MAP_SIZE, GatewayGroup, GatewayHealth, PortBlock, PortBlockKey,
-        PortBlockOwner, ProbeReply,
+        GATEWAY_GROUP_MAP_SIZE, GatewayGroup, GatewayHealth, OWN_PORT_BLOCK_MAP_SIZE,
+        PORT_BLOCK_OWNER_MAP_SIZE, PortBlock, PortBlockKey, PortBlockOwner, ProbeReply,
     },
     nat::{NatForward, NatReverse},
     nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
@@ -84,11 +84,16 @@ pub(crate) static PROBE_REPLIES: HashMap<Ipv4, ProbeReply, 4096> = HashMap::new(
 
 /// This node's block of each floating egress IP's ports, when its pods use that IP.
 #[btf_map]
-pub(crate) static OWN_PORT_BLOCKS: HashMap<Ipv4, PortBlock, 1024> = HashMap::new();
+pub(crate) static OWN_PORT_BLOCKS: HashMap<Ipv4, PortBlock, { OWN_PORT_BLOCK_MAP_SIZE as usize }> =
+    HashMap::new();
 
 /// Every block of the floating egress IPs this node may hold, with its node: where replies go.
 #[btf_map]
-pub(crate) static PORT_BLOCK_OWNERS: HashMap<PortBlockKey, PortBlockOwner, 16384> = HashMap::new();
+pub(crate) static PORT_BLOCK_OWNERS: HashMap<
+    PortBlockKey,
+    PortBlockOwner,
+    { PORT_BLOCK_OWNER_MAP_SIZE as usize },
+> = HashMap::new();
 
 #[btf_map]
 pub(crate) static CONFIG: Array<DatapathConfig, 1> = Array::new();

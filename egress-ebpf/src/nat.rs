@@ -96,8 +96,10 @@ pub(crate) fn translate(
             .filter(|reverse| unsafe {
                 (**reverse).pod_ip == flow.src_ip && (**reverse).pod_port == flow.src_port
             });
+        let port = u32::from(u16::from_be_bytes(existing.nat_port));
+        let in_range = port >= ports.min && port <= ports.max;
         match reverse {
-            Some(reverse) if existing.nat_ip == egress_ip => {
+            Some(reverse) if existing.nat_ip == egress_ip && in_range => {
                 if existing.pod_node_ip != pod_node_ip {
                     // The pod's IP now lives on another node (a new pod got it): replies go
                     // to the node that sent this packet, in both halves.
@@ -112,7 +114,8 @@ pub(crate) fn translate(
                     ..existing
                 });
             }
-            // The policy's egress IP changed: the old translation must not be used again.
+            // The policy's egress IP changed, or this node's port block of it moved: the old
+            // translation must not be used again.
             Some(_) => {
                 let _ = NAT_REVERSE.remove(&reverse_key);
             }

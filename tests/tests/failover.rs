@@ -683,3 +683,53 @@ fn two_holders_of_a_floating_egress_ip_break_nothing() {
         .check(&packets)
         .unwrap();
 }
+
+/// After a failover, the agents restart (kill -9, then started again) on the new holder and
+/// on the pod's node: the verdicts they find stand, so the new holder keeps the floating
+/// egress IP and the flow goes on through it.
+#[test]
+fn agents_restarted_after_a_failover_keep_its_outcome() {
+    skip_unless_root!();
+    let (mut cluster, pod) = floating_candidates();
+    cluster.set_link(GATEWAY_A, "eth0", false).unwrap();
+    cluster.set_link(GATEWAY_A, "eth1", false).unwrap();
+    wait_until_served(&cluster, &pod, FLOATING_IP);
+    let udp = cluster
+        .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
+        .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    let holds = |cluster: &Cluster, node: &str| {
+        let netns = cluster.node(node).unwrap().netns.clone();
+        cluster
+            .exec(&netns, &["ip", "-4", "addr", "show", "dev", "eth1"])
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("192.0.2.100/"))
+    };
+    assert!(holds(&cluster, GATEWAY_B));
+    for node in [GATEWAY_B, "k8s-worker-1"] {
+        cluster.kill_agent(node, Signal::Kill).unwrap();
+        cluster.restart_agent(node).unwrap();
+    }
+    for _ in 0..20 {
+        assert!(
+            holds(&cluster, GATEWAY_B),
+            "B let the floating IP go across its restart"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        healthy(&cluster, GATEWAY_A),
+        Some(0.0),
+        "the restarted prober kept A down"
+    );
+    thread::sleep(Duration::from_secs(1));
+    let summary = udp.stop().unwrap();
+    summary
+        .check_unbroken(&FLOATING_IP.to_string(), Duration::from_secs(1))
+        .unwrap();
+    let packets = cluster.stop_capture().unwrap();
+    LeakDetector::new()
+        .matched_port(FLOW_PORT, [FLOATING_IP])
+        .forbidden_sources([pod.ip, POD_NODE_IP, EGRESS_A, EGRESS_B])
+        .check(&packets)
+        .unwrap();
+}

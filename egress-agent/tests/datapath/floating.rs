@@ -258,3 +258,122 @@ fn a_flow_keeps_its_translation_when_its_gateway_changes() {
     assert_eq!((after.src, after.sport), (before.src, before.sport));
     assert_eq!(node.nat_forward().len(), 1);
 }
+
+/// On a candidate that also runs pods (and owns a block), a pod sending with the floating
+/// egress IP as its source matches the gateway-side entry, which is no pod's: dropped, never
+/// translated nor forwarded.
+#[test]
+fn a_pod_cannot_send_as_the_floating_egress_ip() {
+    if !root() {
+        return;
+    }
+    let mut node = gateway_floating(GATEWAY_B);
+    node.hash::<[u8; 4], PortBlock>(map_names::OWN_PORT_BLOCKS)
+        .insert(
+            EGRESS_IP.octets(),
+            PortBlock {
+                first: BLOCK_FIRST + 64,
+                count: 64,
+                _pad: 0,
+            },
+            0,
+        )
+        .unwrap();
+    let spoofed = packet(EGRESS_IP, 2100, DEST, 443, L4::Tcp { flags: SYN });
+    assert_eq!(node.run(program_names::FROM_POD, &spoofed).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_to(), None);
+    assert_eq!(node.counter(reason::DROP_NOT_ALLOWED), 1);
+    assert!(node.nat_forward().is_empty());
+}
+
+/// A floating egress IP's flow that its pod's node did not translate (an old agent there):
+/// the gateway does not translate it with its own range, whose ports belong to other nodes'
+/// blocks.
+#[test]
+fn a_gateway_refuses_an_untranslated_flow_of_a_floating_egress_ip() {
+    if !root() {
+        return;
+    }
+    let mut gateway = gateway_floating(GATEWAY_B);
+    gateway.policy(POD, "198.51.100.0/24", floating_value(POD_NODE.octets()));
+    assert_eq!(from_pod_node(&gateway, &syn()).0, TC_ACT_SHOT);
+    assert_eq!(gateway.counter(reason::DROP_NOT_ALLOWED), 1);
+    assert!(gateway.nat_forward().is_empty());
+}
+
+/// Replies keep a floating flow alive on the pod's node (a feed where only the remote
+/// sends), and a flow held for TIME_WAIT takes no late segment.
+#[test]
+fn replies_refresh_the_pod_nodes_translation_and_time_wait_holds() {
+    if !root() {
+        return;
+    }
+    let mut node = pod_node_floating();
+    let (_, request) = node.run(program_names::FROM_POD, &syn());
+    let port = seen(&request).sport;
+    let reply = packet(DEST, 443, EGRESS_IP, port, L4::Tcp { flags: ACK });
+    let from_b = [u32::from_ne_bytes(GATEWAY_B.octets()), VNI_TO_POD_NODE];
+    let key = FlowKey {
+        src_ip: DEST.octets(),
+        dst_ip: EGRESS_IP.octets(),
+        src_port: 443_u16.to_be_bytes(),
+        dst_port: port.to_be_bytes(),
+        protocol: 6,
+        _pad: [0; 3],
+    };
+    // Make the entry look old, then a reply arrives.
+    let mut reverse = node.hash::<FlowKey, NatReverse>(map_names::NAT_REVERSE);
+    let mut entry = reverse.get(&key, 0).unwrap();
+    entry.last_seen_ns = 1;
+    reverse.insert(key, entry, 0).unwrap();
+    let (verdict, _) = node.run_with_cb(program_names::TEST_FROM_TUNNEL, &reply, from_b);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let refreshed = node
+        .hash::<FlowKey, NatReverse>(map_names::NAT_REVERSE)
+        .get(&key, 0)
+        .unwrap();
+    assert!(
+        refreshed.last_seen_ns > 1,
+        "the reply refreshed the translation"
+    );
+    let mut held = refreshed;
+    held.flags = NAT_TIME_WAIT;
+    node.hash::<FlowKey, NatReverse>(map_names::NAT_REVERSE)
+        .insert(key, held, 0)
+        .unwrap();
+    let (verdict, _) = node.run_with_cb(program_names::TEST_FROM_TUNNEL, &reply, from_b);
+    assert_eq!(verdict, TC_ACT_SHOT, "a late segment after the end");
+}
+
+/// The node's block moved (the control plane reassigned it): an existing flow gets a port of
+/// the new block, never keeps one of the old, which the gateway would refuse.
+#[test]
+fn a_moved_block_gives_existing_flows_a_port_of_the_new_one() {
+    if !root() {
+        return;
+    }
+    let mut node = pod_node_floating();
+    let (_, before) = node.run(program_names::FROM_POD, &syn());
+    assert!((BLOCK_FIRST..BLOCK_FIRST + 64).contains(&seen(&before).sport));
+    node.hash::<[u8; 4], PortBlock>(map_names::OWN_PORT_BLOCKS)
+        .insert(
+            EGRESS_IP.octets(),
+            PortBlock {
+                first: BLOCK_FIRST + 640,
+                count: 64,
+                _pad: 0,
+            },
+            0,
+        )
+        .unwrap();
+    let ack = packet(POD, 40000, DEST, 443, L4::Tcp { flags: ACK });
+    let (verdict, after) = node.run(program_names::FROM_POD, &ack);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let port = seen(&after).sport;
+    assert!(
+        (BLOCK_FIRST + 640..BLOCK_FIRST + 704).contains(&port),
+        "port {port} outside the new block"
+    );
+    assert_eq!(node.nat_forward().len(), 1);
+    assert_eq!(node.nat_reverse().len(), 1, "the old port was given back");
+}
