@@ -8,9 +8,11 @@
 //! (`egress-peer udp-stream --interval-ms 1`, through A), a second of it, the fault on A,
 //! polling with HTTP requests until one leaves through B, a second more, stop. The failover
 //! gap is the stream's longest pause between echoes at the pod (`max_gap_ms`); lost
-//! datagrams are `sent - received`. Then the fault is undone and the next trial waits until
-//! new requests leave through A again. The destination is captured during every trial and
-//! the leak detector counts packets of the pod's flows with any other source than A or B.
+//! datagrams are `sent - received`; the capture's timestamps give the longest pause between
+//! the stream's datagrams arriving at the destination, the way there alone. Then the fault
+//! is undone and the next trial waits until new requests leave through A again. The
+//! destination is captured during every trial and the leak detector counts packets of the
+//! pod's flows with any other source than A or B.
 //!
 //! The probe load: probe frames sent from B (which probes nobody: it has no selected pods)
 //! to A's tunnel port at a fixed rate, each answered by A's datapath, against the same
@@ -18,8 +20,10 @@
 //! CPU time per datagram (which holds the softirq work each send sets off, see
 //! `measure::probe_flood`) is what answering one probe costs in the kernel: VXLAN
 //! decapsulation, the `from_tunnel` program, encapsulation of the answer, and also the
-//! answer's trip back and its decapsulation on B (so an upper bound). The whole machine's
-//! busy CPU (`/proc/stat`) is recorded beside it, but on a shared machine it is noise.
+//! answer's trip back and its decapsulation on B (so an upper bound). Spoilt probes (A's
+//! program parses and drops them) against the closed port give the receive side alone, for
+//! scale. The whole machine's busy CPU (`/proc/stat`) is recorded beside it, but on a
+//! shared machine it is noise.
 
 use std::{
     fs,
@@ -118,6 +122,9 @@ impl Fault {
 struct Trial {
     /// The stream's longest pause between two echoes at the pod.
     gap_ms: u64,
+    /// The longest pause between two of the stream's datagrams arriving at the destination
+    /// (the capture's timestamps): the gap on the way there alone.
+    destination_gap_ms: Option<f64>,
     sent: u64,
     received: u64,
     lost: u64,
@@ -173,8 +180,11 @@ pub(crate) fn run(params: &Params, bins: &Binaries) -> Result<Value> {
                 );
             }
             eprintln!(
-                "   gap {} ms, lost {} of {}, new flows moved after {}",
+                "   gap {} ms ({} at the destination), lost {} of {}, new flows moved after {}",
                 trial.gap_ms,
+                trial
+                    .destination_gap_ms
+                    .map_or("-".into(), |ms| format!("{ms:.0} ms")),
                 trial.lost,
                 trial.sent,
                 trial
@@ -226,6 +236,9 @@ fn fault_json(
         "label": fault.label(),
         "failover_expected": fault.moves(),
         "gap_ms": of(|t| t.gap_ms as f64),
+        "destination_gap_ms": summary(
+            &trials.iter().filter_map(|t| t.destination_gap_ms).collect::<Vec<_>>()
+        ),
         "lost_datagrams": of(|t| t.lost as f64),
         "datagrams_per_s": of(|t| t.datagrams_per_s),
         "new_flows_moved_ms": summary(&moved),
@@ -288,6 +301,9 @@ fn trial(cluster: &mut Cluster, pod: &Pod, fault: Fault) -> Result<Trial> {
     };
     let (flow, seconds) = stream.stop()?;
     let packets = cluster.stop_capture()?;
+    let destination_gap_ms = latest_pcap(cluster)
+        .and_then(|pcap| fs::read(pcap).ok())
+        .and_then(|bytes| destination_gap_ms(&bytes));
     let leaks = LeakDetector::new()
         .matched_port(APP_PORT, [EGRESS_A, EGRESS_B])
         .matched_port(STREAM_PORT, [EGRESS_A, EGRESS_B])
@@ -299,6 +315,7 @@ fn trial(cluster: &mut Cluster, pod: &Pod, fault: Fault) -> Result<Trial> {
     let back_on_a_ms = restoring.elapsed().as_secs_f64() * 1000.0;
     Ok(Trial {
         gap_ms: flow.max_gap_ms,
+        destination_gap_ms,
         sent: flow.sent,
         received: flow.received,
         lost: flow.sent.saturating_sub(flow.received),
@@ -310,6 +327,67 @@ fn trial(cluster: &mut Cluster, pod: &Pod, fault: Fault) -> Result<Trial> {
         matched_packets: leaks.matched,
         leaked_packets: leaks.leaks.len(),
     })
+}
+
+/// The capture the cluster wrote last (`capture-N.pcap` in its work folder).
+fn latest_pcap(cluster: &Cluster) -> Option<PathBuf> {
+    fs::read_dir(cluster.work_dir())
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("capture-") && name.ends_with(".pcap")
+        })
+        .max_by_key(|entry| entry.metadata().and_then(|m| m.modified()).ok())
+        .map(|entry| entry.path())
+}
+
+/// The longest interval between two datagrams of the stream (UDP to the destination's
+/// stream port) in a pcap of Ethernet frames, in ms; `None` for fewer than two.
+fn destination_gap_ms(pcap: &[u8]) -> Option<f64> {
+    let header: [u8; 4] = pcap.get(0..4)?.try_into().ok()?;
+    let (little_endian, nanos) = match u32::from_le_bytes(header) {
+        0xa1b2_c3d4 => (true, false),
+        0xa1b2_3c4d => (true, true),
+        0xd4c3_b2a1 => (false, false),
+        0x4d3c_b2a1 => (false, true),
+        _ => return None,
+    };
+    let read_u32 = |at: usize| -> Option<u32> {
+        let raw: [u8; 4] = pcap.get(at..at + 4)?.try_into().ok()?;
+        Some(if little_endian {
+            u32::from_le_bytes(raw)
+        } else {
+            u32::from_be_bytes(raw)
+        })
+    };
+    let (mut offset, mut last, mut gap) = (24, None::<f64>, None::<f64>);
+    while let (Some(seconds), Some(fraction), Some(length)) =
+        (read_u32(offset), read_u32(offset + 4), read_u32(offset + 8))
+    {
+        let start = offset + 16;
+        let Some(frame) = pcap.get(start..start + length as usize) else {
+            break;
+        };
+        offset = start + length as usize;
+        let at = f64::from(seconds) * 1e3 + f64::from(fraction) / if nanos { 1e6 } else { 1e3 };
+        // Ethernet, IPv4 (no VLAN on the destination's veth), UDP to the stream's port.
+        let Some(ip) = frame.get(14..) else { continue };
+        let ihl = usize::from(ip.first().map_or(0, |b| b & 0x0f)) * 4;
+        let is_stream = frame.get(12..14) == Some(&[0x08, 0x00][..])
+            && ip.get(9) == Some(&17)
+            && ip.get(16..20) == Some(&DESTINATION_IP.octets()[..])
+            && ip.get(ihl + 2..ihl + 4) == Some(&STREAM_PORT.to_be_bytes()[..]);
+        if !is_stream {
+            continue;
+        }
+        if let Some(last) = last {
+            gap = Some(gap.map_or(at - last, |gap: f64| gap.max(at - last)));
+        }
+        last = Some(at);
+    }
+    gap
 }
 
 fn apply(cluster: &mut Cluster, fault: Fault) -> Result<()> {

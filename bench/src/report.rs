@@ -752,14 +752,17 @@ fn failover_md(doc: &Value) -> String {
          udp-stream`). Each trial: {} ms of stream, the fault on the active gateway, HTTP \
          requests polled until one leaves through the next candidate, {} ms more, stop; then \
          the fault is undone and new requests must leave through the first candidate again. \
-         Gap = the stream's longest pause between two echoes at the pod; lost = datagrams sent \
+         Gap = the stream's longest pause between two echoes at the pod (the targets use it); at \
+         the destination = the longest pause between two of its datagrams arriving there (the \
+         capture's timestamps: the way there alone); lost = datagrams sent \
          but never echoed, each standing for 1 s / the rate of the last column (the {} ms sleep \
          between sends makes it a little under 1,000/s). Probes every {} ms, down after {} unanswered. The \
          agent killed: SIGKILL, {} ms of stream, then a new agent (no failover expected). The \
          destination is captured during every trial (the leak detector).\n\n\
-         | Fault | Trials | Median gap (ms) | Worst gap (ms) | Median lost datagrams | Worst lost | \
-         New flows moved (median ms) | Wrong-source packets | Datagrams/s |\n\
-         |---|---|---|---|---|---|---|---|---|",
+         | Fault | Trials | Median gap (ms) | Worst gap (ms) | At the destination: median, worst (ms) | \
+         Median lost datagrams | Worst lost | New flows moved (median ms) | Wrong-source packets | \
+         Datagrams/s |\n\
+         |---|---|---|---|---|---|---|---|---|---|",
         gateways.first().unwrap_or(&"?"),
         gateways.get(1).unwrap_or(&"?"),
         ips.first().unwrap_or(&"?"),
@@ -778,11 +781,13 @@ fn failover_md(doc: &Value) -> String {
     for fault in &faults {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} of {} | {} |",
+            "| {} | {} | {} | {} | {}, {} | {} | {} | {} | {} of {} | {} |",
             fault["label"].as_str().unwrap_or("?"),
             fault["trials"].as_array().map_or(0, Vec::len),
             num(&fault["gap_ms"]["median"]),
             num(&fault["gap_ms"]["max"]),
+            num(&fault["destination_gap_ms"]["median"]),
+            num(&fault["destination_gap_ms"]["max"]),
             num(&fault["lost_datagrams"]["median"]),
             num(&fault["lost_datagrams"]["max"]),
             if fault["failover_expected"] == true {
@@ -855,7 +860,7 @@ fn probe_cost_md(doc: &Value) -> String {
          | the `from_tunnel` program answering a probe (BPF_PROG_TEST_RUN, one run per probe) | {} | {} |\n\
          | the same, less the empty program run the same way | {} | {} |\n\
          | the kernel path: a probe flood to the tunnel port against one to a closed port (upper bound) | {} | {} |\n\
-         | its receive side: spoilt probes (decapsulated, parsed, dropped) against the closed port (lower bound) | {} | {} |\n",
+         | for scale, the receive side: spoilt probes (decapsulated, parsed, dropped) against the closed port | {} | {} |\n",
         thousands(&cost["probing_nodes"]),
         thousands(&cost["probe_interval_ms"]),
         thousands(&cost["probes_per_s"]),
@@ -887,9 +892,10 @@ fn probe_cost_md(doc: &Value) -> String {
              sender's CPU time per datagram, less the closed-port flood's, is the cost of \
              answering: VXLAN decapsulation, the program, encapsulation of the answer, and also \
              the answer's way back and its decapsulation and program run on {} (an upper \
-             bound); the spoilt probes' is what the gateway's receive side alone costs (a lower \
-             bound). Median of {} sets [min–max]: answered {} ns [{}–{}], receive side {} ns \
-             [{}–{}]; the whole machine's busy CPU (`/proc/stat`, noisy on a shared machine) \
+             bound); the spoilt probes' is the gateway's receive side alone, but the closed \
+             port's own handling (a socket lookup that fails, a rate-limited ICMP error) is \
+             comparable, so that difference is small and noisy, not a bound. Median of {} sets \
+             [min–max]: answered {} ns [{}–{}], receive side {} ns [{}–{}]; the whole machine's busy CPU (`/proc/stat`, noisy on a shared machine) \
              gave {} ns for the answered probe. Sets where the machine was saturated are not \
              counted ({} of {} counted).",
             load["sender"].as_str().unwrap_or("?"),
