@@ -48,7 +48,9 @@ use super::{BenchError, ensure_root, stats::Summary};
 /// A pod whose policy has no gateway node.
 const POD_NO_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
 const EXCLUDED_DEST: Ipv4Addr = Ipv4Addr::new(198, 51, 200, 10);
-const POD_PORT: u16 = 45000;
+/// Both inside the NAT port range (1024-32767): the mirror entry translates back to the
+/// pod's port, and the gateway does not reuse a translation whose port lies outside its range.
+const POD_PORT: u16 = 30000;
 const NAT_PORT: u16 = 20000;
 /// NAT maps big enough for the largest fill level plus the new flows of every run.
 const NAT_MAP_SIZE: u32 = 262_144;
@@ -285,6 +287,7 @@ fn measure_level(
         let mut runs = Vec::new();
         for _ in 0..args.runs {
             let before = case.reason.map(|r| node.counter(r)).transpose()?;
+            let all_before = node.all_counters()?;
             let (verdict, ns) = if case.forwards {
                 node.run_in_batches(case.program, &case.frame, case.cb, args.reps)?
             } else {
@@ -292,12 +295,26 @@ fn measure_level(
             };
             check_verdict(case.id, case.verdict, verdict)?;
             if let (Some(reason), Some(before)) = (case.reason, before) {
-                check_path(
+                let checked = check_path(
                     case.id,
                     reason,
                     u64::from(args.reps),
                     node.counter(reason)? - before,
-                )?;
+                );
+                if let Err(error) = checked {
+                    // Name the paths that ran instead.
+                    let rose: Vec<String> = node
+                        .all_counters()?
+                        .iter()
+                        .zip(&all_before)
+                        .enumerate()
+                        .filter(|(_, (after, before))| after > before)
+                        .map(|(i, (after, before))| {
+                            format!("{} +{}", reason::NAMES[i], after - before)
+                        })
+                        .collect();
+                    anyhow::bail!("{error} (counters that rose: {})", rose.join(", "));
+                }
             }
             runs.push(ns);
         }
@@ -511,7 +528,7 @@ impl BenchNode {
         Ok(())
     }
 
-    /// The gateway with mirror entries: POD:45000 translates to `EGRESS_IP:20000` and back,
+    /// The gateway with mirror entries: POD:30000 translates to `EGRESS_IP:20000` and back,
     /// so repeated runs on one skb keep rewriting (see the module comment).
     fn setup_gateway(&mut self, policy_entries: u32, nat_entries: u32) -> anyhow::Result<()> {
         self.policy(
@@ -698,6 +715,13 @@ impl BenchNode {
             answered,
         )?;
         Ok(total / f64::from(count.max(1)))
+    }
+
+    /// Packets counted under every reason, summed over CPUs, in reason order.
+    fn all_counters(&self) -> anyhow::Result<Vec<u64>> {
+        (0..reason::NAMES.len() as u32)
+            .map(|reason| self.counter(reason))
+            .collect()
     }
 
     /// Packets counted under `reason`, summed over CPUs.
