@@ -67,6 +67,7 @@ pub(crate) fn translate_and_send(
     let ports = PortRange {
         min: u32::from(block.first),
         max: u32::from(block.first) + u32::from(block.count).saturating_sub(1),
+        binding: true,
     };
     // SAFETY: plain lookup.
     if packet.later_fragment && unsafe { NAT_FORWARD.get(&packet.flow) }.is_none() {

@@ -41,6 +41,10 @@ const EEXIST: i32 = -17;
 pub(crate) struct PortRange {
     pub(crate) min: u32,
     pub(crate) max: u32,
+    /// Whether an existing translation outside the range must be made again: a block of a
+    /// floating egress IP that moved (the gateways accept only the new one). A gateway's
+    /// own range keeps its flows when `--nat-port-range` changes.
+    pub(crate) binding: bool,
 }
 
 impl PortRange {
@@ -49,6 +53,7 @@ impl PortRange {
         PortRange {
             min: u32::from(config.nat_port_min),
             max: u32::from(config.nat_port_max),
+            binding: false,
         }
     }
 }
@@ -97,7 +102,7 @@ pub(crate) fn translate(
                 (**reverse).pod_ip == flow.src_ip && (**reverse).pod_port == flow.src_port
             });
         let port = u32::from(u16::from_be_bytes(existing.nat_port));
-        let in_range = port >= ports.min && port <= ports.max;
+        let in_range = !ports.binding || (port >= ports.min && port <= ports.max);
         match reverse {
             Some(reverse) if existing.nat_ip == egress_ip && in_range => {
                 if existing.pod_node_ip != pod_node_ip {
