@@ -859,8 +859,7 @@ fn probe_cost_md(doc: &Value) -> String {
          | Measured | ns per probe | At {} probes/s |\n|---|---|---|\n\
          | the `from_tunnel` program answering a probe (BPF_PROG_TEST_RUN, one run per probe) | {} | {} |\n\
          | the same, less the empty program run the same way | {} | {} |\n\
-         | the kernel path: a probe flood to the tunnel port against one to a closed port (upper bound) | {} | {} |\n\
-         | for scale, the receive side: spoilt probes (decapsulated, parsed, dropped) against the closed port | {} | {} |\n",
+         | the kernel path: a probe flood to the tunnel port against one to a closed port (upper bound) | {} | {} |\n",
         thousands(&cost["probing_nodes"]),
         thousands(&cost["probe_interval_ms"]),
         thousands(&cost["probes_per_s"]),
@@ -871,8 +870,6 @@ fn probe_cost_md(doc: &Value) -> String {
         pct(&cost["bpf_net_core_share"]),
         ns(&cost["kernel_ns_per_probe"]),
         pct(&cost["kernel_core_share"]),
-        ns(&cost["kernel_receive_ns_per_probe"]),
-        pct(&cost["kernel_receive_core_share"]),
     );
     if load.is_null() {
         let _ = writeln!(

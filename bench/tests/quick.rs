@@ -1,6 +1,7 @@
 //! `cargo xtask bench --quick` must keep working: runs `egress-bench --quick` (every section,
-//! tiny counts; about 80 s) and checks the report has every section and that the figures
-//! are the ones the benchmarks claim to measure. Timings themselves are never asserted.
+//! tiny counts; the failover section's 2 trials per fault type take about 50 s of it) and
+//! checks the report has every section and that the figures are the ones the benchmarks
+//! claim to measure. Timings themselves are never asserted.
 #![allow(
     unused_crate_dependencies,
     reason = "an integration test links every dependency of its package and uses a few"
