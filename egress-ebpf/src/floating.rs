@@ -3,7 +3,7 @@
 //! every flow (replies are sent to the node owning their port's block), so a connection
 //! survives a failover: its translation lives on the pod's node.
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, helpers::bpf_skb_change_type, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use egress_common::{
     Ipv4,
     config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
@@ -15,8 +15,8 @@ use egress_common::{
 };
 
 use crate::{
-    PACKET_HOST, drop,
-    maps::{EGRESS_IPS, NAT_FORWARD, NAT_REVERSE, OWN_PORT_BLOCKS, PORT_BLOCK_OWNERS, count},
+    drop, hand_expiring_to_kernel,
+    maps::{EGRESS_IPS, NAT_FORWARD, NAT_REVERSE, OWN_PORT_BLOCKS, PORT_BLOCK_OWNERS},
     nat::{self, PortRange, Translation},
     packet::{End, Packet, clamp_mss, decrement_ttl, rewrite},
     redirect_neigh, tunnel_to,
@@ -145,10 +145,7 @@ fn forward_out(ctx: &mut TcContext, packet: &Packet, egress_ip: Ipv4, verdict: u
     };
     let ifindex = egress.ifindex;
     if packet.ttl <= 1 {
-        // SAFETY: helper on this program's skb.
-        unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
-        count(reason::PASS_TTL_EXCEEDED, packet.len);
-        return TC_ACT_UNSPEC;
+        return hand_expiring_to_kernel(ctx, packet);
     }
     if decrement_ttl(ctx, packet).is_err() {
         return drop(reason::DROP_ERROR, packet);

@@ -65,7 +65,7 @@ pub(crate) const PASS: i32 = TC_ACT_UNSPEC;
 pub(crate) const DROP: i32 = TC_ACT_SHOT;
 const TUNNEL_TTL: u8 = 64;
 /// `skb->pkt_type` of a frame addressed to this host.
-pub(crate) const PACKET_HOST: u32 = 0;
+const PACKET_HOST: u32 = 0;
 
 #[inline(always)]
 pub(crate) fn drop(reason: u32, packet: &Packet) -> i32 {
@@ -435,12 +435,7 @@ fn snat_and_send(
     // The gateway forwards as a router: a packet whose TTL runs out here goes to the kernel,
     // which answers the pod with ICMP time exceeded (so traceroute shows the gateway).
     if packet.ttl <= 1 {
-        // A frame from the tunnel carries the pod node's MAC: mark it for this host, or the
-        // kernel would drop it as another host's before forwarding (and answering) it.
-        // SAFETY: helper on this program's skb.
-        unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
-        count(reason::PASS_TTL_EXCEEDED, packet.len);
-        return PASS;
+        return hand_expiring_to_kernel(ctx, packet);
     }
     // A later fragment follows its first fragment's translation; it cannot start one (its
     // datagram's port went out in the first fragment).
@@ -587,6 +582,18 @@ fn send_back(
         config,
         reason::REVERSE_SNAT,
     )
+}
+
+/// A packet this node would forward with its TTL run out: to the kernel, which answers with
+/// ICMP time exceeded as the router it is.
+#[inline(always)]
+pub(crate) fn hand_expiring_to_kernel(ctx: &mut TcContext, packet: &Packet) -> i32 {
+    // A frame from the tunnel carries the pod node's MAC: mark it for this host, or the
+    // kernel would drop it as another host's before forwarding (and answering) it.
+    // SAFETY: helper on this program's skb.
+    unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+    count(reason::PASS_TTL_EXCEEDED, packet.len);
+    PASS
 }
 
 /// Encapsulates through the agent's VXLAN device (external mode) towards `remote`.

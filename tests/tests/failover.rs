@@ -32,9 +32,9 @@ const TCP_FLOW_PORT: u16 = 9003;
 const FLOATING_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 const PROGRAMMED: Duration = Duration::from_secs(30);
 
-/// Both gateways labelled egress-node=true, policy `app` (app=my-app, `interface: eth1`),
-/// my-app on worker-1 served through A; capture running.
-fn two_candidates() -> (Cluster, Pod) {
+/// The cluster, both gateways with eth1 (their egress interface), `candidates` labelled
+/// egress-node=true.
+fn cluster_with_gateways(candidates: &[&str]) -> Cluster {
     let mut cluster = Cluster::new(ClusterConfig {
         extra_peer_ports: vec![APP_PORT, FLOW_PORT, TCP_FLOW_PORT],
         ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
@@ -42,8 +42,17 @@ fn two_candidates() -> (Cluster, Pod) {
     .expect("building the test cluster");
     for node in [GATEWAY_A, GATEWAY_B] {
         cluster.add_secondary_interface(node).unwrap();
+    }
+    for node in candidates {
         cluster.label_node(node, "egress-node", "true").unwrap();
     }
+    cluster
+}
+
+/// Both gateways labelled egress-node=true, policy `app` (app=my-app, `interface: eth1`),
+/// my-app on worker-1 served through A; capture running.
+fn two_candidates() -> (Cluster, Pod) {
+    let mut cluster = cluster_with_gateways(&[GATEWAY_A, GATEWAY_B]);
     SimplePolicy::new(
         "app",
         &[("app", "my-app")],
@@ -303,15 +312,7 @@ fn a_gateway_coming_back_moves_no_established_flow() {
 /// Policy `app` with a floating egress IP (the annotation), candidates A and B, my-app on
 /// worker-1 served through A holding the address; capture running.
 fn floating_candidates() -> (Cluster, Pod) {
-    let mut cluster = Cluster::new(ClusterConfig {
-        extra_peer_ports: vec![APP_PORT, FLOW_PORT, TCP_FLOW_PORT],
-        ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
-    })
-    .expect("building the test cluster");
-    for node in [GATEWAY_A, GATEWAY_B] {
-        cluster.add_secondary_interface(node).unwrap();
-        cluster.label_node(node, "egress-node", "true").unwrap();
-    }
+    let mut cluster = cluster_with_gateways(&[GATEWAY_A, GATEWAY_B]);
     let policy = format!(
         "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata:\n  name: app\n  \
          annotations:\n    egress-gateway.io/floating-egress-ip: \"true\"\nspec:\n  selectors:\n  \
@@ -518,18 +519,8 @@ fn with_three_egress_gateways_only_the_failed_ones_pods_move() {
 #[test]
 fn a_gateway_joining_moves_no_established_flow() {
     skip_unless_root!();
-    let mut cluster = Cluster::new(ClusterConfig {
-        extra_peer_ports: vec![APP_PORT, FLOW_PORT],
-        ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
-    })
-    .expect("building the test cluster");
-    for node in [GATEWAY_A, GATEWAY_B] {
-        cluster.add_secondary_interface(node).unwrap();
-    }
     // Only B is a candidate at first.
-    cluster
-        .label_node(GATEWAY_B, "egress-node", "true")
-        .unwrap();
+    let mut cluster = cluster_with_gateways(&[GATEWAY_B]);
     SimplePolicy::new(
         "app",
         &[("app", "my-app")],

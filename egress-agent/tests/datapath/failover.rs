@@ -4,33 +4,13 @@
 //! probing node's.
 
 use egress_agent::health::probe_frame;
-use egress_common::gateway::{
-    GATEWAY_DOWN, GATEWAY_DRAINING, GatewayGroup, GatewayHealth, MAX_CANDIDATES, PROBE_REPLY,
-    ProbeReply,
-};
+use egress_common::gateway::{GATEWAY_DOWN, GATEWAY_DRAINING, PROBE_REPLY, ProbeReply};
 
 use crate::support::*;
 
 const GATEWAY_B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 13);
 const GATEWAY_C: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 14);
 const GROUP: u32 = 7;
-
-fn set_group(node: &mut Node, id: u32, candidates: &[Ipv4Addr]) {
-    let mut group = GatewayGroup::default();
-    for (slot, ip) in group.candidates.iter_mut().zip(candidates) {
-        *slot = ip.octets();
-    }
-    group.count = candidates.len().min(MAX_CANDIDATES) as u32;
-    node.hash::<u32, GatewayGroup>(map_names::GATEWAY_GROUPS)
-        .insert(id, group, 0)
-        .unwrap();
-}
-
-fn set_health(node: &mut Node, ip: Ipv4Addr, flags: u32) {
-    node.hash::<[u8; 4], GatewayHealth>(map_names::GATEWAY_HEALTH)
-        .insert(ip.octets(), GatewayHealth { flags, _pad: 0 }, 0)
-        .unwrap();
-}
 
 fn grouped(group: u32, first: Ipv4Addr) -> PolicyValue {
     PolicyValue {
@@ -42,7 +22,7 @@ fn grouped(group: u32, first: Ipv4Addr) -> PolicyValue {
 /// The pod's node with the pod's entry naming `GROUP` = `candidates`.
 fn pod_node_with(candidates: &[Ipv4Addr]) -> Node {
     let mut node = pod_node();
-    set_group(&mut node, GROUP, candidates);
+    set_group(&mut node, GROUP, candidates, 0);
     node.policy(POD, "198.51.100.0/24", grouped(GROUP, candidates[0]));
     node
 }
@@ -110,7 +90,7 @@ fn an_established_flow_keeps_its_gateway_until_that_one_fails() {
     let mut node = pod_node_with(&[GATEWAY, GATEWAY_B]);
     assert_eq!(tunnelled_to(&node, &syn(40000)), Some(GATEWAY));
     // C joins ahead of both (a relabel): new flows take it, the established one stays.
-    set_group(&mut node, GROUP + 1, &[GATEWAY_C, GATEWAY, GATEWAY_B]);
+    set_group(&mut node, GROUP + 1, &[GATEWAY_C, GATEWAY, GATEWAY_B], 0);
     node.policy(POD, "198.51.100.0/24", grouped(GROUP + 1, GATEWAY_C));
     assert_eq!(tunnelled_to(&node, &ack(40000)), Some(GATEWAY));
     assert_eq!(tunnelled_to(&node, &syn(40001)), Some(GATEWAY_C));
@@ -145,7 +125,7 @@ fn a_flow_whose_gateway_left_the_candidates_moves() {
     }
     let mut node = pod_node_with(&[GATEWAY, GATEWAY_B]);
     assert_eq!(tunnelled_to(&node, &syn(40000)), Some(GATEWAY));
-    set_group(&mut node, GROUP + 1, &[GATEWAY_B]);
+    set_group(&mut node, GROUP + 1, &[GATEWAY_B], 0);
     node.policy(POD, "198.51.100.0/24", grouped(GROUP + 1, GATEWAY_B));
     assert_eq!(tunnelled_to(&node, &ack(40000)), Some(GATEWAY_B));
     assert_eq!(node.counter(reason::FLOW_FAILED_OVER), 1);
@@ -161,7 +141,7 @@ fn a_candidate_that_is_not_first_translates_failed_over_flows() {
     let request = packet(POD, 40000, DEST, 443, L4::Tcp { flags: SYN });
     let node_for = |own: Ipv4Addr, candidates: &[Ipv4Addr]| {
         let mut node = Node::new(own);
-        set_group(&mut node, GROUP, candidates);
+        set_group(&mut node, GROUP, candidates, 0);
         node.policy(
             POD,
             "198.51.100.0/24",

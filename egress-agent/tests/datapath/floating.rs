@@ -4,8 +4,7 @@
 //! changes.
 
 use egress_common::gateway::{
-    GATEWAY_DOWN, GROUP_POD_NODE_TRANSLATES, GatewayGroup, GatewayHealth, PortBlock, PortBlockKey,
-    PortBlockOwner,
+    GATEWAY_DOWN, GROUP_POD_NODE_TRANSLATES, PortBlock, PortBlockKey, PortBlockOwner,
 };
 
 use crate::support::*;
@@ -15,20 +14,6 @@ const GROUP: u32 = 9;
 /// The pod node's block: ports 2048-2111 of the egress IP.
 const BLOCK_FIRST: u16 = 2048;
 const BLOCK: u16 = (BLOCK_FIRST - NAT_MIN) / 64;
-
-fn set_group(node: &mut Node, candidates: &[Ipv4Addr]) {
-    let mut group = GatewayGroup {
-        flags: GROUP_POD_NODE_TRANSLATES,
-        ..GatewayGroup::default()
-    };
-    for (slot, ip) in group.candidates.iter_mut().zip(candidates) {
-        *slot = ip.octets();
-    }
-    group.count = candidates.len() as u32;
-    node.hash::<u32, GatewayGroup>(map_names::GATEWAY_GROUPS)
-        .insert(GROUP, group, 0)
-        .unwrap();
-}
 
 fn floating_value(pod_node: [u8; 4]) -> PolicyValue {
     PolicyValue {
@@ -45,7 +30,12 @@ fn pod_node_floating() -> Node {
     node.hash::<[u8; 4], NodeInfo>(map_names::NODES)
         .insert(GATEWAY_B.octets(), NodeInfo::default(), 0)
         .unwrap();
-    set_group(&mut node, &[GATEWAY, GATEWAY_B]);
+    set_group(
+        &mut node,
+        GROUP,
+        &[GATEWAY, GATEWAY_B],
+        GROUP_POD_NODE_TRANSLATES,
+    );
     node.policy(POD, "198.51.100.0/24", floating_value(POD_NODE.octets()));
     node.hash::<[u8; 4], PortBlock>(map_names::OWN_PORT_BLOCKS)
         .insert(
@@ -64,7 +54,12 @@ fn pod_node_floating() -> Node {
 /// A candidate gateway: the egress IP's gateway-side entry and the block table.
 fn gateway_floating(own: Ipv4Addr) -> Node {
     let mut node = Node::new(own);
-    set_group(&mut node, &[GATEWAY, GATEWAY_B]);
+    set_group(
+        &mut node,
+        GROUP,
+        &[GATEWAY, GATEWAY_B],
+        GROUP_POD_NODE_TRANSLATES,
+    );
     node.policy(EGRESS_IP, "198.51.100.0/24", floating_value([0; 4]));
     node.egress_ip(EGRESS_IP, EGRESS_IFINDEX);
     node.hash::<PortBlockKey, PortBlockOwner>(map_names::PORT_BLOCK_OWNERS)
@@ -234,16 +229,7 @@ fn a_flow_keeps_its_translation_when_its_gateway_changes() {
     }
     let mut node = pod_node_floating();
     let (_, before) = node.run(program_names::FROM_POD, &syn());
-    node.hash::<[u8; 4], GatewayHealth>(map_names::GATEWAY_HEALTH)
-        .insert(
-            GATEWAY.octets(),
-            GatewayHealth {
-                flags: GATEWAY_DOWN,
-                _pad: 0,
-            },
-            0,
-        )
-        .unwrap();
+    set_health(&mut node, GATEWAY, GATEWAY_DOWN);
     let ack = packet(POD, 40000, DEST, 443, L4::Tcp { flags: ACK });
     let (verdict, after) = node.run(program_names::FROM_POD, &ack);
     assert_eq!(verdict, TC_ACT_REDIRECT);

@@ -375,3 +375,31 @@ impl Random {
         self.next() % n
     }
 }
+
+// ---- gateway groups and health ----
+
+/// Writes group `id` with `candidates` (in order) and `flags` into the node's GATEWAY_GROUPS.
+pub(crate) fn set_group(node: &mut Node, id: u32, candidates: &[Ipv4Addr], flags: u32) {
+    let mut group = egress_common::gateway::GatewayGroup {
+        flags,
+        ..Default::default()
+    };
+    for (slot, ip) in group.candidates.iter_mut().zip(candidates) {
+        *slot = ip.octets();
+    }
+    group.count = candidates.len().min(egress_common::gateway::MAX_CANDIDATES) as u32;
+    node.hash::<u32, egress_common::gateway::GatewayGroup>(map_names::GATEWAY_GROUPS)
+        .insert(id, group, 0)
+        .unwrap();
+}
+
+/// Writes a gateway's health flags into the node's GATEWAY_HEALTH, as its prober would.
+pub(crate) fn set_health(node: &mut Node, ip: Ipv4Addr, flags: u32) {
+    node.hash::<[u8; 4], egress_common::gateway::GatewayHealth>(map_names::GATEWAY_HEALTH)
+        .insert(
+            ip.octets(),
+            egress_common::gateway::GatewayHealth { flags, _pad: 0 },
+            0,
+        )
+        .unwrap();
+}
