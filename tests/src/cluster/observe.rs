@@ -216,6 +216,24 @@ impl Cluster {
                         .egress()
                         .is_some_and(|egress| !egress.is_unspecified())
             })?;
+            // Agents start together: the pod's node may have judged the gateway down before
+            // its datapath answered probes. Usable once the prober says so (no verdict yet
+            // means usable too).
+            let series = format!(
+                "egress_gateway_gateway_healthy{{node=\"{}\"}}",
+                gateway_node.name
+            );
+            let usable = wait_until(timeout, || {
+                gateway_node.ip == pod_node_ip(self, pod)
+                    || self.agent_metric(&pod.node, &series) != Some(0.0)
+            });
+            if !usable {
+                bail!(
+                    "{}'s prober still finds {} down",
+                    pod.node,
+                    gateway_node.name
+                );
+            }
         }
         Ok(())
     }
@@ -299,4 +317,11 @@ pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
             let (name, value) = line.rsplit_once(' ')?;
             (name == series).then(|| value.parse().ok())?
         })
+}
+
+/// The underlay address of the node a pod runs on (unspecified when unknown).
+fn pod_node_ip(cluster: &Cluster, pod: &Pod) -> Ipv4Addr {
+    cluster
+        .node(&pod.node)
+        .map_or(Ipv4Addr::UNSPECIFIED, |node| node.ip)
 }
