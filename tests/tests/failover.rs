@@ -52,7 +52,13 @@ fn cluster_with_gateways(candidates: &[&str]) -> Cluster {
 /// Both gateways labelled egress-node=true, policy `app` (app=my-app, `interface: eth1`),
 /// my-app on worker-1 served through A; capture running.
 fn two_candidates() -> (Cluster, Pod) {
-    let mut cluster = cluster_with_gateways(&[GATEWAY_A, GATEWAY_B]);
+    served_by(&[GATEWAY_A, GATEWAY_B], EGRESS_A)
+}
+
+/// `candidates` labelled egress-node=true, policy `app` (app=my-app, `interface: eth1`),
+/// my-app on worker-1 served with `egress_ip`; capture running.
+fn served_by(candidates: &[&str], egress_ip: Ipv4Addr) -> (Cluster, Pod) {
+    let mut cluster = cluster_with_gateways(candidates);
     SimplePolicy::new(
         "app",
         &[("app", "my-app")],
@@ -66,7 +72,7 @@ fn two_candidates() -> (Cluster, Pod) {
         .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
         .unwrap();
     cluster.start_all_agents().unwrap();
-    wait_until_served(&cluster, &pod, EGRESS_A);
+    wait_until_served(&cluster, &pod, egress_ip);
     cluster.start_capture().unwrap();
     (cluster, pod)
 }
@@ -520,22 +526,7 @@ fn with_three_egress_gateways_only_the_failed_ones_pods_move() {
 fn a_gateway_joining_moves_no_established_flow() {
     skip_unless_root!();
     // Only B is a candidate at first.
-    let mut cluster = cluster_with_gateways(&[GATEWAY_B]);
-    SimplePolicy::new(
-        "app",
-        &[("app", "my-app")],
-        &["198.51.100.0/24"],
-        &[("egress-node", "true")],
-        EgressSource::Interface("eth1".into()),
-    )
-    .apply(&cluster)
-    .unwrap();
-    let pod = cluster
-        .add_pod("k8s-worker-1", "default", "my-app", &[("app", "my-app")])
-        .unwrap();
-    cluster.start_all_agents().unwrap();
-    wait_until_served(&cluster, &pod, EGRESS_B);
-    cluster.start_capture().unwrap();
+    let (mut cluster, pod) = served_by(&[GATEWAY_B], EGRESS_B);
     let flow = cluster
         .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
         .unwrap();
