@@ -17,7 +17,7 @@ use egress_common::{
 use crate::{
     drop, hand_expiring_to_kernel,
     maps::{EGRESS_IPS, NAT_FORWARD, NAT_REVERSE, OWN_PORT_BLOCKS, PORT_BLOCK_OWNERS},
-    nat::{self, PortRange, Translation},
+    nat::{self, PortRange},
     packet::{End, Packet, clamp_mss, decrement_ttl, rewrite},
     redirect_neigh, tunnel_to,
 };
@@ -73,25 +73,11 @@ pub(crate) fn translate_and_send(
     if packet.later_fragment && unsafe { NAT_FORWARD.get(&packet.flow) }.is_none() {
         return drop(reason::DROP_FRAGMENT_UNKNOWN, packet);
     }
-    let (translation, new_flow) =
-        match nat::translate(ctx, packet, policy.egress_ip, config.node_ip, ports, now) {
-            Translation::Existing(t) => (t, false),
-            Translation::New(t) => (t, true),
-            Translation::Exhausted => return drop(reason::DROP_NAT_EXHAUSTED, packet),
-            Translation::TableFull => return drop(reason::DROP_FLOW_TABLE_FULL, packet),
-            Translation::Error => return drop(reason::DROP_ERROR, packet),
+    let new_flow =
+        match nat::translate_source(ctx, packet, policy.egress_ip, config.node_ip, ports, now) {
+            Ok(new_flow) => new_flow,
+            Err(verdict) => return verdict,
         };
-    if rewrite(
-        ctx,
-        packet,
-        End::Source,
-        translation.nat_ip,
-        translation.nat_port,
-    )
-    .is_err()
-    {
-        return drop(reason::DROP_ERROR, packet);
-    }
     // Replies may come through the tunnel whichever node holds the egress IP: clamp even
     // when this node sends the flow out itself.
     if clamp_mss(ctx, packet, config.tunnel_mss).is_err() {

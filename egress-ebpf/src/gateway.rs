@@ -42,8 +42,9 @@ fn usable(gateway: Ipv4, new_flow: bool) -> bool {
     flags & GATEWAY_DOWN == 0 && (!new_flow || flags & GATEWAY_DRAINING == 0)
 }
 
+/// The entry's group, looked up once per packet and handed to the checks below.
 #[inline(always)]
-fn group_of(policy: &PolicyValue) -> Option<&'static GatewayGroup> {
+pub(crate) fn group_of(policy: &PolicyValue) -> Option<&'static GatewayGroup> {
     if policy.gateway_group == 0 {
         return None;
     }
@@ -70,8 +71,12 @@ fn in_group(group: &GatewayGroup, gateway: Ipv4) -> bool {
 /// when no candidate is usable (the packet is dropped, never sent with the node's own IP).
 /// An entry without a group (or whose group is missing) has only its `gateway_ip`.
 #[inline(always)]
-pub(crate) fn choose(policy: &PolicyValue, pinned: Option<Ipv4>) -> Option<Ipv4> {
-    let Some(group) = group_of(policy) else {
+pub(crate) fn choose(
+    policy: &PolicyValue,
+    group: Option<&GatewayGroup>,
+    pinned: Option<Ipv4>,
+) -> Option<Ipv4> {
+    let Some(group) = group else {
         return (policy.gateway_ip != GATEWAY_NONE).then_some(policy.gateway_ip);
     };
     if let Some(pinned) = pinned
@@ -96,15 +101,15 @@ pub(crate) fn choose(policy: &PolicyValue, pinned: Option<Ipv4>) -> Option<Ipv4>
 
 /// Whether the entry's pod node translates (a floating egress IP): its group says so.
 #[inline(always)]
-pub(crate) fn pod_node_translates(policy: &PolicyValue) -> bool {
-    group_of(policy).is_some_and(|group| group.flags & GROUP_POD_NODE_TRANSLATES != 0)
+pub(crate) fn pod_node_translates(group: Option<&GatewayGroup>) -> bool {
+    group.is_some_and(|group| group.flags & GROUP_POD_NODE_TRANSLATES != 0)
 }
 
 /// Whether this node may translate the entry's traffic: it is the entry's gateway, or one
 /// of its group's candidates (a flow failed over to it).
 #[inline(always)]
-pub(crate) fn serves(policy: &PolicyValue, node_ip: Ipv4) -> bool {
-    policy.gateway_ip == node_ip || group_of(policy).is_some_and(|group| in_group(group, node_ip))
+pub(crate) fn serves(policy: &PolicyValue, group: Option<&GatewayGroup>, node_ip: Ipv4) -> bool {
+    policy.gateway_ip == node_ip || group.is_some_and(|group| in_group(group, node_ip))
 }
 
 #[inline(always)]

@@ -55,7 +55,7 @@ use crate::{
         CLUSTER_CIDRS, EGRESS_IPS, EGRESS_POLICIES, INBOUND_FLOWS, LOCAL_PODS, NAT_FORWARD,
         NAT_REVERSE, NODES, STEERED_FLOWS, config, count,
     },
-    nat::{PortRange, Translation},
+    nat::PortRange,
     packet::{
         End, Packet, clamp_mss, decrement_ttl, parse, quoted_packet, rewrite, rewrite_icmp_error,
     },
@@ -145,13 +145,14 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
     if !packet.translatable {
         return drop(untranslatable(&packet), &packet);
     }
+    let group = gateway::group_of(&policy);
     let now = now();
     let gateway;
     if let Some(steered) = STEERED_FLOWS.get_ptr_mut(&packet.flow) {
         // SAFETY: valid for this run; last_seen and flags are advisory, and the gateway
         // is rewritten only when the flow must move.
         unsafe {
-            let Some(chosen) = gateway::choose(&policy, Some((*steered).gateway_ip)) else {
+            let Some(chosen) = gateway::choose(&policy, group, Some((*steered).gateway_ip)) else {
                 return drop(reason::DROP_NO_GATEWAY, &packet);
             };
             if chosen != (*steered).gateway_ip {
@@ -197,7 +198,7 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
             count(reason::PASS_EXISTING_FLOW, packet.len);
             return PASS;
         }
-        let Some(chosen) = gateway::choose(&policy, None) else {
+        let Some(chosen) = gateway::choose(&policy, group, None) else {
             return drop(reason::DROP_NO_GATEWAY, &packet);
         };
         gateway = chosen;
@@ -211,7 +212,7 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
             return drop(reason::DROP_FLOW_TABLE_FULL, &packet);
         }
     }
-    if gateway::pod_node_translates(&policy) {
+    if gateway::pod_node_translates(group) {
         // A floating egress IP: this node translates, the gateway forwards.
         return floating::translate_and_send(&mut ctx, &packet, &policy, gateway, config, now);
     }
@@ -331,14 +332,15 @@ fn gateway_request(
         return drop(reason::DROP_NOT_ALLOWED, packet);
     };
     let policy = *policy;
-    if !gateway::serves(&policy, config.node_ip) {
+    let group = gateway::group_of(&policy);
+    if !gateway::serves(&policy, group, config.node_ip) {
         return drop(reason::DROP_NOT_ALLOWED, packet);
     }
     if policy.pod_node_ip == [0; 4] && policy.egress_ip == packet.flow.src_ip {
         // Translated by the pod's node to a floating egress IP: forwarded, not translated.
         return floating::forward(ctx, packet, &policy, remote, config);
     }
-    if policy.pod_node_ip != remote || gateway::pod_node_translates(&policy) {
+    if policy.pod_node_ip != remote || gateway::pod_node_translates(group) {
         // Not that node's pod; or a floating egress IP's flow its node did not translate
         // (an old agent there, a group missing): no gateway translates those, since its
         // ports would not lie in that node's block.
@@ -443,7 +445,7 @@ fn snat_and_send(
     if packet.later_fragment && unsafe { NAT_FORWARD.get(&packet.flow) }.is_none() {
         return drop(reason::DROP_FRAGMENT_UNKNOWN, packet);
     }
-    let (translation, verdict) = match nat::translate(
+    let verdict = match nat::translate_source(
         ctx,
         packet,
         policy.egress_ip,
@@ -451,22 +453,11 @@ fn snat_and_send(
         PortRange::of(config),
         now,
     ) {
-        Translation::Existing(t) => (t, reason::SNAT_EXISTING_FLOW),
-        Translation::New(t) => (t, reason::SNAT_NEW_FLOW),
-        Translation::Exhausted => return drop(reason::DROP_NAT_EXHAUSTED, packet),
-        Translation::TableFull => return drop(reason::DROP_FLOW_TABLE_FULL, packet),
-        Translation::Error => return drop(reason::DROP_ERROR, packet),
+        Ok(true) => reason::SNAT_NEW_FLOW,
+        Ok(false) => reason::SNAT_EXISTING_FLOW,
+        Err(verdict) => return verdict,
     };
-    if rewrite(
-        ctx,
-        packet,
-        End::Source,
-        translation.nat_ip,
-        translation.nat_port,
-    )
-    .is_err()
-        || decrement_ttl(ctx, packet).is_err()
-    {
+    if decrement_ttl(ctx, packet).is_err() {
         return drop(reason::DROP_ERROR, packet);
     }
     redirect_neigh(packet, ifindex, verdict)

@@ -19,8 +19,9 @@ use egress_common::{
 };
 
 use crate::{
+    drop,
     maps::{NAT_FORWARD, NAT_REVERSE, count},
-    packet::Packet,
+    packet::{End, Packet, rewrite},
 };
 
 pub(crate) enum Translation {
@@ -56,6 +57,36 @@ impl PortRange {
             binding: false,
         }
     }
+}
+
+/// Translates the packet's source: finds or makes its flow's translation (see
+/// [`translate`]) and rewrites the packet to it. `Ok(true)` for a new flow; `Err` is the
+/// drop verdict, counted.
+#[inline(always)]
+pub(crate) fn translate_source(
+    ctx: &mut TcContext,
+    packet: &Packet,
+    egress_ip: Ipv4,
+    pod_node_ip: Ipv4,
+    ports: PortRange,
+    now: u64,
+) -> Result<bool, i32> {
+    let (translation, new_flow) = match translate(ctx, packet, egress_ip, pod_node_ip, ports, now) {
+        Translation::Existing(t) => (t, false),
+        Translation::New(t) => (t, true),
+        Translation::Exhausted => return Err(drop(reason::DROP_NAT_EXHAUSTED, packet)),
+        Translation::TableFull => return Err(drop(reason::DROP_FLOW_TABLE_FULL, packet)),
+        Translation::Error => return Err(drop(reason::DROP_ERROR, packet)),
+    };
+    rewrite(
+        ctx,
+        packet,
+        End::Source,
+        translation.nat_ip,
+        translation.nat_port,
+    )
+    .map_err(|_| drop(reason::DROP_ERROR, packet))?;
+    Ok(new_flow)
 }
 
 /// Returns the translation of `flow` (as the pod sent it) to `egress_ip`, allocating a port
