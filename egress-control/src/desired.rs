@@ -28,6 +28,19 @@ pub struct LocalNetwork {
     pub default_route_ifindex: Option<u32>,
 }
 
+impl LocalNetwork {
+    /// The interface of the default route (where an egress without `interface` leaves).
+    pub(crate) fn default_route_interface(&self) -> Result<&LocalInterface, PolicyProblem> {
+        let ifindex = self
+            .default_route_ifindex
+            .ok_or(PolicyProblem::NoDefaultRoute)?;
+        self.interfaces
+            .iter()
+            .find(|i| i.ifindex == ifindex)
+            .ok_or(PolicyProblem::DefaultRouteInterfaceNotFound(ifindex))
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LocalInterface {
     pub name: String,
@@ -741,17 +754,7 @@ fn resolve_egress(
         EgressSource::Floating { ip, interface } => {
             floating::holding_interface(interface.as_deref(), local).map(|i| (*ip, i.ifindex))
         }
-        EgressSource::DefaultRoute => {
-            let ifindex = local
-                .default_route_ifindex
-                .ok_or(PolicyProblem::NoDefaultRoute)?;
-            local
-                .interfaces
-                .iter()
-                .find(|i| i.ifindex == ifindex)
-                .ok_or(PolicyProblem::DefaultRouteInterfaceNotFound(ifindex))
-                .and_then(first_ip)
-        }
+        EgressSource::DefaultRoute => local.default_route_interface().and_then(first_ip),
     }
 }
 

@@ -168,14 +168,7 @@ pub(crate) fn holding_interface<'l>(
             .find(|i| i.name == name)
             .ok_or_else(|| PolicyProblem::InterfaceNotFound(name.to_owned()))?
     } else {
-        let ifindex = local
-            .default_route_ifindex
-            .ok_or(PolicyProblem::NoDefaultRoute)?;
-        local
-            .interfaces
-            .iter()
-            .find(|i| i.ifindex == ifindex)
-            .ok_or(PolicyProblem::DefaultRouteInterfaceNotFound(ifindex))?
+        local.default_route_interface()?
     };
     if found.up {
         Ok(found)
