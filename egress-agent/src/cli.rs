@@ -11,7 +11,7 @@ use egress_common::{
 use tracing_subscriber::EnvFilter;
 
 use crate::{
-    config::{AgentConfig, PortRange, SourceConfig},
+    config::{AgentConfig, PortRange, ProbeResponder, SourceConfig},
     datapath::{DEFAULT_BPFFS, MapSizes, Timeouts},
     health::ProbeSettings,
     inspect::{self, Output},
@@ -204,6 +204,11 @@ pub struct RunArgs {
     /// next candidate: detection takes about interval x multiplier.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     probe_multiplier: u32,
+    /// What answers health probes on a gateway candidate: `xdp`, on the underlay interface
+    /// before decapsulation (driver mode; attaching XDP may briefly reset some NICs), or
+    /// `tc`, the tunnel's TC program.
+    #[arg(long, value_enum, default_value_t = ProbeResponder::Xdp)]
+    probe_responder: ProbeResponder,
 }
 
 impl RunArgs {
@@ -241,6 +246,7 @@ impl RunArgs {
                 interval: Duration::from_millis(self.probe_interval_ms),
                 multiplier: self.probe_multiplier,
             },
+            probe_responder: self.probe_responder,
             timeouts: Timeouts {
                 tcp_closing: Duration::from_secs(self.tcp_closing_timeout),
                 tcp_half_closed: Duration::from_secs(self.tcp_half_closed_timeout),

@@ -44,6 +44,18 @@ pub struct AgentConfig {
     pub timeouts: Timeouts,
     /// Gateway health probes.
     pub probes: ProbeSettings,
+    /// What answers the probes on a gateway candidate.
+    pub probe_responder: ProbeResponder,
+}
+
+/// What answers health probes on a gateway candidate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeResponder {
+    /// XDP in driver mode on the underlay interface, before decapsulation (where the driver
+    /// or another XDP program refuses it, the TC program answers).
+    Xdp,
+    /// The `from_tunnel` TC program, after the kernel's VXLAN decapsulation.
+    Tc,
 }
 
 #[derive(Debug, Error)]

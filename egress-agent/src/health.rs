@@ -24,7 +24,7 @@ use egress_common::{
     config::VNI_TO_GATEWAY,
     gateway::{
         GATEWAY_DOWN, GATEWAY_DRAINING, GatewayHealth, PROBE_MAGIC, PROBE_PORT, PROBE_REQUEST,
-        ProbeReply,
+        PROBE_VIA_ANY, PROBE_VIA_TC, ProbeReply,
     },
     map_names,
 };
@@ -108,12 +108,20 @@ struct Peer {
     /// What the last reply said about the gateway itself.
     not_serving: bool,
     down: Option<Cause>,
+    /// The probe asked of the TC program because the one before it went unanswered: if it
+    /// is answered, the XDP responder's answers are the ones being lost.
+    tc_after_loss: Option<u64>,
+    /// Probes still to ask of the TC program alone.
+    tc_only_left: u32,
 }
 
 /// The verdicts, from probes sent and replies seen: pure, so it is unit-tested.
 #[derive(Debug)]
 pub struct Judge {
     multiplier: u64,
+    /// Times a probe asked of the TC program was answered right after a lost one: the XDP
+    /// responder's way back loses answers (or an answer was lost by chance).
+    fallbacks: u64,
     /// Where a new peer's sequence numbers start: a reply left in `PROBE_REPLIES` by an
     /// earlier agent (or an earlier life of the peer) must never pass for a new one.
     seq_base: u64,
@@ -133,6 +141,7 @@ impl Judge {
     pub fn new(multiplier: u32, seq_base: u64) -> Judge {
         Judge {
             multiplier: u64::from(multiplier.max(1)),
+            fallbacks: 0,
             seq_base,
             peers: BTreeMap::new(),
         }
@@ -150,17 +159,38 @@ impl Judge {
                 heard: false,
                 not_serving: false,
                 down: down_before.then_some(Cause::Unanswered),
+                tc_after_loss: None,
+                tc_only_left: 0,
             });
             kept.insert(ip, peer);
         }
         self.peers = kept;
     }
 
-    /// The sequence number of the next probe to `ip`.
-    pub fn next_probe(&mut self, ip: Ipv4Addr) -> u64 {
+    /// The sequence number of the next probe to `ip`, and who may answer it
+    /// (`Probe::path`). After a lost probe the next one asks for the TC program: an XDP
+    /// responder whose answers get lost on their way back (a driver that drops XDP_TX) never
+    /// makes a live gateway look dead; when the TC program's answer then arrives, the next
+    /// `TC_ONLY_PROBES` probes ask for it too, and then XDP is tried again.
+    pub fn next_probe(&mut self, ip: Ipv4Addr) -> (u64, u8) {
         let peer = self.peers.entry(ip).or_default();
+        let previous_lost = peer.heard && peer.answered < peer.sent;
         peer.sent += 1;
-        peer.sent
+        let path = if peer.tc_only_left > 0 {
+            peer.tc_only_left -= 1;
+            PROBE_VIA_TC
+        } else if previous_lost {
+            peer.tc_after_loss = Some(peer.sent);
+            PROBE_VIA_TC
+        } else {
+            PROBE_VIA_ANY
+        };
+        (peer.sent, path)
+    }
+
+    /// How often a TC-asked probe was answered right after a lost one.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks
     }
 
     /// A reply from `ip` to probe `seq`; `serving` is what the gateway said of itself.
@@ -175,6 +205,10 @@ impl Judge {
         peer.answered = seq;
         peer.heard = true;
         peer.not_serving = !serving;
+        if peer.tc_after_loss.take() == Some(seq) {
+            peer.tc_only_left = TC_ONLY_PROBES;
+            self.fallbacks += 1;
+        }
         true
     }
 
@@ -217,6 +251,10 @@ impl Judge {
     }
 }
 
+/// Probes asked of the TC program alone once it answered where an earlier probe got no
+/// answer (30 s at the default interval).
+const TC_ONLY_PROBES: u32 = 600;
+
 /// The datapath's flags for a gateway.
 pub fn health_flags(down: bool, draining: bool) -> u32 {
     (if down { GATEWAY_DOWN } else { 0 }) | (if draining { GATEWAY_DRAINING } else { 0 })
@@ -225,7 +263,7 @@ pub fn health_flags(down: bool, draining: bool) -> u32 {
 /// VXLAN header + Ethernet + IPv4 + UDP + probe: what the prober sends to the gateway's
 /// VXLAN port, so the probe arrives as the pods' traffic does, decapsulated by the
 /// gateway's tunnel device and seen by its `from_tunnel` program.
-pub fn probe_frame(from: Ipv4Addr, to: Ipv4Addr, seq: u64, sent_ns: u64) -> Vec<u8> {
+pub fn probe_frame(from: Ipv4Addr, to: Ipv4Addr, seq: u64, sent_ns: u64, path: u8) -> Vec<u8> {
     const PAYLOAD: usize = 32;
     let mut frame = Vec::with_capacity(8 + 14 + 20 + 8 + PAYLOAD);
     // VXLAN: flags (VNI valid), reserved, VNI (24 bits), reserved.
@@ -250,7 +288,7 @@ pub fn probe_frame(from: Ipv4Addr, to: Ipv4Addr, seq: u64, sent_ns: u64) -> Vec<
     frame.extend_from_slice(&[0, 0]);
     // The probe, in this host's byte order (only this host reads seq and sent_ns back).
     frame.extend_from_slice(&PROBE_MAGIC);
-    frame.extend_from_slice(&[PROBE_REQUEST, 0, 0, 0]);
+    frame.extend_from_slice(&[PROBE_REQUEST, path, 0, 0]);
     frame.extend_from_slice(&[0; 8]);
     frame.extend_from_slice(&seq.to_ne_bytes());
     frame.extend_from_slice(&sent_ns.to_ne_bytes());
@@ -277,6 +315,8 @@ pub struct HealthMetrics {
     pub failovers: Family<Vec<(&'static str, String)>, Counter>,
     /// Probe round trips, in seconds.
     pub rtt: Histogram,
+    /// `Judge::fallbacks`.
+    pub fallbacks: Counter,
 }
 
 impl Default for HealthMetrics {
@@ -286,6 +326,7 @@ impl Default for HealthMetrics {
             failovers: Family::default(),
             // 50 µs .. 3.3 s
             rtt: Histogram::new(exponential_buckets(0.00005, 2.0, 17)),
+            fallbacks: Counter::default(),
         }
     }
 }
@@ -429,6 +470,11 @@ impl Prober {
                 self.metrics.rtt.observe(rtt as f64 / 1e9);
             }
         }
+        let fallbacks = self.judge.fallbacks();
+        let counted = self.metrics.fallbacks.get();
+        if fallbacks > counted {
+            self.metrics.fallbacks.inc_by(fallbacks - counted);
+        }
         for (ip, change) in self.judge.judge() {
             let node = targets
                 .gateways
@@ -567,8 +613,8 @@ impl Prober {
             return Ok(());
         };
         for ip in targets.gateways.keys() {
-            let seq = self.judge.next_probe(*ip);
-            let frame = probe_frame(node_ip, *ip, seq, monotonic_now_ns());
+            let (seq, path) = self.judge.next_probe(*ip);
+            let frame = probe_frame(node_ip, *ip, seq, monotonic_now_ns(), path);
             // A full socket buffer or an unreachable gateway is a lost probe: that is what
             // the judge counts.
             if let Err(error) = socket.send_to(&frame, SocketAddrV4::new(*ip, self.tunnel_port)) {
@@ -586,7 +632,7 @@ mod tests {
     const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
 
     fn round(judge: &mut Judge, answered: bool) -> Vec<(Ipv4Addr, Change)> {
-        let seq = judge.next_probe(GW);
+        let (seq, _) = judge.next_probe(GW);
         if answered {
             judge.replied(GW, seq, true);
         }
@@ -630,7 +676,7 @@ mod tests {
         judge.retain([(GW, true)]);
         assert!(!judge.replied(GW, 5, true), "an old agent's reply");
         assert!(!judge.has_answered(GW));
-        let seq = judge.next_probe(GW);
+        let (seq, _) = judge.next_probe(GW);
         assert_eq!(seq, 1_001);
         assert!(judge.replied(GW, seq, true));
         assert!(judge.has_answered(GW));
@@ -641,10 +687,10 @@ mod tests {
     fn a_gateway_that_says_it_cannot_serve_is_down() {
         let mut judge = Judge::new(3, 0);
         judge.retain([(GW, false)]);
-        let seq = judge.next_probe(GW);
+        let (seq, _) = judge.next_probe(GW);
         judge.replied(GW, seq, false);
         assert_eq!(judge.judge(), [(GW, Change::Down(Cause::NotServing))]);
-        let seq = judge.next_probe(GW);
+        let (seq, _) = judge.next_probe(GW);
         judge.replied(GW, seq, true);
         assert_eq!(judge.judge(), [(GW, Change::Up)]);
     }
@@ -656,7 +702,7 @@ mod tests {
         let mut judge = Judge::new(3, 0);
         judge.retain([(GW, true)]);
         assert!(judge.is_down(GW));
-        let seq = judge.next_probe(GW);
+        let (seq, _) = judge.next_probe(GW);
         assert!(judge.replied(GW, seq, true));
         assert!(!judge.replied(GW, seq, true), "the same reply twice");
         assert!(
@@ -668,10 +714,57 @@ mod tests {
         assert!(!judge.is_down(GW), "no longer probed");
     }
 
+    /// A responder whose answers are lost (XDP_TX dropped by the driver) while its TC
+    /// program answers: the probe after each loss asks for the TC program, so the gateway is
+    /// never down, and after a TC answer the TC program is asked for a while.
+    #[test]
+    fn lost_xdp_answers_fall_back_to_the_tc_program_and_no_live_gateway_goes_down() {
+        let mut judge = Judge::new(3, 0);
+        judge.retain([(GW, false)]);
+        assert!(round(&mut judge, true).is_empty());
+        let mut paths = Vec::new();
+        for _ in 0..20 {
+            let (seq, path) = judge.next_probe(GW);
+            paths.push(path);
+            // Only the TC program's answers arrive.
+            if path == PROBE_VIA_TC {
+                judge.replied(GW, seq, true);
+            }
+            assert!(judge.judge().is_empty(), "paths {paths:?}");
+        }
+        assert_eq!(&paths[..3], [PROBE_VIA_ANY, PROBE_VIA_TC, PROBE_VIA_TC]);
+        assert!(paths[1..].iter().all(|path| *path == PROBE_VIA_TC));
+        assert_eq!(judge.fallbacks(), 1);
+        // A dead gateway still goes down after `multiplier` probes: asking for the TC
+        // program delays nothing.
+        for _ in 0..2 {
+            assert!(round(&mut judge, false).is_empty());
+        }
+        assert_eq!(
+            round(&mut judge, false),
+            [(GW, Change::Down(Cause::Unanswered))]
+        );
+    }
+
+    /// Once the TC-only probes are spent, XDP is asked again.
+    #[test]
+    fn the_xdp_responder_is_asked_again_after_the_tc_only_probes() {
+        let mut judge = Judge::new(3, 0);
+        judge.retain([(GW, false)]);
+        assert!(round(&mut judge, true).is_empty());
+        assert!(round(&mut judge, false).is_empty());
+        for _ in 0..=TC_ONLY_PROBES {
+            let (seq, path) = judge.next_probe(GW);
+            assert_eq!(path, PROBE_VIA_TC);
+            judge.replied(GW, seq, true);
+        }
+        assert_eq!(judge.next_probe(GW).1, PROBE_VIA_ANY);
+    }
+
     #[test]
     fn probes_are_vxlan_frames_with_a_valid_inner_header() {
         let from = Ipv4Addr::new(10, 0, 0, 11);
-        let frame = probe_frame(from, GW, 7, 123);
+        let frame = probe_frame(from, GW, 7, 123, PROBE_VIA_TC);
         assert_eq!(frame.len(), 8 + 14 + 20 + 8 + 32);
         assert_eq!(&frame[..8], &[0x08, 0, 0, 0, 0xE6, 0x00, 0x01, 0]);
         let ip = &frame[22..42];
@@ -680,7 +773,7 @@ mod tests {
         assert_eq!(&ip[16..20], &GW.octets());
         let payload = &frame[50..];
         assert_eq!(&payload[..4], b"EGWP");
-        assert_eq!(payload[4], PROBE_REQUEST);
+        assert_eq!(payload[4..6], [PROBE_REQUEST, PROBE_VIA_TC]);
         assert_eq!(u64::from_ne_bytes(payload[16..24].try_into().unwrap()), 7);
     }
 

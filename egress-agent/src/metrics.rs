@@ -381,6 +381,12 @@ pub fn render(report: &Report, datapath: &DatapathSample, histograms: &Histogram
         "Round trips of the gateway health probes, through the tunnel",
         health.rtt.clone(),
     );
+    registry.register(
+        "probe_fallbacks",
+        "Probes answered by a gateway's TC program right after a lost one: the next probes to \
+         that gateway skip its XDP responder for 30 s (a driver dropping XDP_TX shows here)",
+        health.fallbacks.clone(),
+    );
 
     let mut text = String::new();
     prometheus_text::encode(&mut text, &registry).expect("writing to a String cannot fail");

@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     chain::Chain,
-    config::AgentConfig,
+    config::{AgentConfig, ProbeResponder},
     datapath::{Attachment, Datapath, Hook, MapContents, check_capacity},
     floating::FloatingTarget,
     health::{Target, Targets},
@@ -167,7 +167,7 @@ impl<'a> Reconciler<'a> {
             nat_port_min: config.nat_ports.min,
             nat_port_max: config.nat_ports.max,
             tunnel_mss: self.tunnel_mss,
-            reserved: 0,
+            tunnel_port: config.tunnel_port,
         };
         if self.written_config != Some(datapath_config) {
             if let Err(error) = datapath.write_config(datapath_config) {
@@ -186,7 +186,7 @@ impl<'a> Reconciler<'a> {
         self.say_policy_problems(&desired);
         let fit = desired.fit_policy_map(config.map_sizes.policies as usize);
         self.say_policy_map_fit(fit);
-        let (contents, attachments) = self.plan(&desired, network);
+        let (contents, attachments) = self.plan(&desired, network, node_ip);
         let unwired: BTreeSet<Ipv4Addr> = desired
             .local_pods
             .iter()
@@ -442,6 +442,7 @@ impl<'a> Reconciler<'a> {
         &self,
         desired: &DesiredState,
         network: &netlink::Snapshot,
+        node_ip: Ipv4Addr,
     ) -> (MapContents, BTreeSet<Attachment>) {
         let mut contents = MapContents {
             policies: desired
@@ -487,6 +488,21 @@ impl<'a> Reconciler<'a> {
         }
         for ifindex in desired.egress_ips.values() {
             attach(*ifindex, Hook::FromEgress);
+        }
+        // A gateway candidate is probed: its underlay interface (the one holding the node's
+        // address, where the probes arrive) answers them in XDP.
+        let candidate = desired
+            .gateway_groups
+            .values()
+            .any(|candidates| candidates.contains(&node_ip));
+        if candidate && self.config.probe_responder == ProbeResponder::Xdp {
+            let underlay = network
+                .links
+                .iter()
+                .find(|link| link.ipv4.contains(&node_ip));
+            if let Some(underlay) = underlay {
+                attach(underlay.index, Hook::ProbeResponder);
+            }
         }
         (contents, attachments)
     }

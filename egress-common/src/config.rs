@@ -36,8 +36,9 @@ pub struct DatapathConfig {
     /// TCP MSS that fits the tunnel (tunnel MTU - 40): SYNs entering the tunnel and SYN-ACKs
     /// leaving it are clamped to it, so large transfers need no fragmentation. 0 = no clamp.
     pub tunnel_mss: u16,
-    /// Reserved for IPv6 and gateway-failover settings; zero today.
-    pub reserved: u16,
+    /// UDP port of the agent's VXLAN device (host byte order): the probe responder on the
+    /// underlay answers only probes sent to it.
+    pub tunnel_port: u16,
 }
 
 assert_size!(DatapathConfig = 16);

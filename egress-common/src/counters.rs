@@ -97,6 +97,9 @@ pub mod reason {
         /// A gateway sent a reply to a floating egress IP on to the node owning its port's
         /// block.
         REPLY_TO_BLOCK_OWNER = 26 => "reply_to_block_owner",
+        /// A gateway answered a health probe in XDP, on its underlay interface, before
+        /// decapsulation (the cheap way; `probe_answered` counts the TC program's answers).
+        PROBE_ANSWERED_XDP = 27 => "probe_answered_xdp",
     }
 
     /// Capacity of the `COUNTERS` map.

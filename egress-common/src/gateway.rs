@@ -94,6 +94,16 @@ pub const PROBE_MAGIC: [u8; 4] = *b"EGWP";
 pub const PROBE_REQUEST: u8 = 1;
 pub const PROBE_REPLY: u8 = 2;
 
+/// `Probe::path` of a request: any responder may answer (XDP on the gateway's underlay
+/// interface, or else its TC program).
+pub const PROBE_VIA_ANY: u8 = 0;
+/// `Probe::path`: in a request, only the TC program may answer (the prober lost an answer
+/// and does not trust the XDP responder's way back for a while); in a reply, the TC program
+/// answered.
+pub const PROBE_VIA_TC: u8 = 1;
+/// `Probe::path` of a reply: the XDP responder answered.
+pub const PROBE_VIA_XDP: u8 = 2;
+
 /// A probe's UDP payload. The gateway's datapath answers it (never its agent, so a busy or
 /// restarting agent is not a dead gateway): it turns the request around with its own
 /// `GATEWAY_HEALTH` flags and echoes `seq` and `sent_ns`, which only the prober reads (in
@@ -103,7 +113,9 @@ pub const PROBE_REPLY: u8 = 2;
 pub struct Probe {
     pub magic: [u8; 4],
     pub kind: u8,
-    pub _pad: [u8; 3],
+    /// `PROBE_VIA_*`: who may answer (request), who answered (reply).
+    pub path: u8,
+    pub _pad: [u8; 2],
     /// In a reply: the gateway's own `GatewayHealth::flags`.
     pub flags: u32,
     pub _pad2: u32,

@@ -101,6 +101,9 @@ pub mod program_names {
     pub const FROM_TUNNEL: &str = "from_tunnel";
     /// Ingress of an interface holding an egress IP: replies to `SNATed` flows.
     pub const FROM_EGRESS: &str = "from_egress";
+    /// XDP on the underlay interface of a gateway candidate: answers health probes before
+    /// decapsulation, passes every other packet.
+    pub const PROBE_RESPONDER: &str = "probe_responder";
     /// Test-only twin of `FROM_TUNNEL` that reads the outer source from `skb->cb[0]`, because
     /// `BPF_PROG_TEST_RUN` cannot attach tunnel metadata. The agent never attaches it.
     pub const TEST_FROM_TUNNEL: &str = "test_from_tunnel";

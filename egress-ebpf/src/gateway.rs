@@ -15,7 +15,7 @@ use egress_common::{
     flow::PROTO_UDP,
     gateway::{
         GATEWAY_DOWN, GATEWAY_DRAINING, GROUP_POD_NODE_TRANSLATES, GatewayGroup, MAX_CANDIDATES,
-        PROBE_MAGIC, PROBE_PORT, PROBE_REPLY, PROBE_REQUEST, Probe, ProbeReply,
+        PROBE_MAGIC, PROBE_PORT, PROBE_REPLY, PROBE_REQUEST, PROBE_VIA_TC, Probe, ProbeReply,
     },
     policy::{GATEWAY_NONE, PolicyValue},
 };
@@ -150,7 +150,9 @@ pub(crate) fn answer(
     // Swapping the addresses keeps the IPv4 checksum; the UDP checksum is 0 (none).
     let answered = ctx.store(IP_SRC, &config.node_ip, 0).is_ok()
         && ctx.store(IP_DST, &remote, 0).is_ok()
-        && ctx.store(payload + 4, &PROBE_REPLY, 0).is_ok()
+        && ctx
+            .store(payload + 4, &[PROBE_REPLY, PROBE_VIA_TC], 0)
+            .is_ok()
         && ctx.store(payload + 8, &flags, 0).is_ok();
     if !answered {
         count(reason::DROP_ERROR, packet.len);

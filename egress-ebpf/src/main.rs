@@ -9,6 +9,8 @@
 //!   requests; on a pod's node, delivers replies to the pod.
 //! - `from_egress` (ingress of an interface holding an egress IP): reverse-SNAT of replies,
 //!   which go back through the tunnel to the pod's node.
+//! - `probe_responder` (XDP on a gateway candidate's underlay interface): answers health
+//!   probes before decapsulation; every other packet passes.
 //!
 //! Every packet the datapath does not own gets `TC_ACT_UNSPEC` (TCX "next"), so programs of
 //! other tools on the same hooks (a CNI's) still run.
@@ -28,6 +30,7 @@ mod gateway;
 mod maps;
 mod nat;
 mod packet;
+mod probe_responder;
 // Programs for BPF_PROG_TEST_RUN only: not in the object the agent ships.
 #[cfg(feature = "test-programs")]
 mod test_programs;

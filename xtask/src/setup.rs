@@ -54,6 +54,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     "curl",
     "iproute2",
+    "ethtool",
     "iputils-ping",
     "traceroute",
     "g++",

@@ -461,7 +461,7 @@ impl BenchNode {
                 nat_port_max: 32767,
                 // As the agent sets it for a 1450-byte tunnel.
                 tunnel_mss: 1410,
-                reserved: 0,
+                tunnel_port: egress_common::config::DEFAULT_TUNNEL_PORT,
             },
             0,
         )?;

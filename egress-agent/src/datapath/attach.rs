@@ -1,5 +1,5 @@
-//! TCX attachments: which program goes on which interface, pinned so they outlive the agent,
-//! and swapped atomically for the new program when an agent restarts.
+//! TCX and XDP attachments: which program goes on which interface, pinned so they outlive
+//! the agent, and swapped atomically for the new program when an agent restarts.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,14 +9,16 @@ use std::{
 };
 
 use aya::programs::{
-    LinkOrder, TcAttachType,
+    LinkOrder, TcAttachType, XdpMode,
     links::{FdLink, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
+    xdp::XdpLink,
 };
 use egress_common::program_names;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use super::{Datapath, DatapathError, PinError, Result, program_mut};
+use super::{Datapath, DatapathError, PinError, Result, program_mut, xdp_mut};
+use crate::chain::Chain;
 
 /// Where a program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -29,14 +31,17 @@ pub enum Hook {
     FromTunnel,
     /// Ingress of an interface holding an egress IP.
     FromEgress,
+    /// XDP (driver mode) on a gateway candidate's underlay interface.
+    ProbeResponder,
 }
 
 impl Hook {
-    pub(super) const ALL: [Hook; 4] = [
+    pub(super) const ALL: [Hook; 5] = [
         Hook::FromPod,
         Hook::ToPod,
         Hook::FromTunnel,
         Hook::FromEgress,
+        Hook::ProbeResponder,
     ];
 
     pub fn program(self) -> &'static str {
@@ -45,7 +50,13 @@ impl Hook {
             Hook::ToPod => program_names::TO_POD,
             Hook::FromTunnel => program_names::FROM_TUNNEL,
             Hook::FromEgress => program_names::FROM_EGRESS,
+            Hook::ProbeResponder => program_names::PROBE_RESPONDER,
         }
+    }
+
+    /// An XDP program (the others are TC programs).
+    pub(super) fn is_xdp(self) -> bool {
+        self == Hook::ProbeResponder
     }
 
     pub(super) fn attach_type(self) -> TcAttachType {
@@ -103,7 +114,9 @@ impl Datapath {
     /// Attaches exactly the wanted programs: new attachments are made and pinned, pinned
     /// ones from an earlier agent get this agent's program (atomically, through the link),
     /// and attachments no longer wanted are removed. Errors for one interface do not stop
-    /// the others.
+    /// the others. The probe responder is optional: where its XDP attachment is refused
+    /// (a driver without XDP, another XDP program there), the TC program answers the probes;
+    /// that is said once and not retried while the interface stays.
     pub fn sync_attachments(&mut self, desired: &BTreeSet<Attachment>) -> Vec<DatapathError> {
         let mut errors = Vec::new();
         let pinned = match self.pinned_attachments() {
@@ -122,8 +135,9 @@ impl Datapath {
                 self.refreshed.remove(attachment);
             }
         }
+        self.xdp_refused.retain(|refused| desired.contains(refused));
         for attachment in desired {
-            if self.refreshed.contains(attachment) {
+            if self.refreshed.contains(attachment) || self.xdp_refused.contains(attachment) {
                 continue;
             }
             let result = match pinned.get(attachment) {
@@ -133,6 +147,15 @@ impl Datapath {
             match result {
                 Ok(()) => {
                     self.refreshed.insert(attachment.clone());
+                }
+                Err(error) if attachment.hook.is_xdp() => {
+                    warn!(
+                        ifname = attachment.ifname,
+                        error = %Chain(&error),
+                        "the XDP probe responder cannot be attached; the TC program answers \
+                         this gateway's health probes instead (at a higher cost per probe)"
+                    );
+                    self.xdp_refused.insert(attachment.clone());
                 }
                 Err(error) => errors.push(error),
             }
@@ -157,6 +180,30 @@ impl Datapath {
 
     fn attach(&mut self, attachment: &Attachment) -> Result<()> {
         let path = self.pins.links_dir().join(attachment.pin_name());
+        let attach_err = |source| DatapathError::Attach {
+            hook: attachment.hook,
+            ifname: attachment.ifname.clone(),
+            ifindex: attachment.ifindex,
+            source,
+        };
+        let link = if attachment.hook.is_xdp() {
+            // Driver mode only: generic (skb) XDP would cost every packet of the node more
+            // than the probes it saves. No bpf_link (a kernel before 5.9) cannot be pinned.
+            let program = xdp_mut(&mut self.ebpf, attachment.hook.program())?;
+            let link_id = program
+                .attach_to_if_index(attachment.ifindex, XdpMode::Driver)
+                .map_err(attach_err)?;
+            let link = program.take_link(link_id).map_err(attach_err)?;
+            FdLink::try_from(link).map_err(|error| link_error(&path, error))?
+        } else {
+            self.attach_tc(attachment, &path)?
+        };
+        link.pin(&path).map_err(|error| link_error(&path, error))?;
+        info!(ifname = attachment.ifname, hook = %attachment.hook, "attached");
+        Ok(())
+    }
+
+    fn attach_tc(&mut self, attachment: &Attachment, path: &PathBuf) -> Result<FdLink> {
         let program = program_mut(&mut self.ebpf, attachment.hook.program())?;
         let attach_err = |source| DatapathError::Attach {
             hook: attachment.hook,
@@ -172,27 +219,31 @@ impl Datapath {
             )
             .map_err(attach_err)?;
         let link = program.take_link(link_id).map_err(attach_err)?;
-        let link = FdLink::try_from(link).map_err(|error| link_error(&path, error))?;
-        link.pin(&path).map_err(|error| link_error(&path, error))?;
-        info!(ifname = attachment.ifname, hook = %attachment.hook, "attached");
-        Ok(())
+        FdLink::try_from(link).map_err(|error| link_error(path, error))
     }
 
     fn replace_program(&mut self, attachment: &Attachment, path: &PathBuf) -> Result<()> {
-        let link = PinnedLink::from_pin(path).map_err(|error| link_error(path, error))?;
-        let link = SchedClassifierLink::try_from(FdLink::from(link))
-            .map_err(|error| link_error(path, error))?;
-        let program = program_mut(&mut self.ebpf, attachment.hook.program())?;
-        let link_id = program
-            .attach_to_link(link)
-            .map_err(|source| DatapathError::Attach {
-                hook: attachment.hook,
-                ifname: attachment.ifname.clone(),
-                ifindex: attachment.ifindex,
-                source,
-            })?;
+        let link =
+            FdLink::from(PinnedLink::from_pin(path).map_err(|error| link_error(path, error))?);
+        let attach_err = |source| DatapathError::Attach {
+            hook: attachment.hook,
+            ifname: attachment.ifname.clone(),
+            ifindex: attachment.ifindex,
+            source,
+        };
         // The pin keeps the link alive; our descriptor can go.
-        drop(program.take_link(link_id));
+        if attachment.hook.is_xdp() {
+            let link = XdpLink::try_from(link).map_err(|error| link_error(path, error))?;
+            let program = xdp_mut(&mut self.ebpf, attachment.hook.program())?;
+            let link_id = program.attach_to_link(link).map_err(attach_err)?;
+            drop(program.take_link(link_id));
+        } else {
+            let link =
+                SchedClassifierLink::try_from(link).map_err(|error| link_error(path, error))?;
+            let program = program_mut(&mut self.ebpf, attachment.hook.program())?;
+            let link_id = program.attach_to_link(link).map_err(attach_err)?;
+            drop(program.take_link(link_id));
+        }
         debug!(ifname = attachment.ifname, hook = %attachment.hook, "adopted pinned link");
         Ok(())
     }

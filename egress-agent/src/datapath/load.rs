@@ -10,7 +10,7 @@ use aya::{
 use egress_common::{config::DatapathConfig, map_names};
 use tracing::{info, warn};
 
-use super::{Datapath, DatapathError, Hook, PinLayout, Result, program_mut};
+use super::{Datapath, DatapathError, Hook, PinLayout, Result, program_mut, xdp_mut};
 use crate::chain::Chain;
 
 /// The compiled datapath, built by build.rs: the programs the agent attaches, nothing else.
@@ -84,17 +84,21 @@ impl Datapath {
         }
         let mut ebpf = loader.load(OBJECT)?;
         for hook in Hook::ALL {
-            program_mut(&mut ebpf, hook.program())?
-                .load()
-                .map_err(|source| DatapathError::Program {
-                    name: hook.program(),
-                    source,
-                })?;
+            let loaded = if hook.is_xdp() {
+                xdp_mut(&mut ebpf, hook.program())?.load()
+            } else {
+                program_mut(&mut ebpf, hook.program())?.load()
+            };
+            loaded.map_err(|source| DatapathError::Program {
+                name: hook.program(),
+                source,
+            })?;
         }
         Ok(Self {
             ebpf,
             pins,
             refreshed: BTreeSet::new(),
+            xdp_refused: BTreeSet::new(),
             refused_flows_seen: 0,
         })
     }

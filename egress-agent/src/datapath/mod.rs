@@ -17,7 +17,7 @@ pub use attach::{Attachment, Hook};
 use aya::{
     Ebpf, Pod,
     maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, SchedClassifier},
+    programs::{ProgramError, SchedClassifier, Xdp},
 };
 use egress_common::{
     counters::{Counter, reason},
@@ -66,6 +66,8 @@ pub struct Datapath {
     pins: PinLayout,
     /// Pinned links whose program this process has already replaced with its own.
     refreshed: BTreeSet<Attachment>,
+    /// XDP attachments the kernel refused (said once; the TC program answers instead).
+    xdp_refused: BTreeSet<Attachment>,
     /// `drop_nat_exhausted` + `drop_flow_table_full` as the last garbage collection saw
     /// them: when they grew, flows were refused, and ports held for a remote's TIME_WAIT are
     /// given up.
@@ -86,6 +88,15 @@ impl Datapath {
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?;
+    program
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
     let program = ebpf
         .program_mut(name)
         .ok_or(DatapathError::MissingProgram(name))?;

@@ -4,7 +4,9 @@
 //! probing node's.
 
 use egress_agent::health::probe_frame;
-use egress_common::gateway::{GATEWAY_DOWN, GATEWAY_DRAINING, PROBE_REPLY, ProbeReply};
+use egress_common::gateway::{
+    GATEWAY_DOWN, GATEWAY_DRAINING, PROBE_REPLY, PROBE_VIA_ANY, PROBE_VIA_TC, ProbeReply,
+};
 
 use crate::support::*;
 
@@ -172,7 +174,7 @@ fn a_candidate_that_is_not_first_translates_failed_over_flows() {
 
 /// A probe as it leaves the tunnel device: the frame without its VXLAN header.
 fn probe(from: Ipv4Addr, to: Ipv4Addr, seq: u64, sent_ns: u64) -> Vec<u8> {
-    probe_frame(from, to, seq, sent_ns)[8..].to_vec()
+    probe_frame(from, to, seq, sent_ns, PROBE_VIA_ANY)[8..].to_vec()
 }
 
 #[test]
@@ -195,7 +197,7 @@ fn a_gateway_answers_probes_in_its_datapath_with_its_own_health() {
     assert_eq!(seen(&reply).dst, POD_NODE);
     assert_eq!(checksum(&reply[14..34], 0), 0, "IPv4 checksum");
     let payload = &reply[42..];
-    assert_eq!(payload[4], PROBE_REPLY);
+    assert_eq!(payload[4..6], [PROBE_REPLY, PROBE_VIA_TC]);
     assert_eq!(u32::from_ne_bytes(payload[8..12].try_into().unwrap()), 0);
     assert_eq!(u64::from_ne_bytes(payload[16..24].try_into().unwrap()), 5);
     assert_eq!(

@@ -1,4 +1,4 @@
-//! Packet-in, verdict-and-packet-out tests of the TC programs through `BPF_PROG_TEST_RUN`,
+//! Packet-in, verdict-and-packet-out tests of the TC and XDP programs through `BPF_PROG_TEST_RUN`,
 //! covering at least the scenarios of Cilium's own egress gateway BPF tests, a file per
 //! program. They need root (`CAP_BPF`) like the agent itself, and the object with the test
 //! programs (feature `test-programs`).
@@ -15,5 +15,6 @@ mod from_egress;
 mod from_pod;
 mod from_tunnel;
 mod full_maps;
+mod probe_responder;
 mod support;
 mod tcp_lifecycle;

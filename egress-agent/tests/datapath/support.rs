@@ -7,13 +7,14 @@ pub(crate) use std::net::Ipv4Addr;
 pub(crate) use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 pub(crate) use egress_agent::datapath::testing::{
     OBJECT,
     packets::{
-        ACK, FIN, FRAGMENT_ID, L4, RST, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, checksum,
-        fragments, packet, pseudo_sum, reassemble, scenario::*, seen, ttl_of, with_ttl,
+        ACK, FIN, FRAGMENT_ID, L4, RST, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        UNDERLAY_MAC_A, UNDERLAY_MAC_B, VXLAN_SOURCE_PORT, XDP_PASS, XDP_TX, checksum, fragments,
+        on_underlay, packet, pseudo_sum, reassemble, scenario::*, seen, ttl_of, with_ttl,
     },
 };
 pub(crate) use egress_common::{
@@ -84,6 +85,12 @@ impl Node {
                 .load()
                 .unwrap_or_else(|e| panic!("load {name}: {e:?}"));
         }
+        let responder: &mut Xdp = ebpf
+            .program_mut(program_names::PROBE_RESPONDER)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        responder.load().expect("load probe_responder");
         let mut node = Self { ebpf };
         let mut config: Array<&mut MapData, DatapathConfig> =
             Array::try_from(node.ebpf.map_mut(map_names::CONFIG).unwrap()).unwrap();
@@ -96,7 +103,7 @@ impl Node {
                     nat_port_min: NAT_MIN,
                     nat_port_max: NAT_MAX,
                     tunnel_mss: TUNNEL_MSS,
-                    reserved: 0,
+                    tunnel_port: TUNNEL_PORT,
                 },
                 0,
             )
@@ -158,6 +165,26 @@ impl Node {
                 data_in: Some(packet),
                 data_out: Some(&mut out),
                 ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .expect("test run");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs the XDP probe responder on a frame as it arrives on the underlay.
+    pub(crate) fn run_xdp(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program: &Xdp = self
+            .ebpf
+            .program(program_names::PROBE_RESPONDER)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
                 ..TestRunOptions::default()
             })
             .expect("test run");

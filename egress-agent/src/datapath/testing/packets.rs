@@ -9,6 +9,8 @@ use egress_common::flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 pub const TC_ACT_NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): TCX "next", packet untouched
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 
 /// The addresses and interfaces of the scenario the tests and the benchmark share: a pod on
 /// `POD_NODE` whose policy sends its traffic to `DEST` through `GATEWAY`.
@@ -23,6 +25,8 @@ pub mod scenario {
     /// A destination no policy covers.
     pub const OTHER_DEST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
     pub const TUNNEL_IFINDEX: u32 = 41;
+    /// The tunnel's UDP port (the agent's default).
+    pub const TUNNEL_PORT: u16 = egress_common::config::DEFAULT_TUNNEL_PORT;
     pub const EGRESS_IFINDEX: u32 = 42;
     pub const POD_IFINDEX: u32 = 43;
 }
@@ -221,5 +225,35 @@ pub fn reassemble(first: &[u8], later: &[u8]) -> Vec<u8> {
     frame[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
     let sum = checksum(&frame[14..34], 0);
     frame[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
+/// Where a frame on the underlay comes from (MAC, IPv4, UDP port) and goes to.
+pub const UNDERLAY_MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+pub const UNDERLAY_MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+/// The entropy source port a VXLAN sender picks.
+pub const VXLAN_SOURCE_PORT: u16 = 50_123;
+
+/// `vxlan` (a VXLAN header and what it carries) as it arrives on the underlay interface:
+/// Ethernet, IPv4 (TTL 61: a few routers on the way) and UDP from `src` to `dst`'s `port`,
+/// without a UDP checksum, as the kernel's VXLAN sends it.
+pub fn on_underlay(src: Ipv4Addr, dst: Ipv4Addr, port: u16, vxlan: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(42 + vxlan.len());
+    frame.extend_from_slice(&UNDERLAY_MAC_B);
+    frame.extend_from_slice(&UNDERLAY_MAC_A);
+    frame.extend_from_slice(&0x0800_u16.to_be_bytes());
+    let total = (20 + 8 + vxlan.len()) as u16;
+    frame.extend_from_slice(&[0x45, 0]);
+    frame.extend_from_slice(&total.to_be_bytes());
+    frame.extend_from_slice(&[0x12, 0x34, 0x40, 0, 61, 17, 0, 0]);
+    frame.extend_from_slice(&src.octets());
+    frame.extend_from_slice(&dst.octets());
+    let ip_checksum = checksum(&frame[14..34], 0);
+    frame[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
+    frame.extend_from_slice(&VXLAN_SOURCE_PORT.to_be_bytes());
+    frame.extend_from_slice(&port.to_be_bytes());
+    frame.extend_from_slice(&((8 + vxlan.len()) as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(vxlan);
     frame
 }
