@@ -15,12 +15,13 @@
 //! pod's flows with any other source than A or B.
 //!
 //! The probe load: probe frames sent from B (which probes nobody: it has no selected pods)
-//! to A's tunnel port at a fixed rate, each answered by A's datapath, against the same
-//! frames sent at the same rate to a closed UDP port of A; the difference in the sender's
-//! CPU time per datagram (which holds the softirq work each send sets off, see
-//! `measure::probe_flood`) is what answering one probe costs in the kernel: VXLAN
-//! decapsulation, the `from_tunnel` program, encapsulation of the answer, and also the
-//! answer's trip back and its decapsulation on B (so an upper bound). Spoilt probes (A's
+//! to A's tunnel port at a fixed rate, answered by A's XDP responder (and, side by side, the
+//! same frames asking for A's TC program), against the same frames sent at the same rate to
+//! a closed UDP port of A; the difference in the sender's CPU time per datagram (which holds
+//! the softirq work each send sets off, see `measure::probe_flood`) is what answering one
+//! probe costs in the kernel: for XDP the responder and the redirect back; for TC VXLAN
+//! decapsulation, the `from_tunnel` program and encapsulation of the answer; for both also
+//! the answer's trip back and its decapsulation on B (so an upper bound). Spoilt probes (A's
 //! program parses and drops them) against the closed port give the receive side alone, for
 //! scale. The whole machine's busy CPU (`/proc/stat`) is recorded beside it, but on a
 //! shared machine it is noise.
@@ -567,40 +568,34 @@ fn probe_load(cluster: &Cluster, params: &Params, bins: &Binaries) -> Result<Val
             break;
         }
         let mut pair = serde_json::Map::new();
-        for (kind, port, bad_magic, rate) in [
-            ("quiet", closed_port, false, 0),
-            (
-                "probes",
-                DEFAULT_TUNNEL_PORT,
-                false,
-                params.probe_flood_rate,
-            ),
-            (
-                "dropped",
-                DEFAULT_TUNNEL_PORT,
-                true,
-                params.probe_flood_rate,
-            ),
-            ("closed_port", closed_port, false, params.probe_flood_rate),
+        let rate = params.probe_flood_rate;
+        for (kind, port, probe, rate) in [
+            ("quiet", closed_port, Flood::Probes, 0),
+            ("probes", DEFAULT_TUNNEL_PORT, Flood::Probes, rate),
+            ("probes_tc", DEFAULT_TUNNEL_PORT, Flood::TcOnly, rate),
+            ("dropped", DEFAULT_TUNNEL_PORT, Flood::BadMagic, rate),
+            ("closed_port", closed_port, Flood::Probes, rate),
         ] {
-            let counters = |cluster: &Cluster| -> Result<[u64; 2]> {
+            let counters = |cluster: &Cluster| -> Result<[u64; 3]> {
                 Ok([
+                    cluster.counter_packets(GATEWAY_A, "probe_answered_xdp")?,
                     cluster.counter_packets(GATEWAY_A, "probe_answered")?,
                     cluster.counter_packets(GATEWAY_A, "drop_not_allowed")?,
                 ])
             };
             let before = counters(cluster)?;
-            let mut flood = flood(cluster, params, bins, port, bad_magic, rate)?;
+            let mut flood = flood(cluster, params, bins, port, probe, rate)?;
             let after = counters(cluster)?;
-            flood["answered"] = json!(after[0].saturating_sub(before[0]));
-            flood["dropped"] = json!(after[1].saturating_sub(before[1]));
+            flood["answered_xdp"] = json!(after[0].saturating_sub(before[0]));
+            flood["answered_tc"] = json!(after[1].saturating_sub(before[1]));
+            flood["dropped"] = json!(after[2].saturating_sub(before[2]));
             let capacity = flood["cpus"].as_f64().unwrap_or(1.0)
                 * flood["seconds"].as_f64().unwrap_or(1.0)
                 * 1e9;
             flood["busy_share"] = json!(flood["busy_ns"].as_f64().unwrap_or(0.0) / capacity);
             pair.insert(kind.into(), flood);
         }
-        let shares = ["quiet", "probes", "dropped", "closed_port"]
+        let shares = ["quiet", "probes", "probes_tc", "dropped", "closed_port"]
             .map(|kind| pair[kind]["busy_share"].as_f64().unwrap_or(1.0));
         let counts = shares[1..].iter().all(|share| *share < SATURATED);
         let per = |kind: &str, field: &str| {
@@ -612,6 +607,10 @@ fn probe_load(cluster: &Cluster, params: &Params, bins: &Binaries) -> Result<Val
         let derived = [
             ("sender_ns_per_probe", sender_ns),
             ("answer_ns_per_probe", sender_ns - closed_ns),
+            (
+                "answer_tc_ns_per_probe",
+                per("probes_tc", "self_cpu_ns") - closed_ns,
+            ),
             (
                 "receive_ns_per_probe",
                 per("dropped", "self_cpu_ns") - closed_ns,
@@ -625,10 +624,12 @@ fn probe_load(cluster: &Cluster, params: &Params, bins: &Binaries) -> Result<Val
             pair.insert(field.into(), json!(ns));
         }
         pair.insert("counts".into(), json!(counts));
-        let probes = &pair["probes"];
-        let sent = probes["sent"].as_u64().unwrap_or(0);
-        if probes["answered"].as_u64().unwrap_or(0) < sent * 95 / 100 {
-            bail!("{GATEWAY_A} answered too few of the flood's probes: {probes}");
+        for (kind, field) in [("probes", "answered_xdp"), ("probes_tc", "answered_tc")] {
+            let probes = &pair[kind];
+            let sent = probes["sent"].as_u64().unwrap_or(0);
+            if probes[field].as_u64().unwrap_or(0) < sent * 95 / 100 {
+                bail!("{GATEWAY_A} answered too few of the flood's probes ({field}): {probes}");
+            }
         }
         let dropped = &pair["dropped"];
         let sent = dropped["sent"].as_u64().unwrap_or(0);
@@ -640,11 +641,13 @@ fn probe_load(cluster: &Cluster, params: &Params, bins: &Binaries) -> Result<Val
         } else {
             eprintln!(
                 "   probe floods not counted: the machine was busy {:.0}% (quiet), {:.0}% \
-                 (probes), {:.0}% (spoilt probes), {:.0}% (closed port)",
+                 (probes, XDP), {:.0}% (probes, TC), {:.0}% (spoilt probes), {:.0}% (closed \
+                 port)",
                 shares[0] * 100.0,
                 shares[1] * 100.0,
                 shares[2] * 100.0,
-                shares[3] * 100.0
+                shares[3] * 100.0,
+                shares[4] * 100.0
             );
         }
         pairs.push(Value::Object(pair));
@@ -664,6 +667,7 @@ fn probe_load(cluster: &Cluster, params: &Params, bins: &Binaries) -> Result<Val
         "seconds": params.probe_flood_seconds,
         "saturated_at": SATURATED,
         "answer_ns_per_probe": summary(&counted("answer_ns_per_probe")),
+        "answer_tc_ns_per_probe": summary(&counted("answer_tc_ns_per_probe")),
         "receive_ns_per_probe": summary(&counted("receive_ns_per_probe")),
         "sender_ns_per_probe": summary(&counted("sender_ns_per_probe")),
         "machine_answer_ns_per_probe": summary(&counted("machine_answer_ns_per_probe")),
@@ -671,14 +675,25 @@ fn probe_load(cluster: &Cluster, params: &Params, bins: &Binaries) -> Result<Val
     }))
 }
 
+/// What a flood sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flood {
+    /// Probes for any responder (A's XDP responder answers).
+    Probes,
+    /// Probes asking for A's TC program (its XDP responder passes them).
+    TcOnly,
+    /// Probes with a spoilt magic: parsed and dropped by A's TC program.
+    BadMagic,
+}
+
 /// `egress-bench measure probe-flood` in B's namespace: `rate` probe frames per second to
-/// A's `port` (0: none, a quiet interval), with a spoilt magic if `bad_magic`.
+/// A's `port` (0: none, a quiet interval).
 fn flood(
     cluster: &Cluster,
     params: &Params,
     bins: &Binaries,
     port: u16,
-    bad_magic: bool,
+    probe: Flood,
     rate: u32,
 ) -> Result<Value> {
     let sender = &cluster.node(GATEWAY_B)?.netns;
@@ -700,8 +715,14 @@ fn flood(
             &params.probe_flood_seconds.to_string(),
         ],
     );
-    if bad_magic {
-        command.arg("--bad-magic");
+    match probe {
+        Flood::Probes => {}
+        Flood::TcOnly => {
+            command.arg("--tc-only");
+        }
+        Flood::BadMagic => {
+            command.arg("--bad-magic");
+        }
     }
     command.env_remove("RUST_LOG");
     let output = run_with_timeout(command, Duration::from_mins(2))?;

@@ -98,10 +98,14 @@ fn probe_cost(doc: &Value) -> Value {
             })
             .and_then(|c| median(&c["ns_per_packet"]))
     };
-    let bpf = at("from_tunnel/probe_answer");
+    // The default responder: XDP on the underlay. The TC program's figures beside it.
+    let bpf = at("probe_responder/probe_answer");
+    let pass = at("probe_responder/pass");
+    let tc_bpf = at("from_tunnel/probe_answer");
     let empty = at("floor/empty_one_run_per_packet");
-    let bpf_net = bpf.zip(empty).map(|(ns, empty)| (ns - empty).max(0.0));
+    let tc_bpf_net = tc_bpf.zip(empty).map(|(ns, empty)| (ns - empty).max(0.0));
     let kernel = median(&doc["failover"]["probe_load"]["answer_ns_per_probe"]);
+    let tc_kernel = median(&doc["failover"]["probe_load"]["answer_tc_ns_per_probe"]);
     let receive = median(&doc["failover"]["probe_load"]["receive_ns_per_probe"]);
     let share = |ns: Option<f64>| ns.map(|ns| ns * probes_per_s() / 1e9);
     json!({
@@ -109,13 +113,18 @@ fn probe_cost(doc: &Value) -> Value {
         "probe_interval_ms": PROBE_INTERVAL_MS,
         "probes_per_s": probes_per_s(),
         "bpf_ns_per_probe": bpf,
+        "xdp_pass_ns_per_frame": pass,
+        "tc_bpf_ns_per_probe": tc_bpf,
         "bpf_empty_one_run_ns": empty,
-        "bpf_net_ns_per_probe": bpf_net,
+        "tc_bpf_net_ns_per_probe": tc_bpf_net,
         "kernel_ns_per_probe": kernel,
+        "tc_kernel_ns_per_probe": tc_kernel,
         "kernel_receive_ns_per_probe": receive,
         "bpf_core_share": share(bpf),
-        "bpf_net_core_share": share(bpf_net),
+        "tc_bpf_core_share": share(tc_bpf),
+        "tc_bpf_net_core_share": share(tc_bpf_net),
         "kernel_core_share": share(kernel),
+        "tc_kernel_core_share": share(tc_kernel),
         "kernel_receive_core_share": share(receive),
     })
 }
@@ -397,16 +406,16 @@ fn probe_targets(doc: &Value, list: &mut Vec<Value>) {
     let bpf = cost["bpf_core_share"].as_f64();
     if bpf.is_some() {
         list.push(target(
-            "probe cost on a gateway, 5,000 probing nodes at 50 ms: the BPF program",
+            "probe cost on a gateway, 5,000 probing nodes at 50 ms: the XDP responder",
             "< 1% of one core",
             bpf,
             format!(
-                "{} ({} ns per probe; less the empty program: {})",
+                "{} ({} ns per probe; the TC program: {})",
                 pct(bpf),
                 cost["bpf_ns_per_probe"]
                     .as_f64()
                     .map_or("n/a".into(), fmt_num),
-                pct(cost["bpf_net_core_share"].as_f64())
+                pct(cost["tc_bpf_core_share"].as_f64())
             ),
             |v| v < 0.01,
         ));
@@ -414,15 +423,17 @@ fn probe_targets(doc: &Value, list: &mut Vec<Value>) {
     let kernel = cost["kernel_core_share"].as_f64();
     if !doc["failover"].is_null() {
         list.push(target(
-            "probe cost on a gateway, 5,000 probing nodes at 50 ms: the kernel path (upper bound)",
+            "probe cost on a gateway, 5,000 probing nodes at 50 ms: XDP and the kernel path \
+             (upper bound)",
             "< 1% of one core",
             kernel,
             format!(
-                "{} ({} ns per probe)",
+                "{} ({} ns per probe; through the TC program: {})",
                 pct(kernel),
                 cost["kernel_ns_per_probe"]
                     .as_f64()
-                    .map_or("n/a".into(), fmt_num)
+                    .map_or("n/a".into(), fmt_num),
+                pct(cost["tc_kernel_core_share"].as_f64())
             ),
             |v| v < 0.01,
         ));
@@ -857,19 +868,27 @@ fn probe_cost_md(doc: &Value) -> String {
          {} probing nodes at the default interval ({} ms) send a gateway {} probes/s; each \
          answered probe costs what is measured here, times that rate.\n\n\
          | Measured | ns per probe | At {} probes/s |\n|---|---|---|\n\
-         | the `from_tunnel` program answering a probe (BPF_PROG_TEST_RUN, one run per probe) | {} | {} |\n\
-         | the same, less the empty program run the same way | {} | {} |\n\
-         | the kernel path: a probe flood to the tunnel port against one to a closed port (upper bound) | {} | {} |\n",
+         | the XDP responder answering a probe (the default; BPF_PROG_TEST_RUN, one run per probe) | {} | {} |\n\
+         | the XDP responder passing a frame it parsed to the end (what other underlay traffic pays at most) | {} | — |\n\
+         | the `from_tunnel` TC program answering a probe (`--probe-responder tc`) | {} | {} |\n\
+         | the same, less the empty TC program run the same way | {} | {} |\n\
+         | XDP and the kernel path: a probe flood to the tunnel port against one to a closed port (upper bound) | {} | {} |\n\
+         | the same through the TC program (the flood's probes ask for it) | {} | {} |\n",
         thousands(&cost["probing_nodes"]),
         thousands(&cost["probe_interval_ms"]),
         thousands(&cost["probes_per_s"]),
         thousands(&cost["probes_per_s"]),
         ns(&cost["bpf_ns_per_probe"]),
         pct(&cost["bpf_core_share"]),
-        ns(&cost["bpf_net_ns_per_probe"]),
-        pct(&cost["bpf_net_core_share"]),
+        ns(&cost["xdp_pass_ns_per_frame"]),
+        ns(&cost["tc_bpf_ns_per_probe"]),
+        pct(&cost["tc_bpf_core_share"]),
+        ns(&cost["tc_bpf_net_ns_per_probe"]),
+        pct(&cost["tc_bpf_net_core_share"]),
         ns(&cost["kernel_ns_per_probe"]),
         pct(&cost["kernel_core_share"]),
+        ns(&cost["tc_kernel_ns_per_probe"]),
+        pct(&cost["tc_kernel_core_share"]),
     );
     if load.is_null() {
         let _ = writeln!(
@@ -881,15 +900,17 @@ fn probe_cost_md(doc: &Value) -> String {
         let _ = writeln!(
             md,
             "The kernel path: `egress-bench measure probe-flood` in {}'s namespace sends one \
-             probe frame (VXLAN, as the prober sends it) to {}'s tunnel port at {}/s for {} s; \
-             then spoilt probes (the magic changed: decapsulated, parsed by the program, \
-             dropped), then the same frames to a closed UDP port of {}. Between namespaces of \
+             probe frame (VXLAN, as the prober sends it) to {}'s tunnel port at {}/s for {} s \
+             (answered by the XDP responder); then the same frame asking for the TC program \
+             (passed by XDP, answered after decapsulation); then spoilt probes (the magic \
+             changed: decapsulated, parsed by the program, dropped), then the same frames to a \
+             closed UDP port of {}. Between namespaces of \
              one kernel each datagram's whole way runs in softirq context on the sender's CPU \
              and is charged to the sender (no IRQ time accounting in this kernel), so the \
              sender's CPU time per datagram, less the closed-port flood's, is the cost of \
-             answering: VXLAN decapsulation, the program, encapsulation of the answer, and also \
-             the answer's way back and its decapsulation and program run on {} (an upper \
-             bound); the spoilt probes' is the gateway's receive side alone, but the closed \
+             answering (for TC: VXLAN decapsulation, the program, encapsulation of the answer), \
+             and also the answer's way back and its decapsulation and program run on {} (an \
+             upper bound); the spoilt probes' is the gateway's receive side alone, but the closed \
              port's own handling (a socket lookup that fails, a rate-limited ICMP error) is \
              comparable, so that difference is small and noisy, not a bound. Median of {} sets \
              [min–max]: answered {} ns [{}–{}], receive side {} ns [{}–{}]; the whole machine's busy CPU (`/proc/stat`, noisy on a shared machine) \

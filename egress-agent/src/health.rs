@@ -24,7 +24,7 @@ use egress_common::{
     config::VNI_TO_GATEWAY,
     gateway::{
         GATEWAY_DOWN, GATEWAY_DRAINING, GatewayHealth, PROBE_MAGIC, PROBE_PORT, PROBE_REQUEST,
-        PROBE_VIA_ANY, PROBE_VIA_TC, ProbeReply,
+        PROBE_VIA_ANY, PROBE_VIA_TC, PROBE_VIA_XDP, ProbeReply,
     },
     map_names,
 };
@@ -108,8 +108,11 @@ struct Peer {
     /// What the last reply said about the gateway itself.
     not_serving: bool,
     down: Option<Cause>,
-    /// The probe asked of the TC program because the one before it went unanswered: if it
-    /// is answered, the XDP responder's answers are the ones being lost.
+    /// Whether the last answer came from the gateway's XDP responder.
+    last_via_xdp: bool,
+    /// The probe asked of the TC program because the one before it went unanswered while
+    /// the XDP responder had been answering: if it is answered, the XDP responder's answers
+    /// are the ones being lost.
     tc_after_loss: Option<u64>,
     /// Probes still to ask of the TC program alone.
     tc_only_left: u32,
@@ -159,6 +162,7 @@ impl Judge {
                 heard: false,
                 not_serving: false,
                 down: down_before.then_some(Cause::Unanswered),
+                last_via_xdp: false,
                 tc_after_loss: None,
                 tc_only_left: 0,
             });
@@ -169,18 +173,20 @@ impl Judge {
 
     /// The sequence number of the next probe to `ip`, and who may answer it
     /// (`Probe::path`). After a lost probe the next one asks for the TC program: an XDP
-    /// responder whose answers get lost on their way back (a driver that drops XDP_TX) never
+    /// responder whose answers get lost on their way back (a driver that cannot send what XDP sends back) never
     /// makes a live gateway look dead; when the TC program's answer then arrives, the next
     /// `TC_ONLY_PROBES` probes ask for it too, and then XDP is tried again.
     pub fn next_probe(&mut self, ip: Ipv4Addr) -> (u64, u8) {
         let peer = self.peers.entry(ip).or_default();
-        let previous_lost = peer.heard && peer.answered < peer.sent;
+        let previous_lost = peer.answered < peer.sent;
         peer.sent += 1;
         let path = if peer.tc_only_left > 0 {
             peer.tc_only_left -= 1;
             PROBE_VIA_TC
         } else if previous_lost {
-            peer.tc_after_loss = Some(peer.sent);
+            // Only a loss after XDP answers says anything about XDP: losses while a gateway
+            // starts (or attaches its responder) are no reason to avoid it.
+            peer.tc_after_loss = peer.last_via_xdp.then_some(peer.sent);
             PROBE_VIA_TC
         } else {
             PROBE_VIA_ANY
@@ -193,9 +199,10 @@ impl Judge {
         self.fallbacks
     }
 
-    /// A reply from `ip` to probe `seq`; `serving` is what the gateway said of itself.
-    /// Whether it is news (a newer probe answered).
-    pub fn replied(&mut self, ip: Ipv4Addr, seq: u64, serving: bool) -> bool {
+    /// A reply from `ip` to probe `seq`; `serving` is what the gateway said of itself,
+    /// `via_xdp` whether its XDP responder answered. Whether it is news (a newer probe
+    /// answered).
+    pub fn replied(&mut self, ip: Ipv4Addr, seq: u64, serving: bool, via_xdp: bool) -> bool {
         let Some(peer) = self.peers.get_mut(&ip) else {
             return false;
         };
@@ -205,6 +212,7 @@ impl Judge {
         peer.answered = seq;
         peer.heard = true;
         peer.not_serving = !serving;
+        peer.last_via_xdp = via_xdp;
         if peer.tc_after_loss.take() == Some(seq) {
             peer.tc_only_left = TC_ONLY_PROBES;
             self.fallbacks += 1;
@@ -461,9 +469,12 @@ impl Prober {
         }));
         for ip in targets.gateways.keys() {
             if let Ok(reply) = replies.get(&ip.octets(), 0)
-                && self
-                    .judge
-                    .replied(*ip, reply.seq, reply.gateway_flags & GATEWAY_DOWN == 0)
+                && self.judge.replied(
+                    *ip,
+                    reply.seq,
+                    reply.gateway_flags & GATEWAY_DOWN == 0,
+                    reply.path == PROBE_VIA_XDP,
+                )
             {
                 let rtt = reply.received_ns.saturating_sub(reply.sent_ns);
                 #[expect(clippy::cast_precision_loss, reason = "nanoseconds of a round trip")]
@@ -634,7 +645,7 @@ mod tests {
     fn round(judge: &mut Judge, answered: bool) -> Vec<(Ipv4Addr, Change)> {
         let (seq, _) = judge.next_probe(GW);
         if answered {
-            judge.replied(GW, seq, true);
+            judge.replied(GW, seq, true, true);
         }
         judge.judge()
     }
@@ -674,11 +685,11 @@ mod tests {
     fn replies_from_before_a_restart_do_not_count() {
         let mut judge = Judge::new(3, 1_000);
         judge.retain([(GW, true)]);
-        assert!(!judge.replied(GW, 5, true), "an old agent's reply");
+        assert!(!judge.replied(GW, 5, true, false), "an old agent's reply");
         assert!(!judge.has_answered(GW));
         let (seq, _) = judge.next_probe(GW);
         assert_eq!(seq, 1_001);
-        assert!(judge.replied(GW, seq, true));
+        assert!(judge.replied(GW, seq, true, false));
         assert!(judge.has_answered(GW));
         assert_eq!(judge.judge(), [(GW, Change::Up)]);
     }
@@ -688,10 +699,10 @@ mod tests {
         let mut judge = Judge::new(3, 0);
         judge.retain([(GW, false)]);
         let (seq, _) = judge.next_probe(GW);
-        judge.replied(GW, seq, false);
+        judge.replied(GW, seq, false, false);
         assert_eq!(judge.judge(), [(GW, Change::Down(Cause::NotServing))]);
         let (seq, _) = judge.next_probe(GW);
-        judge.replied(GW, seq, true);
+        judge.replied(GW, seq, true, false);
         assert_eq!(judge.judge(), [(GW, Change::Up)]);
     }
 
@@ -703,10 +714,10 @@ mod tests {
         judge.retain([(GW, true)]);
         assert!(judge.is_down(GW));
         let (seq, _) = judge.next_probe(GW);
-        assert!(judge.replied(GW, seq, true));
-        assert!(!judge.replied(GW, seq, true), "the same reply twice");
+        assert!(judge.replied(GW, seq, true, false));
+        assert!(!judge.replied(GW, seq, true, false), "the same reply twice");
         assert!(
-            !judge.replied(GW, seq + 5, true),
+            !judge.replied(GW, seq + 5, true, false),
             "a reply to a probe never sent"
         );
         assert_eq!(judge.judge(), [(GW, Change::Up)]);
@@ -714,7 +725,7 @@ mod tests {
         assert!(!judge.is_down(GW), "no longer probed");
     }
 
-    /// A responder whose answers are lost (XDP_TX dropped by the driver) while its TC
+    /// A responder whose answers are lost (what XDP sends back is dropped by the driver) while its TC
     /// program answers: the probe after each loss asks for the TC program, so the gateway is
     /// never down, and after a TC answer the TC program is asked for a while.
     #[test]
@@ -728,7 +739,7 @@ mod tests {
             paths.push(path);
             // Only the TC program's answers arrive.
             if path == PROBE_VIA_TC {
-                judge.replied(GW, seq, true);
+                judge.replied(GW, seq, true, false);
             }
             assert!(judge.judge().is_empty(), "paths {paths:?}");
         }
@@ -746,6 +757,23 @@ mod tests {
         );
     }
 
+    /// A probe lost before the XDP responder ever answered (a gateway starting, or attaching
+    /// its responder) asks the TC program once, then XDP again.
+    #[test]
+    fn losses_before_any_xdp_answer_do_not_avoid_the_xdp_responder() {
+        let mut judge = Judge::new(3, 0);
+        judge.retain([(GW, false)]);
+        let (seq, _) = judge.next_probe(GW);
+        judge.replied(GW, seq, true, false);
+        assert!(judge.judge().is_empty());
+        assert!(round(&mut judge, false).is_empty());
+        let (seq, path) = judge.next_probe(GW);
+        assert_eq!(path, PROBE_VIA_TC);
+        judge.replied(GW, seq, true, false);
+        assert_eq!(judge.next_probe(GW).1, PROBE_VIA_ANY);
+        assert_eq!(judge.fallbacks(), 0);
+    }
+
     /// Once the TC-only probes are spent, XDP is asked again.
     #[test]
     fn the_xdp_responder_is_asked_again_after_the_tc_only_probes() {
@@ -756,7 +784,7 @@ mod tests {
         for _ in 0..=TC_ONLY_PROBES {
             let (seq, path) = judge.next_probe(GW);
             assert_eq!(path, PROBE_VIA_TC);
-            judge.replied(GW, seq, true);
+            judge.replied(GW, seq, true, false);
         }
         assert_eq!(judge.next_probe(GW).1, PROBE_VIA_ANY);
     }

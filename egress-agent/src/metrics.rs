@@ -384,7 +384,7 @@ pub fn render(report: &Report, datapath: &DatapathSample, histograms: &Histogram
     registry.register(
         "probe_fallbacks",
         "Probes answered by a gateway's TC program right after a lost one: the next probes to \
-         that gateway skip its XDP responder for 30 s (a driver dropping XDP_TX shows here)",
+         that gateway skip its XDP responder for 30 s (a driver dropping what XDP sends shows here)",
         health.fallbacks.clone(),
     );
 

@@ -135,7 +135,9 @@ pub struct ProbeReply {
     pub received_ns: u64,
     /// The gateway's own `GatewayHealth::flags`.
     pub gateway_flags: u32,
-    pub _pad: u32,
+    /// `PROBE_VIA_*`: who answered.
+    pub path: u8,
+    pub _pad: [u8; 3],
 }
 
 assert_size!(

@@ -184,7 +184,8 @@ pub(crate) fn note_reply(ctx: &TcContext, packet: &Packet, remote: Ipv4, now: u6
         sent_ns: probe.sent_ns,
         received_ns: now,
         gateway_flags: probe.flags,
-        _pad: 0,
+        path: probe.path,
+        _pad: [0; 3],
     };
     if PROBE_REPLIES.insert(&remote, &reply, 0).is_err() {
         count(reason::DROP_ERROR, packet.len);

@@ -9,7 +9,7 @@
 //! swapped, the VNI of the way back, and this gateway's own health flags: the same reply the
 //! TC program sends, so the prober cannot tell them apart but by `Probe::path`.
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
 use egress_common::{
     Ipv4,
     config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
@@ -76,7 +76,12 @@ pub(crate) fn probe_responder(ctx: XdpContext) -> u32 {
         turn_around(frame, config);
     }
     count(reason::PROBE_ANSWERED_XDP, FRAME_LEN as u32);
-    xdp_action::XDP_TX
+    // Out of the interface it came in on. A redirect (the driver's ndo_xdp_xmit) rather than
+    // XDP_TX: the same for a NIC, and on a veth underlay (kind, the test clusters) XDP_TX
+    // frames wait for the peer's next packet unless the peer runs XDP itself, while a
+    // redirect is flushed at once. The helper returns XDP_REDIRECT.
+    // SAFETY: helper with plain arguments.
+    unsafe { bpf_redirect(ctx.ingress_ifindex() as u32, 0) as u32 }
 }
 
 /// Reads `N` bytes at `offset`.

@@ -284,6 +284,72 @@ fn killing_the_active_gateways_agent_is_no_failover() {
     assert_no_leaks(&mut cluster, &pod);
 }
 
+/// Gateways answer the probes in XDP, on their underlay interface. When the way back of
+/// those answers breaks (the frames XDP sends are dropped, as by a driver without XDP
+/// transmit), the probing node asks the gateway's TC program instead: no failover, nothing
+/// lost.
+#[test]
+fn probes_are_answered_in_xdp_and_lost_xdp_answers_fail_nothing_over() {
+    skip_unless_root!();
+    let (mut cluster, pod) = two_candidates();
+    let answered = |cluster: &Cluster| {
+        [
+            cluster
+                .counter_packets(GATEWAY_A, "probe_answered_xdp")
+                .unwrap(),
+            cluster
+                .counter_packets(GATEWAY_A, "probe_answered")
+                .unwrap(),
+        ]
+    };
+    // A second's answers, once the start-up's are over.
+    let mut last = [0, 0];
+    let in_xdp = wait_until(Duration::from_secs(10), || {
+        let before = answered(&cluster);
+        thread::sleep(Duration::from_secs(1));
+        let after = answered(&cluster);
+        last = [after[0] - before[0], after[1] - before[1]];
+        last[0] >= 10 && last[1] < last[0]
+    });
+    assert!(
+        in_xdp,
+        "{GATEWAY_A} answers in XDP: {} XDP and {} TC answers in a second",
+        last[0], last[1]
+    );
+
+    let flow = cluster
+        .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
+        .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    let failovers_before = failovers(&cluster, "unanswered") + failovers(&cluster, "not_serving");
+    cluster.set_xdp_tx_delivered(GATEWAY_A, false).unwrap();
+    let before = answered(&cluster);
+    thread::sleep(Duration::from_secs(3));
+    let after = answered(&cluster);
+    assert!(
+        after[1] - before[1] >= 10,
+        "the TC program answers instead: {before:?} -> {after:?}"
+    );
+    assert_eq!(source_seen(&cluster, &pod), Some(EGRESS_A));
+    let fallbacks = cluster.agent_metric("k8s-worker-1", "egress_gateway_probe_fallbacks_total");
+    assert!(
+        fallbacks.is_some_and(|count| count >= 1.0),
+        "worker-1 counted the fallback: {fallbacks:?}"
+    );
+    let summary = flow.stop().unwrap();
+    summary
+        .check_unbroken(&EGRESS_A.to_string(), Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(healthy(&cluster, GATEWAY_A), Some(1.0));
+    assert_eq!(
+        failovers(&cluster, "unanswered") + failovers(&cluster, "not_serving"),
+        failovers_before,
+        "no failover"
+    );
+    cluster.set_xdp_tx_delivered(GATEWAY_A, true).unwrap();
+    assert_no_leaks(&mut cluster, &pod);
+}
+
 /// After a failover, the gateway coming back takes new flows only: the flow that moved stays
 /// on the candidate it moved to.
 #[test]
@@ -596,10 +662,11 @@ fn two_holders_of_a_floating_egress_ip_break_nothing() {
         .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
         .unwrap();
     thread::sleep(Duration::from_secs(1));
-    // A drops what B sends it through the tunnel: B's probes go unanswered, A stays up for
-    // worker-1.
-    let b_ip = cluster.node(GATEWAY_B).unwrap().ip.to_string();
-    let a_netns = cluster.node(GATEWAY_A).unwrap().netns.clone();
+    // B drops what A sends it through the tunnel: A's answers to B's probes never arrive
+    // (whether A's XDP responder or its TC program sent them; a filter on A would come after
+    // XDP), and A stays up for worker-1.
+    let a_ip = cluster.node(GATEWAY_A).unwrap().ip.to_string();
+    let b_netns = cluster.node(GATEWAY_B).unwrap().netns.clone();
     for command in [
         vec!["nft", "add", "table", "ip", "egt_partition"],
         vec![
@@ -620,14 +687,14 @@ fn two_holders_of_a_floating_egress_ip_break_nothing() {
             "input",
             "ip",
             "saddr",
-            &b_ip,
+            &a_ip,
             "udp",
             "dport",
             "8475",
             "drop",
         ],
     ] {
-        let added = cluster.exec(&a_netns, &command).unwrap();
+        let added = cluster.exec(&b_netns, &command).unwrap();
         assert!(
             added.status.success(),
             "{command:?}: {}",

@@ -16,16 +16,17 @@ use std::net::Ipv4Addr;
 use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use egress_agent::{
     datapath::testing::{
         OBJECT,
         packets::{
-            ACK, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, packet,
+            ACK, L4, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_PASS, XDP_REDIRECT,
+            on_underlay, packet,
             scenario::{
                 DEST, EGRESS_IFINDEX, EGRESS_IP, GATEWAY, OTHER_DEST, POD, POD_IFINDEX, POD_NODE,
-                TUNNEL_IFINDEX,
+                TUNNEL_IFINDEX, TUNNEL_PORT,
             },
         },
     },
@@ -35,6 +36,7 @@ use egress_common::{
     config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
     counters::{Counter, reason},
     flow::{FlowKey, PROTO_TCP},
+    gateway::{PROBE_VIA_ANY, PROBE_VIA_TC},
     map_names,
     nat::{NatForward, NatReverse},
     nodes::{EgressIp, LocalPod, NodeInfo},
@@ -334,9 +336,15 @@ fn measure_level(
     let mut new_flow_runs = Vec::new();
     let mut single_empty_runs = Vec::new();
     let mut probe_runs = Vec::new();
+    let mut xdp_probe_runs = Vec::new();
+    let mut xdp_pass_runs = Vec::new();
     for _ in 0..args.runs {
         new_flow_runs.push(gateway.snat_new_flows(args.new_flows)?);
         probe_runs.push(gateway.answer_probes(args.new_flows, from_pod_node)?);
+        xdp_probe_runs.push(gateway.answer_probes_in_xdp(args.new_flows, PROBE_VIA_ANY)?);
+        // What every other packet of the underlay pays: a probe asking for the TC program
+        // is parsed to its last byte and passed (ordinary traffic stops sooner).
+        xdp_pass_runs.push(gateway.answer_probes_in_xdp(args.new_flows, PROBE_VIA_TC)?);
         let mut total = 0.0;
         for _ in 0..args.new_flows {
             total += gateway
@@ -366,6 +374,21 @@ fn measure_level(
             "gateway: a health probe answered (turned around into the tunnel)",
             false,
             probe_runs,
+        ),
+        (
+            "probe_responder/probe_answer",
+            program_names::PROBE_RESPONDER,
+            "gateway: a health probe answered in XDP on the underlay (before decapsulation)",
+            false,
+            xdp_probe_runs,
+        ),
+        (
+            "probe_responder/pass",
+            program_names::PROBE_RESPONDER,
+            "gateway: a frame the XDP responder parses fully and passes (the worst case of \
+             ordinary underlay traffic)",
+            false,
+            xdp_pass_runs,
         ),
     ] {
         results.push(CaseResult {
@@ -449,6 +472,11 @@ impl BenchNode {
                 .try_into()?;
             program.load()?;
         }
+        let responder: &mut Xdp = ebpf
+            .program_mut(program_names::PROBE_RESPONDER)
+            .ok_or_else(|| anyhow::anyhow!("the probe responder is missing from the object"))?
+            .try_into()?;
+        responder.load()?;
         let mut node = Self { ebpf };
         let mut config: Array<&mut MapData, DatapathConfig> =
             Array::try_from(node.map_mut(map_names::CONFIG)?)?;
@@ -461,7 +489,7 @@ impl BenchNode {
                 nat_port_max: 32767,
                 // As the agent sets it for a 1450-byte tunnel.
                 tunnel_mss: 1410,
-                tunnel_port: egress_common::config::DEFAULT_TUNNEL_PORT,
+                tunnel_port: TUNNEL_PORT,
             },
             0,
         )?;
@@ -702,7 +730,8 @@ impl BenchNode {
         let before = self.counter(reason::PROBE_ANSWERED)?;
         let mut total = 0.0;
         for seq in 0..count {
-            let frame = probe_frame(POD_NODE, GATEWAY, u64::from(seq) + 1, 0)[8..].to_vec();
+            let frame =
+                probe_frame(POD_NODE, GATEWAY, u64::from(seq) + 1, 0, PROBE_VIA_ANY)[8..].to_vec();
             let (verdict, ns) = self.run(program_names::TEST_FROM_TUNNEL, &frame, cb, 1)?;
             check_verdict("from_tunnel/probe_answer", TC_ACT_REDIRECT, verdict)?;
             total += ns;
@@ -714,6 +743,47 @@ impl BenchNode {
             u64::from(count),
             answered,
         )?;
+        Ok(total / f64::from(count.max(1)))
+    }
+
+    /// ns per probe through the XDP responder, one run per probe (answering rewrites it):
+    /// answered with `PROBE_VIA_ANY`, passed with `PROBE_VIA_TC`.
+    fn answer_probes_in_xdp(&mut self, count: u32, path: u8) -> anyhow::Result<f64> {
+        let (case, expected) = if path == PROBE_VIA_ANY {
+            ("probe_responder/probe_answer", XDP_REDIRECT)
+        } else {
+            ("probe_responder/pass", XDP_PASS)
+        };
+        let program: &Xdp = self
+            .ebpf
+            .program(program_names::PROBE_RESPONDER)
+            .ok_or_else(|| anyhow::anyhow!("the probe responder is missing"))?
+            .try_into()?;
+        let before = self.counter(reason::PROBE_ANSWERED_XDP)?;
+        let mut total = 0.0;
+        for seq in 0..count {
+            let frame = on_underlay(
+                POD_NODE,
+                GATEWAY,
+                TUNNEL_PORT,
+                &probe_frame(POD_NODE, GATEWAY, u64::from(seq) + 1, 0, path),
+            );
+            let mut out = vec![0u8; frame.len() + 256];
+            let result = program.test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })?;
+            check_verdict(case, expected, result.return_value)?;
+            total += result.duration.as_nanos() as f64;
+        }
+        let answered = self.counter(reason::PROBE_ANSWERED_XDP)? - before;
+        let wanted = if expected == XDP_REDIRECT {
+            u64::from(count)
+        } else {
+            0
+        };
+        check_path(case, reason::PROBE_ANSWERED_XDP, wanted, answered)?;
         Ok(total / f64::from(count.max(1)))
     }
 

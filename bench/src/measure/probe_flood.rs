@@ -1,8 +1,9 @@
 //! `egress-bench measure probe-flood`: sends one health probe frame (VXLAN-encapsulated, as
 //! the agent's prober sends them) to a gateway at a fixed rate from a plain UDP socket, and
 //! reports the CPU time of this process and how busy the whole machine's CPUs were meanwhile
-//! (`/proc/stat`). Run inside a node's namespace; the failover section compares a flood to
-//! the tunnel port (answered by the gateway's datapath) with one to a closed port.
+//! (`/proc/stat`). Run inside a node's namespace; the failover section compares floods to
+//! the tunnel port (answered by the gateway's XDP responder, or with `--tc-only` by its TC
+//! program) with one to a closed port.
 //!
 //! Between namespaces of one kernel a datagram's whole way (the veths, the router, the
 //! gateway's VXLAN decapsulation, its program, the answer's encapsulation and its way back)
@@ -20,6 +21,7 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Args;
 use egress_agent::health::probe_frame;
+use egress_common::gateway::{PROBE_VIA_ANY, PROBE_VIA_TC};
 use serde::Serialize;
 
 #[derive(Debug, Args)]
@@ -41,6 +43,9 @@ pub(super) struct FloodArgs {
     /// Spoil the probe's magic: the gateway's program parses it, then drops it.
     #[arg(long)]
     bad_magic: bool,
+    /// Ask for the gateway's TC program (`PROBE_VIA_TC`): its XDP responder passes the probe.
+    #[arg(long)]
+    tc_only: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,7 +64,12 @@ pub(super) struct FloodReport {
 pub(super) fn run(args: &FloodArgs) -> Result<FloodReport> {
     let socket = UdpSocket::bind((args.from, 0)).context("binding the probe socket")?;
     socket.connect((args.to, args.port))?;
-    let mut frame = probe_frame(args.from, args.to, 1, 0);
+    let path = if args.tc_only {
+        PROBE_VIA_TC
+    } else {
+        PROBE_VIA_ANY
+    };
+    let mut frame = probe_frame(args.from, args.to, 1, 0, path);
     if args.bad_magic {
         // VXLAN 8, Ethernet 14, IPv4 20, UDP 8: then the probe, its magic first.
         frame[8 + 14 + 20 + 8] ^= 0xff;

@@ -1,5 +1,5 @@
 //! The XDP probe responder on a gateway's underlay interface: a probe arrives as a whole
-//! VXLAN frame and leaves the same way (`XDP_TX`), turned into the reply the TC program would
+//! VXLAN frame and leaves the way it came (`XDP_REDIRECT` to its own interface), turned into the reply the TC program would
 //! send; everything that is not a well-formed probe for this node passes untouched.
 
 use egress_agent::health::probe_frame;
@@ -38,7 +38,7 @@ fn a_probe_is_turned_around_on_the_underlay_with_the_gateways_own_health() {
     let mut gateway = gateway_node();
     let request = request(PROBE_VIA_ANY);
     let (verdict, reply) = gateway.run_xdp(&request);
-    assert_eq!(verdict, XDP_TX);
+    assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(reply.len(), request.len());
     // Back to where it came from, on every layer.
     assert_eq!(reply[0..6], UNDERLAY_MAC_A);
@@ -105,7 +105,10 @@ fn the_probing_node_notes_the_xdp_reply() {
         .hash::<[u8; 4], egress_common::gateway::ProbeReply>(map_names::PROBE_REPLIES)
         .get(&GATEWAY.octets(), 0)
         .unwrap();
-    assert_eq!((noted.seq, noted.sent_ns), (5, 1234));
+    assert_eq!(
+        (noted.seq, noted.sent_ns, noted.path),
+        (5, 1234, PROBE_VIA_XDP)
+    );
 }
 
 /// Whatever is not a probe request for any responder, from a known node to this node, on

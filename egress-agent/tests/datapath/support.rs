@@ -13,8 +13,9 @@ pub(crate) use egress_agent::datapath::testing::{
     OBJECT,
     packets::{
         ACK, FIN, FRAGMENT_ID, L4, RST, SYN, TC_ACT_NEXT, TC_ACT_REDIRECT, TC_ACT_SHOT,
-        UNDERLAY_MAC_A, UNDERLAY_MAC_B, VXLAN_SOURCE_PORT, XDP_PASS, XDP_TX, checksum, fragments,
-        on_underlay, packet, pseudo_sum, reassemble, scenario::*, seen, ttl_of, with_ttl,
+        UNDERLAY_MAC_A, UNDERLAY_MAC_B, VXLAN_SOURCE_PORT, XDP_PASS, XDP_REDIRECT, checksum,
+        fragments, on_underlay, packet, pseudo_sum, reassemble, scenario::*, seen, ttl_of,
+        with_ttl,
     },
 };
 pub(crate) use egress_common::{

@@ -77,6 +77,7 @@ impl Cluster {
             &self.underlay,
             &["link", "set", &router_port, "master", "br0", "up"],
         )?;
+        self.set_router_port_napi(&router_port, true)?;
         ip_in(
             ns,
             &["route", "add", "default", "via", &ROUTER_IP.to_string()],
@@ -261,6 +262,32 @@ impl Cluster {
             ],
         )?;
         Ok(())
+    }
+
+    /// A veth sends what XDP redirects out of it (the probe responder's answers) to its
+    /// peer's NAPI, which a veth has only with GRO on (or an XDP program of its own);
+    /// without it the kernel drops the frame, as a NIC driver without XDP transmit would. A
+    /// physical underlay has no such peer, so the router's ports have it on.
+    fn set_router_port_napi(&self, router_port: &str, on: bool) -> Result<()> {
+        run_checked(netns_command(
+            &self.underlay,
+            &[
+                "ethtool",
+                "-K",
+                router_port,
+                "gro",
+                if on { "on" } else { "off" },
+            ],
+        ))?;
+        Ok(())
+    }
+
+    /// Makes the underlay drop (`false`) or carry (`true`) what XDP on the node's eth0
+    /// sends back: the probe responder's answers are lost, everything else flows.
+    pub fn set_xdp_tx_delivered(&self, node: &str, delivered: bool) -> Result<()> {
+        let node = self.node(node)?;
+        let router_port = format!("{}n{}", self.if_prefix, node.number);
+        self.set_router_port_napi(&router_port, delivered)
     }
 
     /// `ip link set <interface> up|down` on a node. Bringing a second-network interface back

@@ -10,7 +10,7 @@ pub const TC_ACT_NEXT: u32 = u32::MAX; // TC_ACT_UNSPEC (-1): TCX "next", packet
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 pub const XDP_PASS: u32 = 2;
-pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
 
 /// The addresses and interfaces of the scenario the tests and the benchmark share: a pod on
 /// `POD_NODE` whose policy sends its traffic to `DEST` through `GATEWAY`.
