@@ -80,8 +80,10 @@ pub(crate) fn probe_responder(ctx: XdpContext) -> u32 {
     // XDP_TX: the same for a NIC, and on a veth underlay (kind, the test clusters) XDP_TX
     // frames wait for the peer's next packet unless the peer runs XDP itself, while a
     // redirect is flushed at once. The helper returns XDP_REDIRECT.
+    let ifindex = u32::try_from(ctx.ingress_ifindex()).unwrap_or(0);
     // SAFETY: helper with plain arguments.
-    unsafe { bpf_redirect(ctx.ingress_ifindex() as u32, 0) as u32 }
+    let action = unsafe { bpf_redirect(ifindex, 0) };
+    u32::try_from(action).unwrap_or(xdp_action::XDP_ABORTED)
 }
 
 /// Reads `N` bytes at `offset`.

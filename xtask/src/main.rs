@@ -94,6 +94,16 @@ enum Task {
         /// A smoke run with tiny counts, written to bench/results/quick/ instead.
         #[arg(long)]
         quick: bool,
+        /// Sections to run instead of all (egress-bench's --only), e.g. `datapath,failover`;
+        /// written to bench/results/<SUBFOLDER> (see --out).
+        #[arg(long, requires = "out")]
+        only: Option<String>,
+        /// With --only: the folder under bench/results/ for this partial run.
+        #[arg(long)]
+        out: Option<String>,
+        /// Trials per fault type in the failover section (default 20).
+        #[arg(long)]
+        failover_trials: Option<usize>,
     },
 }
 
@@ -187,23 +197,34 @@ fn run_task(task: Task) -> Result<ExitCode> {
             setup(&ws.root, &ws.tools, Needs::Build)?;
             lint(&ws)?;
         }
-        Task::Bench { quick } => {
+        Task::Bench {
+            quick,
+            only,
+            out,
+            failover_trials,
+        } => {
             ensure_root("the benchmarks load BPF programs and create network namespaces")?;
             setup(&ws.root, &ws.tools, Needs::Clusters)?;
             let built = ws.build(
                 Profile { release: true },
                 &binaries_for(&["egress-bench", "egress-load"]),
             )?;
-            let out = if quick {
-                ws.root.join("bench/results/quick")
-            } else {
-                ws.root.join("bench/results")
+            let out = match (&out, quick) {
+                (Some(folder), _) => ws.root.join("bench/results").join(folder),
+                (None, true) => ws.root.join("bench/results/quick"),
+                (None, false) => ws.root.join("bench/results"),
             };
             let mut bench = Command::new(built.path("egress-bench"));
             built.add_env(&mut bench);
             bench.arg("--out").arg(&out);
             if quick {
                 bench.arg("--quick");
+            }
+            if let Some(only) = only {
+                bench.arg("--only").arg(only);
+            }
+            if let Some(trials) = failover_trials {
+                bench.arg("--failover-trials").arg(trials.to_string());
             }
             return exit_code_of(&mut bench);
         }

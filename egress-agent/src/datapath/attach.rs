@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     hash::Hash,
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use aya::programs::{
@@ -203,7 +203,7 @@ impl Datapath {
         Ok(())
     }
 
-    fn attach_tc(&mut self, attachment: &Attachment, path: &PathBuf) -> Result<FdLink> {
+    fn attach_tc(&mut self, attachment: &Attachment, path: &Path) -> Result<FdLink> {
         let program = program_mut(&mut self.ebpf, attachment.hook.program())?;
         let attach_err = |source| DatapathError::Attach {
             hook: attachment.hook,

@@ -84,12 +84,12 @@ impl Datapath {
         }
         let mut ebpf = loader.load(OBJECT)?;
         for hook in Hook::ALL {
-            let loaded = if hook.is_xdp() {
+            let result = if hook.is_xdp() {
                 xdp_mut(&mut ebpf, hook.program())?.load()
             } else {
                 program_mut(&mut ebpf, hook.program())?.load()
             };
-            loaded.map_err(|source| DatapathError::Program {
+            result.map_err(|source| DatapathError::Program {
                 name: hook.program(),
                 source,
             })?;
