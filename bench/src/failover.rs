@@ -624,10 +624,15 @@ fn probe_load(cluster: &Cluster, params: &Params, bins: &Binaries) -> Result<Val
             pair.insert(field.into(), json!(ns));
         }
         pair.insert("counts".into(), json!(counts));
-        for (kind, field) in [("probes", "answered_xdp"), ("probes_tc", "answered_tc")] {
+        // The TC path drops some of a 50,000/s flood (the veth's ring before the VXLAN
+        // decapsulation fills); its cost is per probe sent, like the others.
+        for (kind, field, percent) in [
+            ("probes", "answered_xdp", 95),
+            ("probes_tc", "answered_tc", 80),
+        ] {
             let probes = &pair[kind];
             let sent = probes["sent"].as_u64().unwrap_or(0);
-            if probes[field].as_u64().unwrap_or(0) < sent * 95 / 100 {
+            if probes[field].as_u64().unwrap_or(0) < sent * percent / 100 {
                 bail!("{GATEWAY_A} answered too few of the flood's probes ({field}): {probes}");
             }
         }

@@ -12,7 +12,7 @@
 //! can serve (egress interface up, with its address), and its probe replies carry it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     sync::{Arc, Mutex},
     thread,
@@ -34,6 +34,7 @@ use prometheus_client::metrics::{
     gauge::Gauge,
     histogram::{Histogram, exponential_buckets},
 };
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
@@ -71,6 +72,24 @@ pub struct Targets {
     /// Floating egress IPs this node is a candidate of: it holds one when every candidate
     /// before it is down.
     pub floating: BTreeMap<Ipv4Addr, FloatingTarget>,
+}
+
+/// What this node's prober finds, for the status writer: the gateway candidates it judged
+/// down, by node name, and whether this node itself can serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthView {
+    pub down: BTreeSet<String>,
+    pub self_serving: bool,
+}
+
+impl Default for HealthView {
+    /// Nothing judged yet.
+    fn default() -> Self {
+        HealthView {
+            down: BTreeSet::new(),
+            self_serving: true,
+        }
+    }
 }
 
 /// Why a gateway went down.
@@ -339,17 +358,20 @@ impl Default for HealthMetrics {
     }
 }
 
-/// Starts the prober thread; the reconcile updates `targets`.
+/// Starts the prober thread; the reconcile updates `targets`, the prober `view`.
 pub fn spawn_prober(
     pins: PinLayout,
     tunnel_port: u16,
     settings: ProbeSettings,
     targets: Arc<Mutex<Targets>>,
     metrics: HealthMetrics,
+    view: watch::Sender<HealthView>,
 ) {
     let spawned = thread::Builder::new()
         .name("gateway-prober".into())
-        .spawn(move || Prober::new(pins, tunnel_port, settings, metrics).run(&targets));
+        .spawn(move || {
+            Prober::new(pins, tunnel_port, settings, metrics, view).run(&targets);
+        });
     if let Err(error) = spawned {
         warn!(error = %error, "cannot start the gateway prober: gateways are not health-checked");
     }
@@ -374,6 +396,7 @@ struct Prober {
     /// Holds this node's floating egress IPs; made when the first one shows up.
     holder: Option<Holder>,
     said: SayOnce<String>,
+    view: watch::Sender<HealthView>,
 }
 
 impl Prober {
@@ -382,8 +405,10 @@ impl Prober {
         tunnel_port: u16,
         settings: ProbeSettings,
         metrics: HealthMetrics,
+        view: watch::Sender<HealthView>,
     ) -> Self {
         Prober {
+            view,
             pins,
             tunnel_port,
             settings,
@@ -508,6 +533,20 @@ impl Prober {
             }
         }
         self.write_health(health, targets)?;
+        let view = HealthView {
+            down: targets
+                .gateways
+                .iter()
+                .filter(|(ip, _)| self.judge.is_down(**ip))
+                .map(|(_, target)| target.node.clone())
+                .collect(),
+            self_serving: targets.self_serving,
+        };
+        self.view.send_if_modified(|current| {
+            let changed = *current != view;
+            *current = view;
+            changed
+        });
         self.send_probes(targets)?;
         // After the probes: a failure here must not stop the health checks.
         if let Err(error) = self.hold_floating_ips(targets) {

@@ -19,7 +19,7 @@ use crate::{
     chain::Chain,
     config::{AgentConfig, SourceConfig},
     datapath::{Datapath, PinLayout, monotonic_now_ns},
-    health::{self, HealthMetrics, Targets},
+    health::{self, HealthMetrics, HealthView, Targets},
     metrics,
     netlink::{self, Netlink},
     privileges,
@@ -122,13 +122,20 @@ async fn start(config: &AgentConfig) -> anyhow::Result<Option<Started>> {
         node_name: config.node_name.clone(),
         ..Report::default()
     }));
+    let (health_view, health_views) = watch::channel(HealthView::default());
     let mut snapshots = match source {
         Connected::Manifests(dir) => source::manifests::watch(dir),
         Connected::Kubernetes(client, lease_namespace) => {
             let source = kubernetes::source(client.clone());
             let election =
                 lease::spawn_election(client.clone(), lease_namespace, config.node_name.clone());
-            writer::spawn_status_writer(client, source.policies, reports.clone(), election);
+            writer::spawn_status_writer(
+                client,
+                source.policies,
+                reports.clone(),
+                election,
+                health_views,
+            );
             source.snapshots
         }
     };
@@ -148,6 +155,7 @@ async fn start(config: &AgentConfig) -> anyhow::Result<Option<Started>> {
         config.probes,
         Arc::clone(&probe_targets),
         health_metrics,
+        health_view,
     );
     let mut terminate = signal(SignalKind::terminate())?;
     if matches!(config.source, SourceConfig::Kubernetes { .. }) {

@@ -80,9 +80,10 @@ pub struct DesiredState {
     /// (`GROUP_POD_NODE_TRANSLATES`: a floating egress IP's).
     pub group_flags: BTreeMap<u32, u32>,
     /// Gateways this node probes, by underlay address: the candidates of every group an
-    /// entry of a local pod references, and on a candidate of a floating egress IP the
-    /// candidates before it ([`FloatingIp::candidates_before`]); this node excepted. Empty
-    /// on a node without selected pods that is no floating IP's candidate.
+    /// entry of a local pod references, and on a candidate the candidates before it in each
+    /// of its groups (floating or not: it holds the floating IP, and writes the policy's
+    /// status, when they are all down); this node excepted. Empty on a node without
+    /// selected pods that is nobody's candidate.
     pub probe_targets: BTreeMap<Ipv4Addr, ProbeTarget>,
     /// Floating egress IP -> this node's block of its NAT ports, (first port, count): the
     /// ports this node translates its pods' flows to. Only on nodes running pods of a
@@ -101,6 +102,8 @@ pub struct DesiredState {
     /// This node can translate what its groups may send it: every egress IP it serves a
     /// pod with resolved. True on a node that is no pod's candidate.
     pub self_serving: bool,
+    /// This node's underlay address (its InternalIP), when it has one.
+    pub node_ip: Option<Ipv4Addr>,
 }
 
 impl Default for DesiredState {
@@ -123,6 +126,7 @@ impl Default for DesiredState {
             floating_ips: BTreeMap::new(),
             self_draining: false,
             self_serving: true,
+            node_ip: None,
         }
     }
 }
@@ -240,8 +244,9 @@ impl DesiredState {
         self.group_flags.retain(|id, _| referenced.contains(id));
     }
 
-    /// The candidates of the groups that entries of local pods reference, and the
-    /// candidates before this node of the floating IPs it may hold.
+    /// The candidates of the groups that entries of local pods reference, the candidates
+    /// before this node in the groups it is a candidate of, and the candidates before this
+    /// node of the floating IPs it may hold.
     fn probed_gateways(&self) -> BTreeSet<Ipv4Addr> {
         let local_groups: BTreeSet<u32> = self
             .policy_entries
@@ -253,11 +258,18 @@ impl DesiredState {
             .floating_ips
             .values()
             .flat_map(|floating| &floating.candidates_before);
+        let before_this_node = self.gateway_groups.values().flat_map(|candidates| {
+            let position = self
+                .node_ip
+                .and_then(|own| candidates.iter().position(|ip| *ip == own));
+            &candidates[..position.unwrap_or(0)]
+        });
         local_groups
             .iter()
             .filter_map(|id| self.gateway_groups.get(id))
             .flatten()
             .chain(holders_before)
+            .chain(before_this_node)
             .copied()
             .collect()
     }
@@ -543,6 +555,7 @@ pub fn desired_state_with_nat_ports(
             .flat_map(|p| p.ips.iter().copied())
             .collect(),
         self_draining: inv.nodes.get(node_name).is_some_and(Node::is_draining),
+        node_ip: inv.nodes.get(node_name).and_then(|node| node.internal_ip),
         ..Default::default()
     };
     let pods = PodIndex::new(inv);
@@ -1434,8 +1447,9 @@ mod tests {
         assert_eq!(probed("w2"), BTreeMap::from([target("w1")]));
         // gw-a runs web-2: it probes the rest of web's group, never itself.
         assert_eq!(probed(GW), BTreeMap::from([target("gw-b")]));
-        // No selected pods: no probes.
-        assert!(probed("gw-b").is_empty());
+        // No selected pods, but web's second candidate: it probes the one before it (it
+        // writes web's status while that one is down).
+        assert_eq!(probed("gw-b"), BTreeMap::from([target(GW)]));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::{net::Ipv4Addr, thread, time::Duration};
 
 use egress_tests::{
-    Cluster, ClusterConfig, FlowKind, LeakDetector, PeerProtocol, Pod, Signal,
+    Cluster, ClusterConfig, FlowKind, LeakDetector, LongFlow, PeerProtocol, Pod, Signal,
     expected::{EgressSource, SimplePolicy},
     skip_unless_root, wait_until,
 };
@@ -126,6 +126,22 @@ fn assert_no_leaks(cluster: &mut Cluster, pod: &Pod) {
         .check(&packets)
         .unwrap();
     assert!(matched > 0, "the pod's traffic was captured");
+}
+
+/// Failovers worker-1's prober counted, for every cause that is one.
+fn all_failovers(cluster: &Cluster) -> u64 {
+    failovers(cluster, "unanswered") + failovers(cluster, "not_serving")
+}
+
+/// No failover: `flow` went on through A without a pause over a second, worker-1 still
+/// finds A up, and no failover was counted since `failovers_before`.
+fn assert_nothing_moved(cluster: &Cluster, flow: LongFlow, failovers_before: u64) {
+    let summary = flow.stop().unwrap();
+    summary
+        .check_unbroken(&EGRESS_A.to_string(), Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(healthy(cluster, GATEWAY_A), Some(1.0));
+    assert_eq!(all_failovers(cluster), failovers_before, "no failover");
 }
 
 /// Whether worker-1 still probes gateway A after the fault (not when A left the inventory).
@@ -267,20 +283,11 @@ fn killing_the_active_gateways_agent_is_no_failover() {
         .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
         .unwrap();
     thread::sleep(Duration::from_secs(1));
-    let failovers_before = failovers(&cluster, "unanswered") + failovers(&cluster, "not_serving");
+    let failovers_before = all_failovers(&cluster);
     cluster.kill_agent(GATEWAY_A, Signal::Kill).unwrap();
     thread::sleep(Duration::from_secs(3));
     assert_eq!(source_seen(&cluster, &pod), Some(EGRESS_A));
-    let summary = flow.stop().unwrap();
-    summary
-        .check_unbroken(&EGRESS_A.to_string(), Duration::from_secs(1))
-        .unwrap();
-    assert_eq!(healthy(&cluster, GATEWAY_A), Some(1.0));
-    assert_eq!(
-        failovers(&cluster, "unanswered") + failovers(&cluster, "not_serving"),
-        failovers_before,
-        "no failover"
-    );
+    assert_nothing_moved(&cluster, flow, failovers_before);
     assert_no_leaks(&mut cluster, &pod);
 }
 
@@ -321,7 +328,7 @@ fn probes_are_answered_in_xdp_and_lost_xdp_answers_fail_nothing_over() {
         .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
         .unwrap();
     thread::sleep(Duration::from_secs(1));
-    let failovers_before = failovers(&cluster, "unanswered") + failovers(&cluster, "not_serving");
+    let failovers_before = all_failovers(&cluster);
     cluster.set_xdp_tx_delivered(GATEWAY_A, false).unwrap();
     let before = answered(&cluster);
     thread::sleep(Duration::from_secs(3));
@@ -336,16 +343,7 @@ fn probes_are_answered_in_xdp_and_lost_xdp_answers_fail_nothing_over() {
         fallbacks.is_some_and(|count| count >= 1.0),
         "worker-1 counted the fallback: {fallbacks:?}"
     );
-    let summary = flow.stop().unwrap();
-    summary
-        .check_unbroken(&EGRESS_A.to_string(), Duration::from_secs(1))
-        .unwrap();
-    assert_eq!(healthy(&cluster, GATEWAY_A), Some(1.0));
-    assert_eq!(
-        failovers(&cluster, "unanswered") + failovers(&cluster, "not_serving"),
-        failovers_before,
-        "no failover"
-    );
+    assert_nothing_moved(&cluster, flow, failovers_before);
     cluster.set_xdp_tx_delivered(GATEWAY_A, true).unwrap();
     assert_no_leaks(&mut cluster, &pod);
 }

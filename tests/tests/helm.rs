@@ -551,7 +551,13 @@ fn agent_map_size_defaults() -> Result<BTreeMap<String, String>> {
             continue;
         };
         if flag.starts_with("--") && flag.ends_with("-map-size") {
-            let description = lines.next().unwrap_or_default();
+            // The flag's text runs to the next flag (clap's long layout puts the default on
+            // a line of its own).
+            let description: Vec<&str> = lines
+                .clone()
+                .take_while(|line| !line.starts_with('-'))
+                .collect();
+            let description = description.join(" ").trim_end().to_owned();
             let default = description
                 .rsplit_once("[default: ")
                 .and_then(|(_, rest)| rest.strip_suffix(']'))

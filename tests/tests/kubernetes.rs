@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 
 const WORKER_1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
 const WORKER_2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 12);
+const WORKER_3: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 13);
 /// How long an agent may take to program a change.
 const PROGRAMMED: Duration = Duration::from_secs(30);
 /// how-to.yaml's name.
@@ -390,6 +391,81 @@ const ORPHAN: &str = "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\
                       orphan\nspec:\n  selectors:\n  - podSelector: {}\n  destinationCIDRs: \
                       [203.0.113.0/24]\n  egressGateway:\n    nodeSelector:\n      matchLabels: \
                       {pool: none}\n";
+
+/// A policy whose gateway spec has two candidates, k8s-worker-2 and k8s-worker-3 (both
+/// labelled egress-node=true), leaving through eth0.
+const TWO_CANDIDATES: &str = "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\n\
+                              metadata:\n  name: failover\nspec:\n  selectors:\n  - \
+                              podSelector:\n      matchLabels: {app: my-app}\n  \
+                              destinationCIDRs: [198.51.100.0/24]\n  egressGateway:\n    \
+                              nodeSelector:\n      matchLabels: {egress-node: 'true'}\n    \
+                              interface: eth0\n";
+
+/// The status names the active gateway through a failover: the first candidate while it is
+/// up; when its links go down (it cannot even reach the API server), the next candidate,
+/// whose probes find it down, writes itself as the active node; when it is back, it writes
+/// itself again.
+#[test]
+fn the_status_names_the_active_gateway_through_a_failover() {
+    skip_unless_root!();
+    let mut setup = Setup::bare();
+    for node in ["k8s-worker-2", "k8s-worker-3"] {
+        setup
+            .cluster
+            .label_node(node, "egress-node", "true")
+            .unwrap();
+    }
+    setup
+        .cluster
+        .apply_policy("failover", TWO_CANDIDATES)
+        .unwrap();
+    let pod = setup.add_my_app("k8s-worker-1", "my-app");
+    setup.start_agents();
+    setup.wait_for_steered(&pod);
+    setup.cluster.start_capture().unwrap();
+    let both = json!([["k8s-worker-2", "k8s-worker-3"]]);
+    let first = wait_for_status(&setup, "failover", |status| {
+        status["healthyCandidateNodes"] == both
+    });
+    assert_eq!(first["gatewayNodes"], json!(["k8s-worker-2"]), "{first}");
+    assert_eq!(first["candidateNodes"], both, "{first}");
+
+    setup
+        .cluster
+        .set_link("k8s-worker-2", "eth0", false)
+        .unwrap();
+    let moved = wait_for_status(&setup, "failover", |status| {
+        status["gatewayNodes"] == json!(["k8s-worker-3"])
+    });
+    assert_eq!(
+        moved["healthyCandidateNodes"],
+        json!([["k8s-worker-3"]]),
+        "{moved}"
+    );
+    assert_eq!(moved["egressIP"], json!(WORKER_3.to_string()), "{moved}");
+    assert_ready(&moved, "True", "Programmed");
+    assert_eq!(
+        setup.cluster.source_ip_seen_by_destination(&pod).unwrap(),
+        WORKER_3,
+        "new requests leave through the next candidate"
+    );
+
+    setup
+        .cluster
+        .set_link("k8s-worker-2", "eth0", true)
+        .unwrap();
+    let back = wait_for_status(&setup, "failover", |status| {
+        status["healthyCandidateNodes"] == both
+    });
+    assert_eq!(back["gatewayNodes"], json!(["k8s-worker-2"]), "{back}");
+    let packets = setup.cluster.stop_capture().unwrap();
+    let matched = LeakDetector::new()
+        .matched_port(PEER_HTTP_PORT, [WORKER_2, WORKER_3])
+        .forbidden_sources([pod.ip, WORKER_1])
+        .check(&packets)
+        .unwrap();
+    assert!(matched > 0, "the pod's requests were captured");
+}
 
 /// The agent holding the status writer's Lease dies (kill -9): once the Lease expires, a live
 /// agent takes it over and writes the status of the policy without a gateway.

@@ -17,7 +17,7 @@ pub use attach::{Attachment, Hook};
 use aya::{
     Ebpf, Pod,
     maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, Xdp},
+    programs::{Program, ProgramError, SchedClassifier, Xdp},
 };
 use egress_common::{
     counters::{Counter, reason},
@@ -88,15 +88,17 @@ impl Datapath {
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::MissingProgram(name))?;
-    program
-        .try_into()
-        .map_err(|source| DatapathError::Program { name, source })
+    typed_program(ebpf, name)
 }
 
 fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
+    typed_program(ebpf, name)
+}
+
+fn typed_program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
     let program = ebpf
         .program_mut(name)
         .ok_or(DatapathError::MissingProgram(name))?;

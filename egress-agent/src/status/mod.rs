@@ -24,7 +24,7 @@ use k8s_openapi::{
 use serde::{Deserialize, Serialize};
 
 use self::lease::Election;
-use crate::{report::Report, source::Refusal};
+use crate::{health::HealthView, report::Report, source::Refusal};
 
 pub const READY: &str = "Ready";
 
@@ -34,10 +34,16 @@ pub const READY: &str = "Ready";
 pub struct PolicyStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Each gateway spec's active node: its first candidate neither down nor unable to
+    /// serve, as the writer's prober finds them (the first candidate while all are healthy,
+    /// as in Cilium).
     pub gateway_nodes: Vec<String>,
     /// Each gateway spec's candidates, in order of preference (failover).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub candidate_nodes: Vec<Vec<String>>,
+    /// Each gateway spec's candidates that are up, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub healthy_candidate_nodes: Vec<Vec<String>>,
     /// Left out when unknown: the apply then removes the value it wrote before.
     #[serde(rename = "egressIP", skip_serializing_if = "Option::is_none")]
     pub egress_ip: Option<String>,
@@ -99,15 +105,58 @@ pub fn readiness(problem: Option<&PolicyProblem>) -> (bool, Reason) {
     }
 }
 
-/// Whether the agent on `node_name` writes a policy's status. `summary` is `None` for an
-/// invalid policy.
+/// Each gateway spec's candidates that are up as `node_name`'s prober finds them (itself up
+/// while it can serve).
+fn healthy_candidates(
+    summary: &PolicySummary,
+    node_name: &str,
+    health: &HealthView,
+) -> Vec<Vec<String>> {
+    let up = |candidate: &&String| {
+        if *candidate == node_name {
+            health.self_serving
+        } else {
+            !health.down.contains(*candidate)
+        }
+    };
+    summary
+        .candidate_nodes
+        .iter()
+        .map(|candidates| candidates.iter().filter(up).cloned().collect())
+        .collect()
+}
+
+/// Each gateway spec's active node: its first healthy candidate (specs with none have none).
+fn active_nodes(summary: &PolicySummary, node_name: &str, health: &HealthView) -> Vec<String> {
+    if summary.candidate_nodes.is_empty() {
+        return summary.gateway_nodes.clone();
+    }
+    healthy_candidates(summary, node_name, health)
+        .into_iter()
+        .filter_map(|healthy| healthy.into_iter().next())
+        .collect()
+}
+
+/// Whether the agent on `node_name` writes a policy's status: the first active node as this
+/// node's prober finds them, so a failed first candidate hands the writing to the next one;
+/// the first candidate when none is up in this node's view; the Lease holder when no spec
+/// has a node. `summary` is `None` for an invalid policy.
 pub fn is_writer(
     summary: Option<&PolicySummary>,
     node_name: &str,
     nodes: &BTreeMap<String, Node>,
     election: Election,
+    health: &HealthView,
 ) -> bool {
-    match summary.and_then(|summary| summary.gateway_nodes.first()) {
+    // No candidate up as this node sees them (it may not probe them): the first one writes,
+    // as without health.
+    let active = summary.and_then(|summary| {
+        active_nodes(summary, node_name, health)
+            .into_iter()
+            .next()
+            .or_else(|| summary.gateway_nodes.first().cloned())
+    });
+    match active {
         Some(gateway) => gateway == node_name,
         None => match election {
             Election::Held => true,
@@ -120,6 +169,8 @@ pub fn is_writer(
 /// What one policy's status should say, as seen by its writer `node_name`.
 pub struct StatusInput<'a> {
     pub node_name: &'a str,
+    /// The writer's view of the candidates' health.
+    pub health: &'a HealthView,
     pub generation: Option<i64>,
     /// `None` when the policy is invalid.
     pub summary: Option<&'a PolicySummary>,
@@ -146,7 +197,8 @@ pub fn status(
         ),
         Some(summary) => {
             let (ready, reason) = readiness(summary.problem.as_ref());
-            let message = match (&summary.problem, summary.gateway_nodes.first()) {
+            let active = active_nodes(summary, input.node_name, input.health);
+            let message = match (&summary.problem, active.first()) {
                 (Some(problem), _) => problem.to_string(),
                 (None, Some(gateway)) => format!(
                     "{} pods egress through gateway node {gateway}",
@@ -179,14 +231,21 @@ pub fn status(
             condition.last_transition_time.clone()
         });
     let summary = input.summary;
-    let is_gateway = summary
-        .and_then(|summary| summary.gateway_nodes.first())
+    let gateway_nodes = summary
+        .map(|s| active_nodes(s, input.node_name, input.health))
+        .unwrap_or_default();
+    let is_gateway = gateway_nodes
+        .first()
         .is_some_and(|gateway| gateway == input.node_name);
     PolicyStatus {
         observed_generation: input.generation,
-        gateway_nodes: summary.map(|s| s.gateway_nodes.clone()).unwrap_or_default(),
+        gateway_nodes,
         candidate_nodes: summary
             .map(|s| s.candidate_nodes.clone())
+            .unwrap_or_default(),
+        healthy_candidate_nodes: summary
+            .filter(|s| s.candidate_nodes.iter().any(|c| c.len() > 1))
+            .map(|s| healthy_candidates(s, input.node_name, input.health))
             .unwrap_or_default(),
         egress_ip: summary
             .filter(|_| is_gateway)
@@ -234,7 +293,11 @@ pub fn needs_write(
 }
 
 /// The statuses this node writes for `report`: one per policy object it is the writer of.
-pub fn statuses_to_write(report: &Report, election: Election) -> Vec<(&str, StatusInput<'_>)> {
+pub fn statuses_to_write<'a>(
+    report: &'a Report,
+    election: Election,
+    health: &'a HealthView,
+) -> Vec<(&'a str, StatusInput<'a>)> {
     let snapshot = &report.snapshot;
     snapshot
         .policy_generations
@@ -255,12 +318,14 @@ pub fn statuses_to_write(report: &Report, election: Election) -> Vec<(&str, Stat
                 &report.node_name,
                 &snapshot.inventory.nodes,
                 election,
+                health,
             )
             .then(|| {
                 (
                     name.as_str(),
                     StatusInput {
                         node_name: &report.node_name,
+                        health,
                         generation: Some(*generation),
                         summary,
                         refusals,
@@ -293,7 +358,7 @@ pub(crate) fn now() -> Timestamp {
 
 #[cfg(test)]
 mod tests {
-    use std::{net::Ipv4Addr, sync::Arc};
+    use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
 
     use egress_control::inventory::test_support::node;
 
@@ -333,21 +398,64 @@ mod tests {
         let served = summary(&["w2", "w3"], None);
         let no_gateway = summary(&[], Some(PolicyProblem::NoGatewayNode));
         for election in [Election::Held, Election::NotHeld, Election::Pending] {
-            assert!(is_writer(Some(&served), "w2", &nodes, election));
-            assert!(!is_writer(Some(&served), "w3", &nodes, election));
+            assert!(is_writer(
+                Some(&served),
+                "w2",
+                &nodes,
+                election,
+                &HealthView::default()
+            ));
+            assert!(!is_writer(
+                Some(&served),
+                "w3",
+                &nodes,
+                election,
+                &HealthView::default()
+            ));
         }
         for summary in [Some(&no_gateway), None] {
-            assert!(is_writer(summary, "w3", &nodes, Election::Held));
-            assert!(!is_writer(summary, "w1", &nodes, Election::NotHeld));
-            assert!(!is_writer(summary, "w1", &nodes, Election::Pending));
-            assert!(is_writer(summary, "w1", &nodes, Election::Unavailable));
-            assert!(!is_writer(summary, "w3", &nodes, Election::Unavailable));
+            assert!(is_writer(
+                summary,
+                "w3",
+                &nodes,
+                Election::Held,
+                &HealthView::default()
+            ));
+            assert!(!is_writer(
+                summary,
+                "w1",
+                &nodes,
+                Election::NotHeld,
+                &HealthView::default()
+            ));
+            assert!(!is_writer(
+                summary,
+                "w1",
+                &nodes,
+                Election::Pending,
+                &HealthView::default()
+            ));
+            assert!(is_writer(
+                summary,
+                "w1",
+                &nodes,
+                Election::Unavailable,
+                &HealthView::default()
+            ));
+            assert!(!is_writer(
+                summary,
+                "w3",
+                &nodes,
+                Election::Unavailable,
+                &HealthView::default()
+            ));
         }
         assert!(!is_writer(
             None,
             "w1",
             &BTreeMap::new(),
-            Election::Unavailable
+            Election::Unavailable,
+            &HealthView::default()
         ));
     }
 
@@ -384,7 +492,7 @@ mod tests {
             ..Default::default()
         };
         let names = |node: &str, election| -> Vec<String> {
-            statuses_to_write(&report(node), election)
+            statuses_to_write(&report(node), election, &HealthView::default())
                 .into_iter()
                 .map(|(name, _)| name.to_owned())
                 .collect()
@@ -395,6 +503,75 @@ mod tests {
         assert!(names("w1", Election::NotHeld).is_empty());
     }
 
+    /// The first candidate failed (as the next one's prober finds it, or it cannot serve by
+    /// its own account): the next one writes the status, naming itself the active node.
+    #[test]
+    fn a_failed_first_candidate_hands_the_status_to_the_next() {
+        let served = PolicySummary {
+            candidate_nodes: vec![vec!["w2".into(), "w4".into()]],
+            ..summary(&["w2"], None)
+        };
+        let nodes = nodes(&["w1", "w2", "w4"]);
+        let w2_down = HealthView {
+            down: BTreeSet::from(["w2".to_owned()]),
+            self_serving: true,
+        };
+        let not_serving = HealthView {
+            down: BTreeSet::new(),
+            self_serving: false,
+        };
+        let healthy = HealthView::default();
+        assert!(!is_writer(
+            Some(&served),
+            "w4",
+            &nodes,
+            Election::NotHeld,
+            &healthy
+        ));
+        assert!(is_writer(
+            Some(&served),
+            "w4",
+            &nodes,
+            Election::NotHeld,
+            &w2_down
+        ));
+        assert!(!is_writer(
+            Some(&served),
+            "w2",
+            &nodes,
+            Election::NotHeld,
+            &not_serving
+        ));
+        // A node that finds every candidate down (it only sees them from outside) leaves
+        // the writing to the first one.
+        let all_down = HealthView {
+            down: BTreeSet::from(["w2".to_owned(), "w4".to_owned()]),
+            self_serving: true,
+        };
+        assert!(!is_writer(
+            Some(&served),
+            "w1",
+            &nodes,
+            Election::Held,
+            &all_down
+        ));
+        let input = StatusInput {
+            node_name: "w4",
+            health: &w2_down,
+            generation: Some(1),
+            summary: Some(&served),
+            refusals: vec![],
+        };
+        let written = status(&input, None, at(100));
+        assert_eq!(written.gateway_nodes, ["w4"]);
+        assert_eq!(written.healthy_candidate_nodes, [["w4"]]);
+        assert_eq!(written.egress_ip.as_deref(), Some("10.0.0.12"));
+        assert_eq!(
+            written.conditions[0].message,
+            "2 pods egress through gateway node w4"
+        );
+    }
+
     #[test]
     fn status_of_a_served_policy() {
         let served = PolicySummary {
@@ -403,6 +580,7 @@ mod tests {
         };
         let input = StatusInput {
             node_name: "w2",
+            health: &HealthView::default(),
             generation: Some(4),
             summary: Some(&served),
             refusals: vec![],
@@ -415,6 +593,7 @@ mod tests {
                 "observedGeneration": 4,
                 "gatewayNodes": ["w2", "w3"],
                 "candidateNodes": [["w2", "w4"], ["w3"]],
+                "healthyCandidateNodes": [["w2", "w4"], ["w3"]],
                 "egressIP": "10.0.0.12",
                 "matchedPods": 2,
                 "conditions": [{
@@ -439,6 +618,7 @@ mod tests {
         let no_gateway = summary(&[], Some(PolicyProblem::NoGatewayNode));
         let input = StatusInput {
             node_name: "w1",
+            health: &HealthView::default(),
             generation: Some(1),
             summary: Some(&no_gateway),
             refusals: vec![],
@@ -481,6 +661,7 @@ mod tests {
         let invalid = status(
             &StatusInput {
                 node_name: "w1",
+                health: &HealthView::default(),
                 generation: Some(7),
                 summary: None,
                 refusals: vec![&refusal],
@@ -508,6 +689,7 @@ mod tests {
         };
         let input = StatusInput {
             node_name: "w2",
+            health: &HealthView::default(),
             generation: Some(1),
             summary: Some(&dual),
             refusals: vec![],
@@ -528,8 +710,10 @@ mod tests {
     #[test]
     fn writes_follow_the_live_object_not_the_last_own_write() {
         let served = summary(&["w2"], None);
+        let healthy = HealthView::default();
         let input = |summary| StatusInput {
             node_name: "w2",
+            health: &healthy,
             generation: Some(1),
             summary: Some(summary),
             refusals: vec![],

@@ -21,7 +21,9 @@ use super::{
     LastWrite, PolicyStatus, READY, lease::Election, needs_write, now, status, statuses_to_write,
     truncate,
 };
-use crate::{chain::Chain, report::Report, source::kubernetes::policy_resource};
+use crate::{
+    chain::Chain, health::HealthView, report::Report, source::kubernetes::policy_resource,
+};
 
 /// The field manager of every agent's status writes.
 pub const FIELD_MANAGER: &str = "egress-gateway-agent";
@@ -31,12 +33,13 @@ const EVENT_ACTION: &str = "WriteStatus";
 const MAX_NOTE_BYTES: usize = 1024;
 
 /// Writes the status of the policies this node is the writer of, after every reconcile and
-/// whenever the election changes.
+/// whenever the election or this node's view of the gateways' health changes.
 pub fn spawn_status_writer(
     client: Client,
     policies: Store<DynamicObject>,
     mut reports: watch::Receiver<Arc<Report>>,
     mut election: watch::Receiver<Election>,
+    mut health: watch::Receiver<HealthView>,
 ) {
     let resource = policy_resource();
     let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
@@ -51,18 +54,25 @@ pub fn spawn_status_writer(
         );
         // What this agent last wrote, and when: the store lags behind a write.
         let mut written: BTreeMap<String, LastWrite> = BTreeMap::new();
+        let mut prober_alive = true;
         loop {
             tokio::select! {
                 changed = reports.changed() => if changed.is_err() { return },
                 changed = election.changed() => if changed.is_err() { return },
+                // A prober that could not start leaves the view as it was.
+                changed = health.changed(), if prober_alive => if changed.is_err() {
+                    prober_alive = false;
+                    continue;
+                },
             }
             let report = Arc::clone(&reports.borrow_and_update());
             let elected = *election.borrow_and_update();
+            let health = health.borrow_and_update().clone();
             if !report.synced {
                 continue;
             }
             written.retain(|name, _| report.snapshot.policy_generations.contains_key(name));
-            for (name, input) in statuses_to_write(&report, elected) {
+            for (name, input) in statuses_to_write(&report, elected, &health) {
                 let live = policies.get(&ObjectRef::new_with(name, resource.clone()));
                 let current = live
                     .as_ref()
