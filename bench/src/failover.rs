@@ -35,7 +35,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use egress_common::config::DEFAULT_TUNNEL_PORT;
+use egress_common::{config::DEFAULT_TUNNEL_PORT, program_names};
 use egress_tests::{
     AgentSource, Background, Cluster, ClusterConfig, FlowSummary, LeakDetector, Pod, Signal,
     expected::{EgressSource, SimplePolicy},
@@ -45,7 +45,7 @@ use egress_tests::{
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::{Binaries, Params, report::summary};
+use crate::{Binaries, Params, program_stats, report::summary};
 
 const POD_NODE: &str = "k8s-worker-1";
 /// The first candidate by name, and the next one; each leaves through its eth1.
@@ -560,6 +560,8 @@ fn probe_load(cluster: &Cluster, params: &Params, bins: &Binaries) -> Result<Val
     /// Busy share of all CPUs at which a flood does not count.
     const SATURATED: f64 = 0.9;
     let closed_port = DEFAULT_TUNNEL_PORT + 1;
+    let links = cluster.node(GATEWAY_A)?.bpffs.join("v2/links");
+    let _stats = program_stats::StatsOn::new()?;
     let mut pairs = Vec::new();
     let mut valid = 0;
     let attempts = params.probe_flood_runs * 3;
@@ -584,8 +586,18 @@ fn probe_load(cluster: &Cluster, params: &Params, bins: &Binaries) -> Result<Val
                 ])
             };
             let before = counters(cluster)?;
+            let runs_before = program_stats::by_program(&links)?;
             let mut flood = flood(cluster, params, bins, port, probe, rate)?;
+            let runs_after = program_stats::by_program(&links)?;
             let after = counters(cluster)?;
+            // What A's programs took per run meanwhile (bpf_stats), beside the CPU times.
+            for program in [program_names::PROBE_RESPONDER, program_names::FROM_TUNNEL] {
+                flood[format!("{program}_ns_per_run")] = json!(program_stats::ns_per_run(
+                    &runs_before,
+                    &runs_after,
+                    program
+                ));
+            }
             flood["answered_xdp"] = json!(after[0].saturating_sub(before[0]));
             flood["answered_tc"] = json!(after[1].saturating_sub(before[1]));
             flood["dropped"] = json!(after[2].saturating_sub(before[2]));
@@ -604,7 +616,22 @@ fn probe_load(cluster: &Cluster, params: &Params, bins: &Binaries) -> Result<Val
         };
         let sender_ns = per("probes", "self_cpu_ns");
         let closed_ns = per("closed_port", "self_cpu_ns");
+        let program_ns = |kind: &str, program: &str| {
+            pair[kind][format!("{program}_ns_per_run")]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        };
         let derived = [
+            (
+                "xdp_program_ns_per_probe",
+                program_ns("probes", program_names::PROBE_RESPONDER),
+            ),
+            // The TC way: the XDP responder passes the probe, then from_tunnel answers it.
+            (
+                "tc_program_ns_per_probe",
+                program_ns("probes_tc", program_names::PROBE_RESPONDER)
+                    + program_ns("probes_tc", program_names::FROM_TUNNEL),
+            ),
             ("sender_ns_per_probe", sender_ns),
             ("answer_ns_per_probe", sender_ns - closed_ns),
             (
@@ -671,6 +698,8 @@ fn probe_load(cluster: &Cluster, params: &Params, bins: &Binaries) -> Result<Val
         "rate_per_s": params.probe_flood_rate,
         "seconds": params.probe_flood_seconds,
         "saturated_at": SATURATED,
+        "xdp_program_ns_per_probe": summary(&counted("xdp_program_ns_per_probe")),
+        "tc_program_ns_per_probe": summary(&counted("tc_program_ns_per_probe")),
         "answer_ns_per_probe": summary(&counted("answer_ns_per_probe")),
         "answer_tc_ns_per_probe": summary(&counted("answer_tc_ns_per_probe")),
         "receive_ns_per_probe": summary(&counted("receive_ns_per_probe")),

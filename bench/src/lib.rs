@@ -11,6 +11,7 @@
 mod failover;
 mod kernel_way;
 pub mod measure;
+mod program_stats;
 pub mod report;
 mod traffic;
 

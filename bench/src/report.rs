@@ -104,6 +104,8 @@ fn probe_cost(doc: &Value) -> Value {
     let tc_bpf = at("from_tunnel/probe_answer");
     let empty = at("floor/empty_one_run_per_packet");
     let tc_bpf_net = tc_bpf.zip(empty).map(|(ns, empty)| (ns - empty).max(0.0));
+    let in_kernel = median(&doc["failover"]["probe_load"]["xdp_program_ns_per_probe"]);
+    let tc_in_kernel = median(&doc["failover"]["probe_load"]["tc_program_ns_per_probe"]);
     let kernel = median(&doc["failover"]["probe_load"]["answer_ns_per_probe"]);
     let tc_kernel = median(&doc["failover"]["probe_load"]["answer_tc_ns_per_probe"]);
     let receive = median(&doc["failover"]["probe_load"]["receive_ns_per_probe"]);
@@ -113,6 +115,10 @@ fn probe_cost(doc: &Value) -> Value {
         "probe_interval_ms": PROBE_INTERVAL_MS,
         "probes_per_s": probes_per_s(),
         "bpf_ns_per_probe": bpf,
+        "in_kernel_ns_per_probe": in_kernel,
+        "tc_in_kernel_ns_per_probe": tc_in_kernel,
+        "in_kernel_core_share": share(in_kernel),
+        "tc_in_kernel_core_share": share(tc_in_kernel),
         "xdp_pass_ns_per_frame": pass,
         "tc_bpf_ns_per_probe": tc_bpf,
         "bpf_empty_one_run_ns": empty,
@@ -421,7 +427,23 @@ fn probe_targets(doc: &Value, list: &mut Vec<Value>) {
         ));
     }
     let kernel = cost["kernel_core_share"].as_f64();
+    let in_kernel = cost["in_kernel_core_share"].as_f64();
     if !doc["failover"].is_null() {
+        list.push(target(
+            "probe cost on a gateway, 5,000 probing nodes at 50 ms: the XDP responder under a \
+             probe flood (bpf_stats)",
+            "< 1% of one core",
+            in_kernel,
+            format!(
+                "{} ({} ns per probe; through the TC program: {})",
+                pct(in_kernel),
+                cost["in_kernel_ns_per_probe"]
+                    .as_f64()
+                    .map_or("n/a".into(), fmt_num),
+                pct(cost["tc_in_kernel_core_share"].as_f64())
+            ),
+            |v| v < 0.01,
+        ));
         list.push(target(
             "probe cost on a gateway, 5,000 probing nodes at 50 ms: XDP and the kernel path \
              (upper bound)",
@@ -870,6 +892,8 @@ fn probe_cost_md(doc: &Value) -> String {
          | Measured | ns per probe | At {} probes/s |\n|---|---|---|\n\
          | the XDP responder answering a probe (the default; BPF_PROG_TEST_RUN, one run per probe) | {} | {} |\n\
          | the XDP responder passing a frame it parsed to the end (what other underlay traffic pays at most) | {} | — |\n\
+         | the XDP responder under a probe flood, in-kernel run time per probe (bpf_stats) | {} | {} |\n\
+         | the TC way under the flood: XDP passing the probe, then `from_tunnel` answering it (bpf_stats) | {} | {} |\n\
          | the `from_tunnel` TC program answering a probe (`--probe-responder tc`) | {} | {} |\n\
          | the same, less the empty TC program run the same way | {} | {} |\n\
          | XDP and the kernel path: a probe flood to the tunnel port against one to a closed port (upper bound) | {} | {} |\n\
@@ -881,6 +905,10 @@ fn probe_cost_md(doc: &Value) -> String {
         ns(&cost["bpf_ns_per_probe"]),
         pct(&cost["bpf_core_share"]),
         ns(&cost["xdp_pass_ns_per_frame"]),
+        ns(&cost["in_kernel_ns_per_probe"]),
+        pct(&cost["in_kernel_core_share"]),
+        ns(&cost["tc_in_kernel_ns_per_probe"]),
+        pct(&cost["tc_in_kernel_core_share"]),
         ns(&cost["tc_bpf_ns_per_probe"]),
         pct(&cost["tc_bpf_core_share"]),
         ns(&cost["tc_bpf_net_ns_per_probe"]),
