@@ -14,7 +14,8 @@
 //! destination is captured during every trial and the leak detector counts packets of the
 //! pod's flows with any other source than A or B.
 //!
-//! The probe load: probe frames sent from B (which probes nobody: it has no selected pods)
+//! The probe load: probe frames sent from B (which has no selected pods; it probes only A,
+//! the candidate before it, 20 times a second)
 //! to A's tunnel port at a fixed rate, answered by A's XDP responder (and, side by side, the
 //! same frames asking for A's TC program), against the same frames sent at the same rate to
 //! a closed UDP port of A; the difference in the sender's CPU time per datagram (which holds
@@ -261,6 +262,8 @@ fn two_candidates(bins: &Binaries) -> Result<(Cluster, Pod)> {
         agent_bin: bins.agent.clone(),
         peer_bin: bins.peer.clone(),
         extra_peer_ports: vec![APP_PORT, STREAM_PORT],
+        // The floods compare the XDP responder with the TC program.
+        agent_args: vec!["--probe-responder".into(), "xdp".into()],
         ..ClusterConfig::default()
     })?;
     for node in [GATEWAY_A, GATEWAY_B] {

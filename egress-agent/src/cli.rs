@@ -204,10 +204,11 @@ pub struct RunArgs {
     /// next candidate: detection takes about interval x multiplier.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     probe_multiplier: u32,
-    /// What answers health probes on a gateway candidate: `xdp`, on the underlay interface
-    /// before decapsulation (driver mode; attaching XDP may briefly reset some NICs), or
-    /// `tc`, the tunnel's TC program.
-    #[arg(long, value_enum, default_value_t = ProbeResponder::Xdp)]
+    /// What answers health probes on a gateway candidate: `tc`, the tunnel's TC program, or
+    /// `xdp`, also an XDP program on the underlay interface, before decapsulation (driver
+    /// mode; cheaper per probe, for many probing nodes; it takes the interface's XDP hook,
+    /// and attaching XDP briefly resets some NICs).
+    #[arg(long, value_enum, default_value_t = ProbeResponder::Tc)]
     probe_responder: ProbeResponder,
 }
 

@@ -51,11 +51,11 @@ pub struct AgentConfig {
 /// What answers health probes on a gateway candidate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProbeResponder {
+    /// The `from_tunnel` TC program, after the kernel's VXLAN decapsulation.
+    Tc,
     /// XDP in driver mode on the underlay interface, before decapsulation (where the driver
     /// or another XDP program refuses it, the TC program answers).
     Xdp,
-    /// The `from_tunnel` TC program, after the kernel's VXLAN decapsulation.
-    Tc,
 }
 
 #[derive(Debug, Error)]

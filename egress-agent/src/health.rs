@@ -24,7 +24,7 @@ use egress_common::{
     config::VNI_TO_GATEWAY,
     gateway::{
         GATEWAY_DOWN, GATEWAY_DRAINING, GatewayHealth, PROBE_MAGIC, PROBE_PORT, PROBE_REQUEST,
-        PROBE_VIA_ANY, PROBE_VIA_TC, PROBE_VIA_XDP, ProbeReply,
+        PROBE_VIA_ANY, PROBE_VIA_TC, ProbeReply,
     },
     map_names,
 };
@@ -79,7 +79,10 @@ pub struct Targets {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthView {
     pub down: BTreeSet<String>,
+    /// Candidates being drained: up, but taking no new flows.
+    pub draining: BTreeSet<String>,
     pub self_serving: bool,
+    pub self_draining: bool,
 }
 
 impl Default for HealthView {
@@ -87,7 +90,9 @@ impl Default for HealthView {
     fn default() -> Self {
         HealthView {
             down: BTreeSet::new(),
+            draining: BTreeSet::new(),
             self_serving: true,
+            self_draining: false,
         }
     }
 }
@@ -127,12 +132,15 @@ struct Peer {
     /// What the last reply said about the gateway itself.
     not_serving: bool,
     down: Option<Cause>,
-    /// Whether the last answer came from the gateway's XDP responder.
-    last_via_xdp: bool,
-    /// The probe asked of the TC program because the one before it went unanswered while
-    /// the XDP responder had been answering: if it is answered, the XDP responder's answers
-    /// are the ones being lost.
+    /// The last probe that asked for any responder.
+    last_any: Option<u64>,
+    /// The probe asked of the TC program because the one before it, for any responder,
+    /// went unanswered: if it is answered, the XDP responder's answers may be the ones lost.
     tc_after_loss: Option<u64>,
+    /// Times in a row a probe for any responder was lost and the TC probe after it answered.
+    xdp_losses: u32,
+    /// TC-only windows since an answer to a probe for any responder: each is twice as long.
+    backoff: u32,
     /// Probes still to ask of the TC program alone.
     tc_only_left: u32,
 }
@@ -181,8 +189,10 @@ impl Judge {
                 heard: false,
                 not_serving: false,
                 down: down_before.then_some(Cause::Unanswered),
-                last_via_xdp: false,
+                last_any: None,
                 tc_after_loss: None,
+                xdp_losses: 0,
+                backoff: 0,
                 tc_only_left: 0,
             });
             kept.insert(ip, peer);
@@ -191,37 +201,38 @@ impl Judge {
     }
 
     /// The sequence number of the next probe to `ip`, and who may answer it
-    /// (`Probe::path`). After a lost probe the next one asks for the TC program: an XDP
-    /// responder whose answers get lost on their way back (a driver that cannot send what XDP sends back) never
-    /// makes a live gateway look dead; when the TC program's answer then arrives, the next
-    /// `TC_ONLY_PROBES` probes ask for it too, and then XDP is tried again.
+    /// (`Probe::path`). After a lost probe the next one asks for the TC program, so an XDP
+    /// responder whose answers get lost on their way back (a driver that cannot send what XDP
+    /// sends) never makes a live gateway look dead. When that happens twice in a row (a
+    /// single loss is just a loss), the next `TC_ONLY_PROBES` probes ask for the TC program
+    /// alone, twice as many each time XDP fails again, until a probe for any responder is
+    /// answered.
     pub fn next_probe(&mut self, ip: Ipv4Addr) -> (u64, u8) {
         let peer = self.peers.entry(ip).or_default();
         let previous_lost = peer.answered < peer.sent;
+        let previous_was_any = peer.last_any == Some(peer.sent);
         peer.sent += 1;
         let path = if peer.tc_only_left > 0 {
             peer.tc_only_left -= 1;
             PROBE_VIA_TC
         } else if previous_lost {
-            // Only a loss after XDP answers says anything about XDP: losses while a gateway
-            // starts (or attaches its responder) are no reason to avoid it.
-            peer.tc_after_loss = peer.last_via_xdp.then_some(peer.sent);
+            peer.tc_after_loss = previous_was_any.then_some(peer.sent);
             PROBE_VIA_TC
         } else {
+            peer.last_any = Some(peer.sent);
             PROBE_VIA_ANY
         };
         (peer.sent, path)
     }
 
-    /// How often a TC-asked probe was answered right after a lost one.
+    /// How often the prober turned to the TC program alone for a while.
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks
     }
 
-    /// A reply from `ip` to probe `seq`; `serving` is what the gateway said of itself,
-    /// `via_xdp` whether its XDP responder answered. Whether it is news (a newer probe
-    /// answered).
-    pub fn replied(&mut self, ip: Ipv4Addr, seq: u64, serving: bool, via_xdp: bool) -> bool {
+    /// A reply from `ip` to probe `seq`; `serving` is what the gateway said of itself.
+    /// Whether it is news (a newer probe answered).
+    pub fn replied(&mut self, ip: Ipv4Addr, seq: u64, serving: bool) -> bool {
         let Some(peer) = self.peers.get_mut(&ip) else {
             return false;
         };
@@ -231,10 +242,17 @@ impl Judge {
         peer.answered = seq;
         peer.heard = true;
         peer.not_serving = !serving;
-        peer.last_via_xdp = via_xdp;
         if peer.tc_after_loss.take() == Some(seq) {
-            peer.tc_only_left = TC_ONLY_PROBES;
-            self.fallbacks += 1;
+            peer.xdp_losses += 1;
+            if peer.xdp_losses >= XDP_LOSSES_BEFORE_TC_ONLY {
+                peer.tc_only_left = TC_ONLY_PROBES << peer.backoff.min(MAX_BACKOFF);
+                peer.backoff += 1;
+                peer.xdp_losses = 0;
+                self.fallbacks += 1;
+            }
+        } else if peer.last_any == Some(seq) {
+            peer.xdp_losses = 0;
+            peer.backoff = 0;
         }
         true
     }
@@ -278,9 +296,12 @@ impl Judge {
     }
 }
 
-/// Probes asked of the TC program alone once it answered where an earlier probe got no
-/// answer (30 s at the default interval).
+/// Probes asked of the TC program alone the first time it answered where the probe before,
+/// for any responder, twice in a row got no answer (30 s at the default interval); each
+/// further time twice as many, up to `MAX_BACKOFF` doublings (8 minutes at 50 ms).
 const TC_ONLY_PROBES: u32 = 600;
+const XDP_LOSSES_BEFORE_TC_ONLY: u32 = 2;
+const MAX_BACKOFF: u32 = 4;
 
 /// The datapath's flags for a gateway.
 pub fn health_flags(down: bool, draining: bool) -> u32 {
@@ -494,12 +515,9 @@ impl Prober {
         }));
         for ip in targets.gateways.keys() {
             if let Ok(reply) = replies.get(&ip.octets(), 0)
-                && self.judge.replied(
-                    *ip,
-                    reply.seq,
-                    reply.gateway_flags & GATEWAY_DOWN == 0,
-                    reply.path == PROBE_VIA_XDP,
-                )
+                && self
+                    .judge
+                    .replied(*ip, reply.seq, reply.gateway_flags & GATEWAY_DOWN == 0)
             {
                 let rtt = reply.received_ns.saturating_sub(reply.sent_ns);
                 #[expect(clippy::cast_precision_loss, reason = "nanoseconds of a round trip")]
@@ -540,7 +558,14 @@ impl Prober {
                 .filter(|(ip, _)| self.judge.is_down(**ip))
                 .map(|(_, target)| target.node.clone())
                 .collect(),
+            draining: targets
+                .gateways
+                .values()
+                .filter(|target| target.draining)
+                .map(|target| target.node.clone())
+                .collect(),
             self_serving: targets.self_serving,
+            self_draining: targets.self_draining,
         };
         self.view.send_if_modified(|current| {
             let changed = *current != view;
@@ -684,7 +709,7 @@ mod tests {
     fn round(judge: &mut Judge, answered: bool) -> Vec<(Ipv4Addr, Change)> {
         let (seq, _) = judge.next_probe(GW);
         if answered {
-            judge.replied(GW, seq, true, true);
+            judge.replied(GW, seq, true);
         }
         judge.judge()
     }
@@ -724,11 +749,11 @@ mod tests {
     fn replies_from_before_a_restart_do_not_count() {
         let mut judge = Judge::new(3, 1_000);
         judge.retain([(GW, true)]);
-        assert!(!judge.replied(GW, 5, true, false), "an old agent's reply");
+        assert!(!judge.replied(GW, 5, true), "an old agent's reply");
         assert!(!judge.has_answered(GW));
         let (seq, _) = judge.next_probe(GW);
         assert_eq!(seq, 1_001);
-        assert!(judge.replied(GW, seq, true, false));
+        assert!(judge.replied(GW, seq, true));
         assert!(judge.has_answered(GW));
         assert_eq!(judge.judge(), [(GW, Change::Up)]);
     }
@@ -738,10 +763,10 @@ mod tests {
         let mut judge = Judge::new(3, 0);
         judge.retain([(GW, false)]);
         let (seq, _) = judge.next_probe(GW);
-        judge.replied(GW, seq, false, false);
+        judge.replied(GW, seq, false);
         assert_eq!(judge.judge(), [(GW, Change::Down(Cause::NotServing))]);
         let (seq, _) = judge.next_probe(GW);
-        judge.replied(GW, seq, true, false);
+        judge.replied(GW, seq, true);
         assert_eq!(judge.judge(), [(GW, Change::Up)]);
     }
 
@@ -753,10 +778,10 @@ mod tests {
         judge.retain([(GW, true)]);
         assert!(judge.is_down(GW));
         let (seq, _) = judge.next_probe(GW);
-        assert!(judge.replied(GW, seq, true, false));
-        assert!(!judge.replied(GW, seq, true, false), "the same reply twice");
+        assert!(judge.replied(GW, seq, true));
+        assert!(!judge.replied(GW, seq, true), "the same reply twice");
         assert!(
-            !judge.replied(GW, seq + 5, true, false),
+            !judge.replied(GW, seq + 5, true),
             "a reply to a probe never sent"
         );
         assert_eq!(judge.judge(), [(GW, Change::Up)]);
@@ -764,29 +789,46 @@ mod tests {
         assert!(!judge.is_down(GW), "no longer probed");
     }
 
-    /// A responder whose answers are lost (what XDP sends back is dropped by the driver) while its TC
-    /// program answers: the probe after each loss asks for the TC program, so the gateway is
-    /// never down, and after a TC answer the TC program is asked for a while.
+    /// Probes whose answers arrive only when they ask for the TC program (the XDP
+    /// responder's answers are lost on their way back), from `next_probe` on for `probes`.
+    fn only_tc_answers(judge: &mut Judge, probes: usize) -> Vec<u8> {
+        let mut paths = Vec::new();
+        for _ in 0..probes {
+            let (seq, path) = judge.next_probe(GW);
+            paths.push(path);
+            if path == PROBE_VIA_TC {
+                judge.replied(GW, seq, true);
+            }
+            assert!(
+                judge.judge().is_empty(),
+                "a live gateway went down: {paths:?}"
+            );
+        }
+        paths
+    }
+
+    /// A responder whose answers are lost (what XDP sends back is dropped by the driver)
+    /// while its TC program answers: the probe after each loss asks for the TC program, so
+    /// the gateway is never down; after the second such loss in a row the TC program alone
+    /// is asked, and a dead gateway still goes down after `multiplier` probes.
     #[test]
     fn lost_xdp_answers_fall_back_to_the_tc_program_and_no_live_gateway_goes_down() {
         let mut judge = Judge::new(3, 0);
         judge.retain([(GW, false)]);
         assert!(round(&mut judge, true).is_empty());
-        let mut paths = Vec::new();
-        for _ in 0..20 {
-            let (seq, path) = judge.next_probe(GW);
-            paths.push(path);
-            // Only the TC program's answers arrive.
-            if path == PROBE_VIA_TC {
-                judge.replied(GW, seq, true, false);
-            }
-            assert!(judge.judge().is_empty(), "paths {paths:?}");
-        }
-        assert_eq!(&paths[..3], [PROBE_VIA_ANY, PROBE_VIA_TC, PROBE_VIA_TC]);
-        assert!(paths[1..].iter().all(|path| *path == PROBE_VIA_TC));
+        let paths = only_tc_answers(&mut judge, 20);
+        assert_eq!(
+            paths[..5],
+            [
+                PROBE_VIA_ANY,
+                PROBE_VIA_TC,
+                PROBE_VIA_ANY,
+                PROBE_VIA_TC,
+                PROBE_VIA_TC
+            ]
+        );
+        assert!(paths[3..].iter().all(|path| *path == PROBE_VIA_TC));
         assert_eq!(judge.fallbacks(), 1);
-        // A dead gateway still goes down after `multiplier` probes: asking for the TC
-        // program delays nothing.
         for _ in 0..2 {
             assert!(round(&mut judge, false).is_empty());
         }
@@ -796,35 +838,51 @@ mod tests {
         );
     }
 
-    /// A probe lost before the XDP responder ever answered (a gateway starting, or attaching
-    /// its responder) asks the TC program once, then XDP again.
+    /// One lost probe (a gateway starting, or attaching its responder; plain loss) asks the
+    /// TC program once, then any responder again.
     #[test]
-    fn losses_before_any_xdp_answer_do_not_avoid_the_xdp_responder() {
-        let mut judge = Judge::new(3, 0);
-        judge.retain([(GW, false)]);
-        let (seq, _) = judge.next_probe(GW);
-        judge.replied(GW, seq, true, false);
-        assert!(judge.judge().is_empty());
-        assert!(round(&mut judge, false).is_empty());
-        let (seq, path) = judge.next_probe(GW);
-        assert_eq!(path, PROBE_VIA_TC);
-        judge.replied(GW, seq, true, false);
-        assert_eq!(judge.next_probe(GW).1, PROBE_VIA_ANY);
-        assert_eq!(judge.fallbacks(), 0);
-    }
-
-    /// Once the TC-only probes are spent, XDP is asked again.
-    #[test]
-    fn the_xdp_responder_is_asked_again_after_the_tc_only_probes() {
+    fn a_single_lost_probe_does_not_avoid_the_xdp_responder() {
         let mut judge = Judge::new(3, 0);
         judge.retain([(GW, false)]);
         assert!(round(&mut judge, true).is_empty());
         assert!(round(&mut judge, false).is_empty());
-        for _ in 0..=TC_ONLY_PROBES {
-            let (seq, path) = judge.next_probe(GW);
-            assert_eq!(path, PROBE_VIA_TC);
-            judge.replied(GW, seq, true, false);
-        }
+        let (seq, path) = judge.next_probe(GW);
+        assert_eq!(path, PROBE_VIA_TC);
+        judge.replied(GW, seq, true);
+        assert!(
+            round(&mut judge, true).is_empty(),
+            "for any responder, answered"
+        );
+        assert!(round(&mut judge, false).is_empty());
+        assert_eq!(judge.next_probe(GW).1, PROBE_VIA_TC);
+        assert_eq!(judge.fallbacks(), 0, "two losses, but not in a row");
+    }
+
+    /// After the TC-only probes XDP is asked again; while it still fails, each TC-only
+    /// stretch is twice as long; an answer for any responder ends that.
+    #[test]
+    fn tc_only_stretches_double_while_xdp_keeps_failing() {
+        let mut judge = Judge::new(3, 0);
+        judge.retain([(GW, false)]);
+        assert!(round(&mut judge, true).is_empty());
+        let tc_only = TC_ONLY_PROBES as usize;
+        let paths = only_tc_answers(&mut judge, 4 + tc_only + 4 + 2 * tc_only + 1);
+        let any_at: Vec<usize> = paths
+            .iter()
+            .enumerate()
+            .filter(|(_, path)| **path == PROBE_VIA_ANY)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(
+            any_at,
+            [0, 2, 4 + tc_only, 6 + tc_only, 8 + 3 * tc_only],
+            "XDP is tried after 600, then 1,200 TC-only probes"
+        );
+        assert_eq!(judge.fallbacks(), 2);
+        // XDP answers again (after the TC probe that follows the last loss): back to
+        // probes for any responder.
+        assert!(round(&mut judge, true).is_empty());
+        assert!(round(&mut judge, true).is_empty());
         assert_eq!(judge.next_probe(GW).1, PROBE_VIA_ANY);
     }
 

@@ -383,8 +383,8 @@ pub fn render(report: &Report, datapath: &DatapathSample, histograms: &Histogram
     );
     registry.register(
         "probe_fallbacks",
-        "Probes answered by a gateway's TC program right after a lost one: the next probes to \
-         that gateway skip its XDP responder for 30 s (a driver dropping what XDP sends shows here)",
+        "Times this node's prober turned to a gateway's TC program alone, its XDP responder's \
+         answers lost twice in a row (a driver dropping what XDP sends shows here)",
         health.fallbacks.clone(),
     );
 

@@ -104,6 +104,13 @@ pub const PROBE_VIA_TC: u8 = 1;
 /// `Probe::path` of a reply: the XDP responder answered.
 pub const PROBE_VIA_XDP: u8 = 2;
 
+/// How long after the TC program last answered a probe the XDP responder may answer
+/// (monotonic ns). XDP answers before the tunnel device, the host's filters and
+/// `from_tunnel`; once the TC program has answered nothing for this long, XDP passes every
+/// probe to it, so a broken tunnel path behind XDP fails the probes within a second. While
+/// XDP answers, the first probe after each such second reaches the TC program.
+pub const TC_ANSWER_FRESH_NS: u64 = 1_000_000_000;
+
 /// A probe's UDP payload. The gateway's datapath answers it (never its agent, so a busy or
 /// restarting agent is not a dead gateway): it turns the request around with its own
 /// `GATEWAY_HEALTH` flags and echoes `seq` and `sent_ns`, which only the prober reads (in

@@ -83,6 +83,9 @@ pub mod map_names {
         /// Every port block of the floating egress IPs this node is a candidate of, with the
         /// node that owns it.
         PORT_BLOCK_OWNERS = "PORT_BLOCK_OWNERS",
+        /// When the TC program last answered a probe: the XDP responder answers only while
+        /// that is recent.
+        TC_ANSWERED_AT = "TC_ANSWERED_AT",
     }
 
     /// Test objects only (feature `test-programs`), never pinned: where the last redirect

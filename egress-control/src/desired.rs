@@ -80,10 +80,10 @@ pub struct DesiredState {
     /// (`GROUP_POD_NODE_TRANSLATES`: a floating egress IP's).
     pub group_flags: BTreeMap<u32, u32>,
     /// Gateways this node probes, by underlay address: the candidates of every group an
-    /// entry of a local pod references, and on a candidate the candidates before it in each
-    /// of its groups (floating or not: it holds the floating IP, and writes the policy's
-    /// status, when they are all down); this node excepted. Empty on a node without
-    /// selected pods that is nobody's candidate.
+    /// entry of a local pod references, and on a candidate the other candidates of each of
+    /// its groups (the first one up writes the policy's status, naming the ones up; on a
+    /// floating IP's candidate, it holds the IP when those before it are down); this node
+    /// excepted. Empty on a node without selected pods that is nobody's candidate.
     pub probe_targets: BTreeMap<Ipv4Addr, ProbeTarget>,
     /// Floating egress IP -> this node's block of its NAT ports, (first port, count): the
     /// ports this node translates its pods' flows to. Only on nodes running pods of a
@@ -244,8 +244,8 @@ impl DesiredState {
         self.group_flags.retain(|id, _| referenced.contains(id));
     }
 
-    /// The candidates of the groups that entries of local pods reference, the candidates
-    /// before this node in the groups it is a candidate of, and the candidates before this
+    /// The candidates of the groups that entries of local pods reference, the other
+    /// candidates of the groups this node is a candidate of, and the candidates before this
     /// node of the floating IPs it may hold.
     fn probed_gateways(&self) -> BTreeSet<Ipv4Addr> {
         let local_groups: BTreeSet<u32> = self
@@ -258,18 +258,17 @@ impl DesiredState {
             .floating_ips
             .values()
             .flat_map(|floating| &floating.candidates_before);
-        let before_this_node = self.gateway_groups.values().flat_map(|candidates| {
-            let position = self
-                .node_ip
-                .and_then(|own| candidates.iter().position(|ip| *ip == own));
-            &candidates[..position.unwrap_or(0)]
-        });
+        let fellow_candidates = self
+            .gateway_groups
+            .values()
+            .filter(|candidates| self.node_ip.is_some_and(|own| candidates.contains(&own)))
+            .flatten();
         local_groups
             .iter()
             .filter_map(|id| self.gateway_groups.get(id))
             .flatten()
             .chain(holders_before)
-            .chain(before_this_node)
+            .chain(fellow_candidates)
             .copied()
             .collect()
     }
@@ -1447,8 +1446,8 @@ mod tests {
         assert_eq!(probed("w2"), BTreeMap::from([target("w1")]));
         // gw-a runs web-2: it probes the rest of web's group, never itself.
         assert_eq!(probed(GW), BTreeMap::from([target("gw-b")]));
-        // No selected pods, but web's second candidate: it probes the one before it (it
-        // writes web's status while that one is down).
+        // No selected pods, but web's second candidate: it probes the other one (it writes
+        // web's status while that one is down).
         assert_eq!(probed("gw-b"), BTreeMap::from([target(GW)]));
     }
 

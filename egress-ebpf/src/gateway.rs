@@ -22,7 +22,7 @@ use egress_common::{
 
 use crate::{
     DROP,
-    maps::{GATEWAY_GROUPS, GATEWAY_HEALTH, PROBE_REPLIES, count},
+    maps::{GATEWAY_GROUPS, GATEWAY_HEALTH, PROBE_REPLIES, TC_ANSWERED_AT, count},
     packet::{ETH_HLEN, Packet},
     tunnel_to,
 };
@@ -135,6 +135,7 @@ pub(crate) fn answer(
     packet: &Packet,
     remote: Ipv4,
     config: &DatapathConfig,
+    now: u64,
 ) -> i32 {
     let payload = packet.l4_off + UDP_HLEN;
     let Ok(probe) = ctx.load::<Probe>(payload) else {
@@ -157,6 +158,11 @@ pub(crate) fn answer(
     if !answered {
         count(reason::DROP_ERROR, packet.len);
         return DROP;
+    }
+    // The tunnel path works: the XDP responder may answer for the next second.
+    if let Some(answered_at) = TC_ANSWERED_AT.get_ptr_mut(0) {
+        // SAFETY: the one slot; a racing writer stores a time just as recent.
+        unsafe { *answered_at = now };
     }
     tunnel_to(
         ctx,

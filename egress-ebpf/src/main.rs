@@ -309,7 +309,7 @@ pub(crate) fn from_tunnel_peer(ctx: &mut TcContext, remote: Ipv4, vni: u32) -> i
     }
     if gateway::is_probe(&packet, config) {
         return match vni {
-            VNI_TO_GATEWAY => gateway::answer(ctx, &packet, remote, config),
+            VNI_TO_GATEWAY => gateway::answer(ctx, &packet, remote, config, now()),
             VNI_TO_POD_NODE => gateway::note_reply(ctx, &packet, remote, now()),
             _ => drop(reason::DROP_NOT_ALLOWED, &packet),
         };

@@ -95,6 +95,10 @@ pub(crate) static PORT_BLOCK_OWNERS: HashMap<
     { PORT_BLOCK_OWNER_MAP_SIZE as usize },
 > = HashMap::new();
 
+/// When the TC program last answered a probe (monotonic ns; `TC_ANSWER_FRESH_NS`).
+#[btf_map]
+pub(crate) static TC_ANSWERED_AT: Array<u64, 1> = Array::new();
+
 #[btf_map]
 pub(crate) static CONFIG: Array<DatapathConfig, 1> = Array::new();
 

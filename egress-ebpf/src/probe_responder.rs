@@ -4,21 +4,31 @@
 //! fraction of what they cost through the tunnel device.
 //!
 //! It answers only a well-formed probe of a known node, to this node, on the agent's tunnel
-//! port, that asks for any responder; everything else passes untouched (and the TC program
-//! judges it as before). The reply is the request with its outer and inner addresses
+//! port, that asks for any responder, and only while the TC program has answered a probe
+//! within the last second (`TC_ANSWER_FRESH_NS`): XDP runs before the tunnel device, the
+//! host's filters and `from_tunnel`, so a probe it answers alone would not show they work.
+//! Everything else passes untouched (and the TC program judges it as before). The reply is the request with its outer and inner addresses
 //! swapped, the VNI of the way back, and this gateway's own health flags: the same reply the
 //! TC program sends, so the prober cannot tell them apart but by `Probe::path`.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    macros::xdp,
+    programs::XdpContext,
+};
 use egress_common::{
     Ipv4,
     config::{DatapathConfig, VNI_TO_GATEWAY, VNI_TO_POD_NODE},
     counters::reason,
     flow::PROTO_UDP,
-    gateway::{PROBE_MAGIC, PROBE_PORT, PROBE_REPLY, PROBE_REQUEST, PROBE_VIA_ANY, PROBE_VIA_XDP},
+    gateway::{
+        PROBE_MAGIC, PROBE_PORT, PROBE_REPLY, PROBE_REQUEST, PROBE_VIA_ANY, PROBE_VIA_XDP,
+        TC_ANSWER_FRESH_NS,
+    },
 };
 
-use crate::maps::{GATEWAY_HEALTH, NODES, config, count};
+use crate::maps::{GATEWAY_HEALTH, NODES, TC_ANSWERED_AT, config, count};
 
 // Offsets in the frame: outer Ethernet, IPv4 (no options), UDP, VXLAN, inner Ethernet,
 // IPv4 (no options), UDP, the probe.
@@ -70,7 +80,7 @@ pub(crate) fn probe_responder(ctx: XdpContext) -> u32 {
     let frame = start as *mut u8;
     // SAFETY: the frame holds FRAME_LEN bytes.
     unsafe {
-        if !is_probe_request(frame, config) {
+        if !is_probe_request(frame, config) || !tc_answered_lately() {
             return xdp_action::XDP_PASS;
         }
         turn_around(frame, config);
@@ -149,6 +159,16 @@ unsafe fn is_probe_request(frame: *const u8, config: &DatapathConfig) -> bool {
         // SAFETY: plain lookup. Last: the costliest check, and only probes get there.
         is_request && NODES.get(&outer_src).is_some()
     }
+}
+
+/// Whether the TC program answered a probe within `TC_ANSWER_FRESH_NS`: only then does an
+/// answer from here say the gateway's whole tunnel path works.
+#[inline(always)]
+fn tc_answered_lately() -> bool {
+    let answered_at = TC_ANSWERED_AT.get(0).copied().unwrap_or(0);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    now.saturating_sub(answered_at) < TC_ANSWER_FRESH_NS
 }
 
 /// Makes the request its reply, in place.

@@ -35,8 +35,11 @@ const PROGRAMMED: Duration = Duration::from_secs(30);
 /// The cluster, both gateways with eth1 (their egress interface), `candidates` labelled
 /// egress-node=true.
 fn cluster_with_gateways(candidates: &[&str]) -> Cluster {
+    // These failovers run with the XDP probe responder (the three-gateway one and the other
+    // suites with the TC program, the default).
     let mut cluster = Cluster::new(ClusterConfig {
         extra_peer_ports: vec![APP_PORT, FLOW_PORT, TCP_FLOW_PORT],
+        agent_args: vec!["--probe-responder".into(), "xdp".into()],
         ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
     })
     .expect("building the test cluster");
@@ -142,6 +145,39 @@ fn assert_nothing_moved(cluster: &Cluster, flow: LongFlow, failovers_before: u64
         .unwrap();
     assert_eq!(healthy(cluster, GATEWAY_A), Some(1.0));
     assert_eq!(all_failovers(cluster), failovers_before, "no failover");
+}
+
+/// An nftables rule on `node` dropping what arrives at the tunnel port (from `source`
+/// only, when given): after the XDP responder, before the tunnel device.
+fn drop_tunnel_traffic(cluster: &Cluster, node: &str, source: Option<&str>) {
+    let netns = cluster.node(node).unwrap().netns.clone();
+    // The agents' default tunnel port.
+    let port = "8475";
+    let mut rule = vec!["nft", "add", "rule", "ip", "egt_drop", "input"];
+    if let Some(source) = source {
+        rule.extend(["ip", "saddr", source]);
+    }
+    rule.extend(["udp", "dport", port, "drop"]);
+    for command in [
+        vec!["nft", "add", "table", "ip", "egt_drop"],
+        vec![
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            "egt_drop",
+            "input",
+            "{ type filter hook input priority -300; }",
+        ],
+        rule,
+    ] {
+        let added = cluster.exec(&netns, &command).unwrap();
+        assert!(
+            added.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+    }
 }
 
 /// Whether worker-1 still probes gateway A after the fault (not when A left the inventory).
@@ -345,6 +381,25 @@ fn probes_are_answered_in_xdp_and_lost_xdp_answers_fail_nothing_over() {
     );
     assert_nothing_moved(&cluster, flow, failovers_before);
     cluster.set_xdp_tx_delivered(GATEWAY_A, true).unwrap();
+    assert_no_leaks(&mut cluster, &pod);
+}
+
+/// The tunnel path behind A's XDP responder breaks (a host firewall drops the tunnel
+/// port): the pods' traffic through A is lost while XDP could still answer the probes, so
+/// XDP stops answering once A's TC program has not answered for a second, the probes fail,
+/// and the traffic moves to B.
+#[test]
+fn a_broken_tunnel_path_behind_the_xdp_responder_fails_over() {
+    skip_unless_root!();
+    let (mut cluster, pod) = two_candidates();
+    fails_over(
+        &mut cluster,
+        &pod,
+        "tunnel port dropped",
+        Probed::Down,
+        |cluster| drop_tunnel_traffic(cluster, GATEWAY_A, None),
+    );
+    assert!(failovers(&cluster, "unanswered") >= 1);
     assert_no_leaks(&mut cluster, &pod);
 }
 
@@ -660,45 +715,10 @@ fn two_holders_of_a_floating_egress_ip_break_nothing() {
         .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
         .unwrap();
     thread::sleep(Duration::from_secs(1));
-    // B drops what A sends it through the tunnel: A's answers to B's probes never arrive
-    // (whether A's XDP responder or its TC program sent them; a filter on A would come after
-    // XDP), and A stays up for worker-1.
+    // B drops what A sends it through the tunnel: A's answers to B's probes never arrive,
+    // and A stays up for worker-1.
     let a_ip = cluster.node(GATEWAY_A).unwrap().ip.to_string();
-    let b_netns = cluster.node(GATEWAY_B).unwrap().netns.clone();
-    for command in [
-        vec!["nft", "add", "table", "ip", "egt_partition"],
-        vec![
-            "nft",
-            "add",
-            "chain",
-            "ip",
-            "egt_partition",
-            "input",
-            "{ type filter hook input priority -300; }",
-        ],
-        vec![
-            "nft",
-            "add",
-            "rule",
-            "ip",
-            "egt_partition",
-            "input",
-            "ip",
-            "saddr",
-            &a_ip,
-            "udp",
-            "dport",
-            "8475",
-            "drop",
-        ],
-    ] {
-        let added = cluster.exec(&b_netns, &command).unwrap();
-        assert!(
-            added.status.success(),
-            "{command:?}: {}",
-            String::from_utf8_lossy(&added.stderr)
-        );
-    }
+    drop_tunnel_traffic(&cluster, GATEWAY_B, Some(&a_ip));
     let both_hold = wait_until(PROGRAMMED, || {
         [GATEWAY_A, GATEWAY_B].iter().all(|node| {
             let netns = cluster.node(node).unwrap().netns.clone();

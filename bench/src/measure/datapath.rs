@@ -754,6 +754,13 @@ impl BenchNode {
         } else {
             ("probe_responder/pass", XDP_PASS)
         };
+        // As if the TC program had just answered, for as long as the runs take.
+        Array::<&mut MapData, u64>::try_from(
+            self.ebpf
+                .map_mut(map_names::TC_ANSWERED_AT)
+                .ok_or_else(|| anyhow::anyhow!("TC_ANSWERED_AT missing"))?,
+        )?
+        .set(0, u64::MAX, 0)?;
         let program: &Xdp = self
             .ebpf
             .program(program_names::PROBE_RESPONDER)

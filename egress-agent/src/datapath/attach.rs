@@ -141,7 +141,15 @@ impl Datapath {
                 continue;
             }
             let result = match pinned.get(attachment) {
-                Some(path) => self.replace_program(attachment, path),
+                Some(path) => self.replace_program(attachment, path).or_else(|error| {
+                    if !attachment.hook.is_xdp() {
+                        return Err(error);
+                    }
+                    // An older responder left in place would answer on its own: start
+                    // afresh (or leave the probes to the TC program).
+                    let _ = fs::remove_file(path);
+                    self.attach(attachment)
+                }),
                 None => self.attach(attachment),
             };
             match result {

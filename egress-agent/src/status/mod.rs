@@ -126,14 +126,25 @@ fn healthy_candidates(
         .collect()
 }
 
-/// Each gateway spec's active node: its first healthy candidate (specs with none have none).
+/// Each gateway spec's active node: its first healthy candidate that is not draining (new
+/// flows take it), else its first healthy one (specs with none have none).
 fn active_nodes(summary: &PolicySummary, node_name: &str, health: &HealthView) -> Vec<String> {
     if summary.candidate_nodes.is_empty() {
         return summary.gateway_nodes.clone();
     }
+    let draining = |candidate: &String| {
+        if candidate == node_name {
+            health.self_draining
+        } else {
+            health.draining.contains(candidate)
+        }
+    };
     healthy_candidates(summary, node_name, health)
         .into_iter()
-        .filter_map(|healthy| healthy.into_iter().next())
+        .filter_map(|healthy| {
+            let taking_flows = healthy.iter().find(|candidate| !draining(candidate));
+            taking_flows.or(healthy.first()).cloned()
+        })
         .collect()
 }
 
@@ -514,11 +525,11 @@ mod tests {
         let nodes = nodes(&["w1", "w2", "w4"]);
         let w2_down = HealthView {
             down: BTreeSet::from(["w2".to_owned()]),
-            self_serving: true,
+            ..HealthView::default()
         };
         let not_serving = HealthView {
-            down: BTreeSet::new(),
             self_serving: false,
+            ..HealthView::default()
         };
         let healthy = HealthView::default();
         assert!(!is_writer(
@@ -546,8 +557,20 @@ mod tests {
         // the writing to the first one.
         let all_down = HealthView {
             down: BTreeSet::from(["w2".to_owned(), "w4".to_owned()]),
-            self_serving: true,
+            ..HealthView::default()
         };
+        // A draining first candidate is up but takes no new flows: the next one is active.
+        let w2_draining = HealthView {
+            draining: BTreeSet::from(["w2".to_owned()]),
+            ..HealthView::default()
+        };
+        assert!(is_writer(
+            Some(&served),
+            "w4",
+            &nodes,
+            Election::NotHeld,
+            &w2_draining
+        ));
         assert!(!is_writer(
             Some(&served),
             "w1",

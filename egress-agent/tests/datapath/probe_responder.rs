@@ -7,6 +7,14 @@ use egress_common::gateway::{
     GATEWAY_DOWN, PROBE_REPLY, PROBE_VIA_ANY, PROBE_VIA_TC, PROBE_VIA_XDP,
 };
 
+/// The gateway, its TC program having just answered a probe (so XDP may answer).
+fn gateway_with_tc_answering() -> Node {
+    let gateway = gateway_node();
+    let through_tunnel = probe_frame(POD_NODE, GATEWAY, 1, 0, PROBE_VIA_ANY)[8..].to_vec();
+    assert_eq!(from_pod_node(&gateway, &through_tunnel).0, TC_ACT_REDIRECT);
+    gateway
+}
+
 use crate::support::*;
 
 /// Offsets in the whole frame: outer IPv4 and UDP, VXLAN, inner IPv4, the probe.
@@ -35,7 +43,7 @@ fn a_probe_is_turned_around_on_the_underlay_with_the_gateways_own_health() {
     if !root() {
         return;
     }
-    let mut gateway = gateway_node();
+    let mut gateway = gateway_with_tc_answering();
     let request = request(PROBE_VIA_ANY);
     let (verdict, reply) = gateway.run_xdp(&request);
     assert_eq!(verdict, XDP_REDIRECT);
@@ -94,7 +102,7 @@ fn the_probing_node_notes_the_xdp_reply() {
     if !root() {
         return;
     }
-    let gateway = gateway_node();
+    let gateway = gateway_with_tc_answering();
     let (_, reply) = gateway.run_xdp(&request(PROBE_VIA_ANY));
     let mut node = pod_node();
     // What the probing node's tunnel device hands its program: the frame after VXLAN.
@@ -118,7 +126,7 @@ fn everything_but_a_well_formed_probe_passes_untouched() {
     if !root() {
         return;
     }
-    let gateway = gateway_node();
+    let gateway = gateway_with_tc_answering();
     let spoil = |edit: &dyn Fn(&mut Vec<u8>)| {
         let mut frame = request(PROBE_VIA_ANY);
         edit(&mut frame);
@@ -187,4 +195,36 @@ fn everything_but_a_well_formed_probe_passes_untouched() {
         assert_eq!(out, frame, "{what}: untouched");
     }
     assert_eq!(gateway.counter(reason::PROBE_ANSWERED_XDP), 0);
+}
+
+/// XDP answers only while the TC program has answered lately: before its first answer, and
+/// once its last one is over a second old, probes pass to it (a broken tunnel path behind
+/// XDP then fails the probes).
+#[test]
+fn without_a_recent_tc_answer_probes_pass_to_the_tc_program() {
+    if !root() {
+        return;
+    }
+    let mut gateway = gateway_node();
+    let request = request(PROBE_VIA_ANY);
+    let (verdict, out) = gateway.run_xdp(&request);
+    assert_eq!((verdict, &out), (XDP_PASS, &request), "no TC answer yet");
+    let through_tunnel = probe_frame(POD_NODE, GATEWAY, 1, 0, PROBE_VIA_ANY)[8..].to_vec();
+    assert_eq!(from_pod_node(&gateway, &through_tunnel).0, TC_ACT_REDIRECT);
+    assert_eq!(
+        gateway.run_xdp(&request).0,
+        XDP_REDIRECT,
+        "the TC program just answered"
+    );
+    // The TC program's last answer, long ago.
+    let mut answered_at: Array<&mut MapData, u64> =
+        Array::try_from(gateway.ebpf.map_mut(map_names::TC_ANSWERED_AT).unwrap()).unwrap();
+    answered_at.set(0, 1, 0).unwrap();
+    let (verdict, out) = gateway.run_xdp(&request);
+    assert_eq!(
+        (verdict, &out),
+        (XDP_PASS, &request),
+        "the TC answer is stale"
+    );
+    assert_eq!(gateway.counter(reason::PROBE_ANSWERED_XDP), 1);
 }

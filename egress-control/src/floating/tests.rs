@@ -429,7 +429,10 @@ fn the_pod_s_node_translates_with_its_block_and_the_candidates_forward() {
     // Candidates: the whole block table, the destinations they may forward to (keyed by
     // the egress IP, from no particular pod node), the floating IP.
     let owners = BTreeMap::from([((EGRESS, block("w1")), W1), ((EGRESS, block("w2")), W2)]);
-    for (node, before) in [("gw-a", vec![]), ("gw-b", vec![GW_A])] {
+    for (node, before, probed) in [
+        ("gw-a", vec![], vec![GW_B]),
+        ("gw-b", vec![GW_A], vec![GW_A]),
+    ] {
         let s = desired_state(&inv, node, &gw_network());
         assert_eq!(s.port_block_owners, owners, "{node}");
         assert!(s.own_port_blocks.is_empty());
@@ -462,8 +465,8 @@ fn the_pod_s_node_translates_with_its_block_and_the_candidates_forward() {
                 }
             )])
         );
-        // No local pod: it probes only the candidates before it, for the address.
-        assert_eq!(s.probe_targets.keys().copied().collect::<Vec<_>>(), before);
+        // No local pod: it probes the other candidate (the status, and the address).
+        assert_eq!(s.probe_targets.keys().copied().collect::<Vec<_>>(), probed);
         assert_eq!(s.policies["float"].candidate_nodes, [["gw-a", "gw-b"]]);
     }
 }
@@ -517,7 +520,7 @@ fn floating_groups_get_ids_apart_from_plain_groups_of_the_same_candidates() {
 }
 
 #[test]
-fn each_candidate_probes_the_candidates_before_it() {
+fn each_candidate_probes_the_other_candidates() {
     let mut inv = inventory(&[&web_policy()]);
     inv.upsert_node(node("gw-c", Some(GW_C.octets()), &[("egress", "true")]));
     // web runs on gw-c too: it probes its pods' whole group (but itself) anyway.
@@ -532,8 +535,8 @@ fn each_candidate_probes_the_candidates_before_it() {
         let s = desired_state(&inv, node, &gw_network());
         s.probe_targets.keys().copied().collect()
     };
-    assert!(probed("gw-a").is_empty());
-    assert_eq!(probed("gw-b"), [GW_A]);
+    assert_eq!(probed("gw-a"), [GW_B, GW_C]);
+    assert_eq!(probed("gw-b"), [GW_A, GW_C]);
     assert_eq!(probed("gw-c"), [GW_A, GW_B]);
     let s = desired_state(&inv, "gw-b", &gw_network());
     assert_eq!(s.probe_targets[&GW_A].node, "gw-a");
