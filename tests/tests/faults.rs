@@ -112,12 +112,18 @@ fn provoke_reconciles(cluster: &mut Cluster, node: &str) {
     }
 }
 
+/// The node of the pods these tests run.
+const POD_NODE: &str = "k8s-worker-1";
+
 /// What a fault must show on one node: `reason` counts its drops, `problem` is logged once.
 struct ExpectedFault {
     node: &'static str,
     reason: &'static str,
     problem: &'static str,
     drops_before: u64,
+    /// `drop_no_gateway` on the pod's node: once its probes hear that the gateway cannot
+    /// serve, the pod's node drops the packets itself and the gateway sees none.
+    pod_node_drops_before: u64,
     logged_before: usize,
 }
 
@@ -134,6 +140,9 @@ impl ExpectedFault {
             reason,
             problem,
             drops_before: cluster.counter_packets(node, reason).unwrap(),
+            pod_node_drops_before: cluster
+                .counter_packets(POD_NODE, "drop_no_gateway")
+                .unwrap(),
             logged_before: cluster.agent_log_lines(node, &[problem]).len(),
         }
     }
@@ -155,8 +164,13 @@ impl ExpectedFault {
             wait_until(Duration::from_secs(10), || cluster
                 .counter_packets(node, self.reason)
                 .unwrap()
-                > self.drops_before),
-            "{} on {node} must count the dropped packets: {:?}",
+                > self.drops_before
+                || cluster
+                    .counter_packets(POD_NODE, "drop_no_gateway")
+                    .unwrap()
+                    > self.pod_node_drops_before),
+            "{} on {node} (or drop_no_gateway on {POD_NODE}) must count the dropped packets: \
+             {:?}",
             self.reason,
             cluster.counters(node)
         );
