@@ -97,6 +97,16 @@ impl Attachment {
         )
     }
 
+    /// The kernel refused to attach (or re-attach) this program here.
+    fn error(&self, source: aya::programs::ProgramError) -> DatapathError {
+        DatapathError::Attach {
+            hook: self.hook,
+            ifname: self.ifname.clone(),
+            ifindex: self.ifindex,
+            source,
+        }
+    }
+
     pub(super) fn from_pin_name(name: &str) -> Option<Self> {
         let mut parts = name.splitn(3, '-');
         let ifindex = parts.next()?.parse().ok()?;
@@ -188,12 +198,7 @@ impl Datapath {
 
     fn attach(&mut self, attachment: &Attachment) -> Result<()> {
         let path = self.pins.links_dir().join(attachment.pin_name());
-        let attach_err = |source| DatapathError::Attach {
-            hook: attachment.hook,
-            ifname: attachment.ifname.clone(),
-            ifindex: attachment.ifindex,
-            source,
-        };
+        let attach_err = |source| attachment.error(source);
         let link = if attachment.hook.is_xdp() {
             // Driver mode only: generic (skb) XDP would cost every packet of the node more
             // than the probes it saves. No bpf_link (a kernel before 5.9) cannot be pinned.
@@ -213,12 +218,7 @@ impl Datapath {
 
     fn attach_tc(&mut self, attachment: &Attachment, path: &Path) -> Result<FdLink> {
         let program = program_mut(&mut self.ebpf, attachment.hook.program())?;
-        let attach_err = |source| DatapathError::Attach {
-            hook: attachment.hook,
-            ifname: attachment.ifname.clone(),
-            ifindex: attachment.ifindex,
-            source,
-        };
+        let attach_err = |source| attachment.error(source);
         let link_id = program
             .attach_with_options(
                 &attachment.ifname,
@@ -233,12 +233,7 @@ impl Datapath {
     fn replace_program(&mut self, attachment: &Attachment, path: &PathBuf) -> Result<()> {
         let link =
             FdLink::from(PinnedLink::from_pin(path).map_err(|error| link_error(path, error))?);
-        let attach_err = |source| DatapathError::Attach {
-            hook: attachment.hook,
-            ifname: attachment.ifname.clone(),
-            ifindex: attachment.ifindex,
-            source,
-        };
+        let attach_err = |source| attachment.error(source);
         // The pin keeps the link alive; our descriptor can go.
         if attachment.hook.is_xdp() {
             let link = XdpLink::try_from(link).map_err(|error| link_error(path, error))?;
