@@ -88,19 +88,38 @@ pub(super) struct NatPlan {
     pub(super) reverse_left: usize,
 }
 
+/// What bounds the TIME_WAIT holds of one pass: a hold is a courtesy to the remote, a new
+/// flow is what the user asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct HoldLimit {
+    /// Flows were refused for want of a port, or of room in a map, since the last pass:
+    /// every hold goes.
+    pub refused: bool,
+    /// `NAT_REVERSE`'s capacity: holds give way, oldest first, so that a quarter of it stays
+    /// free for the flows that start before the next pass.
+    pub reverse_capacity: usize,
+}
+
+impl HoldLimit {
+    /// Entries the reverse map may keep after a pass before holds give way.
+    fn reverse_keep(&self) -> usize {
+        self.reverse_capacity - self.reverse_capacity / 4
+    }
+}
+
 /// Plans a pass over the NAT maps. A pair is as fresh as its newer half (replies refresh
 /// only the reverse entry, and a flow where the remote does all the sending must live on)
 /// and expires by its TCP state. A connection the remote closed first keeps its reverse
-/// entry for `TIME_WAIT_SECS` as a hold on the port, unless `reclaim_holds` (flows were refused
-/// for want of a port, or of room in a map, since the last pass). A reverse entry without its forward twin goes
-/// once idle for the closing timeout.
+/// entry for `TIME_WAIT_SECS` as a hold on the port, within `limit`. A reverse entry
+/// without its forward twin goes once idle for the closing timeout.
 pub(super) fn plan_nat(
     forward: &[(FlowKey, NatForward)],
     reverse: &BTreeMap<FlowKey, NatReverse>,
     timeouts: &Timeouts,
     now_ns: u64,
-    reclaim_holds: bool,
+    limit: HoldLimit,
 ) -> NatPlan {
+    let reclaim_holds = limit.refused;
     let mut plan = NatPlan::default();
     // Reverse keys already decided: live twins, and the halves of expired pairs.
     let mut decided = BTreeSet::new();
@@ -146,9 +165,35 @@ pub(super) fn plan_nat(
             plan.remove_reverse.push(*reply);
         }
     }
+    make_room(&mut plan, reverse, limit);
     plan.forward_left = forward.len() - plan.remove_forward.len();
     plan.reverse_left = reverse.len() - plan.remove_reverse.len();
     plan
+}
+
+/// Gives up holds, oldest first (the ones this pass starts are the newest), until the
+/// reverse map keeps no more than `limit` allows: a map run full by holds refuses a flow
+/// before the next pass could free them.
+fn make_room(plan: &mut NatPlan, reverse: &BTreeMap<FlowKey, NatReverse>, limit: HoldLimit) {
+    let left = reverse.len() - plan.remove_reverse.len();
+    let mut excess = left.saturating_sub(limit.reverse_keep());
+    if excess == 0 {
+        return;
+    }
+    let removed: BTreeSet<FlowKey> = plan.remove_reverse.iter().copied().collect();
+    let mut old_holds: Vec<(u64, FlowKey)> = reverse
+        .iter()
+        .filter(|(reply, entry)| entry.flags & NAT_TIME_WAIT != 0 && !removed.contains(reply))
+        .map(|(reply, entry)| (entry.last_seen_ns, *reply))
+        .collect();
+    old_holds.sort_unstable();
+    for (_, reply) in old_holds.into_iter().take(excess) {
+        plan.remove_reverse.push(reply);
+        excess -= 1;
+    }
+    let given_up = excess.min(plan.hold_reverse.len());
+    plan.remove_reverse
+        .extend(plan.hold_reverse.drain(..given_up));
 }
 
 /// Nanoseconds on the clock `bpf_ktime_get_ns` uses.
@@ -180,7 +225,10 @@ impl Datapath {
             .filter_map(|reason| counters.get(*reason as usize))
             .map(|counter| counter.packets)
             .sum::<u64>();
-        let reclaim_holds = refused > self.refused_flows_seen;
+        let limit = HoldLimit {
+            refused: refused > self.refused_flows_seen,
+            reverse_capacity: pinned::capacity(&self.pins, map_names::NAT_REVERSE)? as usize,
+        };
         self.refused_flows_seen = refused;
 
         let reverse: HashMap<&mut MapData, FlowKey, NatReverse> =
@@ -191,13 +239,7 @@ impl Datapath {
             self.map_mut(map_names::NAT_FORWARD)?;
         let forward_entries: Vec<(FlowKey, NatForward)> =
             forward.iter().filter_map(Result::ok).collect();
-        let plan = plan_nat(
-            &forward_entries,
-            &reverse_entries,
-            timeouts,
-            now_ns,
-            reclaim_holds,
-        );
+        let plan = plan_nat(&forward_entries, &reverse_entries, timeouts, now_ns, limit);
 
         // Holds first: once the forward half is gone, the datapath may rebuild around the
         // reverse one (and clears the hold when it does).
@@ -339,7 +381,21 @@ mod tests {
             .iter()
             .map(|(flow, nat, reverse)| (flow.translated_reply(nat.nat_ip, nat.nat_port), *reverse))
             .collect();
-        plan_nat(&forward, &reverse, &Timeouts::default(), NOW, reclaim_holds)
+        plan_nat(
+            &forward,
+            &reverse,
+            &Timeouts::default(),
+            NOW,
+            limit(reclaim_holds),
+        )
+    }
+
+    /// A limit that only refusals reach.
+    fn limit(refused: bool) -> HoldLimit {
+        HoldLimit {
+            refused,
+            reverse_capacity: 1 << 20,
+        }
     }
 
     fn closed(first: bool, second: bool) -> u32 {
@@ -380,16 +436,16 @@ mod tests {
         };
         let t = Timeouts::default();
         assert!(
-            plan_nat(&[], &held(30), &t, NOW, false)
+            plan_nat(&[], &held(30), &t, NOW, limit(false))
                 .remove_reverse
                 .is_empty()
         );
         assert_eq!(
-            plan_nat(&[], &held(61), &t, NOW, false).remove_reverse,
+            plan_nat(&[], &held(61), &t, NOW, limit(false)).remove_reverse,
             vec![reply]
         );
         assert_eq!(
-            plan_nat(&[], &held(30), &t, NOW, true).remove_reverse,
+            plan_nat(&[], &held(30), &t, NOW, limit(true)).remove_reverse,
             vec![reply]
         );
     }
@@ -411,6 +467,53 @@ mod tests {
         let plan_short = plan(&[short], true);
         assert!(plan_short.hold_reverse.is_empty());
         assert_eq!(plan_short.remove_reverse.len(), 1);
+    }
+
+    #[test]
+    fn holds_give_way_oldest_first_before_the_reverse_map_runs_full() {
+        // Of a capacity of eight, a quarter stays free: six entries may stay.
+        let limit = HoldLimit {
+            refused: false,
+            reverse_capacity: 8,
+        };
+        let held = |port: u16, idle_secs: u64| {
+            let (flow, nat, reverse) = pair(40000 + port, 5000 + port, 0, 0);
+            (
+                flow.translated_reply(nat.nat_ip, nat.nat_port),
+                NatReverse {
+                    flags: NAT_TIME_WAIT,
+                    last_seen_ns: NOW - idle_secs * S,
+                    ..reverse
+                },
+            )
+        };
+        let mut reverse: BTreeMap<_, _> = (0..5)
+            .map(|port| held(port, 10 + u64::from(port)))
+            .collect();
+        // A live pair and a connection the remote just closed (a new hold).
+        let live = pair(41000, 6000, 0, 1);
+        let closing = pair(41001, 6001, closed(false, true), 11);
+        for (flow, nat, entry) in [live, closing] {
+            reverse.insert(flow.translated_reply(nat.nat_ip, nat.nat_port), entry);
+        }
+        let forward = [(live.0, live.1), (closing.0, closing.1)];
+        let plan = plan_nat(&forward, &reverse, &Timeouts::default(), NOW, limit);
+        // Seven entries, six may stay: the oldest hold (port 4, idle 14 s) goes.
+        assert_eq!(plan.remove_reverse, vec![held(4, 14).0]);
+        assert_eq!(plan.hold_reverse.len(), 1);
+        assert_eq!(plan.reverse_left, 6);
+
+        // With room for one, every hold goes, the new one last; the live pair stays.
+        let tight = HoldLimit {
+            reverse_capacity: 1,
+            ..limit
+        };
+        let plan = plan_nat(&forward, &reverse, &Timeouts::default(), NOW, tight);
+        assert_eq!(plan.reverse_left, 1);
+        assert!(plan.hold_reverse.is_empty());
+        assert_eq!(plan.remove_reverse.len(), 6);
+        assert!(plan.remove_forward.contains(&closing.0));
+        assert!(!plan.remove_forward.contains(&live.0));
     }
 
     #[test]
