@@ -204,6 +204,12 @@ pub struct RunArgs {
     /// next candidate: detection takes about interval x multiplier.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     probe_multiplier: u32,
+    /// Milliseconds between two probes to a gateway that is quiet: the replies to this
+    /// node's pods' traffic show it alive, or no traffic goes to it (BFD's demand mode).
+    /// Traffic that stops getting replies counts as a lost probe and brings back a probe
+    /// every --probe-interval-ms at once. At most --probe-interval-ms: probe every interval.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    probe_quiet_interval_ms: u64,
     /// What answers health probes on a gateway candidate: `tc`, the tunnel's TC program, or
     /// `xdp`, also an XDP program on the underlay interface, before decapsulation (driver
     /// mode; cheaper per probe, for many probing nodes; it takes the interface's XDP hook,
@@ -246,6 +252,7 @@ impl RunArgs {
             probes: ProbeSettings {
                 interval: Duration::from_millis(self.probe_interval_ms),
                 multiplier: self.probe_multiplier,
+                quiet_interval: Duration::from_millis(self.probe_quiet_interval_ms),
             },
             probe_responder: self.probe_responder,
             timeouts: Timeouts {

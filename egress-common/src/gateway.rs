@@ -147,8 +147,25 @@ pub struct ProbeReply {
     pub _pad: [u8; 3],
 }
 
+/// Value of `GATEWAY_TRAFFIC`, keyed by a gateway's underlay address: when this node last
+/// sent its pods' traffic into the tunnel to the gateway, and last received a reply from it
+/// (monotonic ns, 0: never). The prober makes the entry; the datapath only refreshes it, at
+/// most every `TRAFFIC_STAMP_GRANULARITY_NS`. Replies that keep coming show the gateway
+/// alive, so the prober may probe it less often (BFD's demand mode).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatewayTraffic {
+    pub sent_ns: u64,
+    pub received_ns: u64,
+}
+
+/// How stale a `GatewayTraffic` stamp may get before the datapath writes it again: fine
+/// against any probe interval, and no cache line written per packet.
+pub const TRAFFIC_STAMP_GRANULARITY_NS: u64 = 1_000_000;
+
 assert_size!(
     GatewayGroup = 40,
+    GatewayTraffic = 16,
     GatewayHealth = 8,
     Probe = 32,
     ProbeReply = 32

@@ -78,6 +78,9 @@ pub mod map_names {
         GATEWAY_HEALTH = "GATEWAY_HEALTH",
         /// The last probe reply from each gateway, written by the datapath.
         PROBE_REPLIES = "PROBE_REPLIES",
+        /// When this node last sent traffic to each probed gateway and last had a reply
+        /// from it: the prober makes the entries, the datapath refreshes them.
+        GATEWAY_TRAFFIC = "GATEWAY_TRAFFIC",
         /// This node's port block of each floating egress IP it translates for.
         OWN_PORT_BLOCKS = "OWN_PORT_BLOCKS",
         /// Every port block of the floating egress IPs this node is a candidate of, with the

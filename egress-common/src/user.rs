@@ -5,7 +5,8 @@ use crate::{
     counters::Counter,
     flow::{FlowKey, InboundFlow, SteeredFlow},
     gateway::{
-        GatewayGroup, GatewayHealth, PortBlock, PortBlockKey, PortBlockOwner, Probe, ProbeReply,
+        GatewayGroup, GatewayHealth, GatewayTraffic, PortBlock, PortBlockKey, PortBlockOwner,
+        Probe, ProbeReply,
     },
     nat::{NatForward, NatReverse},
     nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
@@ -36,6 +37,7 @@ impl_pod!(
     PolicyValue,
     GatewayGroup,
     GatewayHealth,
+    GatewayTraffic,
     Probe,
     ProbeReply,
     PortBlock,

@@ -16,13 +16,14 @@ use egress_common::{
     gateway::{
         GATEWAY_DOWN, GATEWAY_DRAINING, GROUP_POD_NODE_TRANSLATES, GatewayGroup, MAX_CANDIDATES,
         PROBE_MAGIC, PROBE_PORT, PROBE_REPLY, PROBE_REQUEST, PROBE_VIA_TC, Probe, ProbeReply,
+        TRAFFIC_STAMP_GRANULARITY_NS,
     },
     policy::{GATEWAY_NONE, PolicyValue},
 };
 
 use crate::{
     DROP,
-    maps::{GATEWAY_GROUPS, GATEWAY_HEALTH, PROBE_REPLIES, TC_ANSWERED_AT, count},
+    maps::{GATEWAY_GROUPS, GATEWAY_HEALTH, GATEWAY_TRAFFIC, PROBE_REPLIES, TC_ANSWERED_AT, count},
     packet::{ETH_HLEN, Packet},
     tunnel_to,
 };
@@ -97,6 +98,33 @@ pub(crate) fn choose(
         i += 1;
     }
     None
+}
+
+/// Notes, for the prober, that this node sent pods' traffic to `gateway` (only where the
+/// prober made an entry: a gateway it does not probe costs a lookup, no insert).
+#[inline(always)]
+pub(crate) fn note_sent(gateway: Ipv4, now: u64) {
+    if let Some(traffic) = GATEWAY_TRAFFIC.get_ptr_mut(&gateway) {
+        // SAFETY: valid for this run; a racing writer stores a time just as recent.
+        unsafe {
+            if now.wrapping_sub((*traffic).sent_ns) >= TRAFFIC_STAMP_GRANULARITY_NS {
+                (*traffic).sent_ns = now;
+            }
+        }
+    }
+}
+
+/// Notes, for the prober, a reply from `gateway` delivered to a pod: the gateway is alive.
+#[inline(always)]
+pub(crate) fn note_received(gateway: Ipv4, now: u64) {
+    if let Some(traffic) = GATEWAY_TRAFFIC.get_ptr_mut(&gateway) {
+        // SAFETY: as in `note_sent`.
+        unsafe {
+            if now.wrapping_sub((*traffic).received_ns) >= TRAFFIC_STAMP_GRANULARITY_NS {
+                (*traffic).received_ns = now;
+            }
+        }
+    }
 }
 
 /// Whether the entry's pod node translates (a floating egress IP): its group says so.

@@ -215,6 +215,9 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
             return drop(reason::DROP_FLOW_TABLE_FULL, &packet);
         }
     }
+    if gateway != config.node_ip {
+        gateway::note_sent(gateway, now);
+    }
     if gateway::pod_node_translates(group) {
         // A floating egress IP: this node translates, the gateway forwards.
         return floating::translate_and_send(&mut ctx, &packet, &policy, gateway, config, now);
@@ -316,7 +319,7 @@ pub(crate) fn from_tunnel_peer(ctx: &mut TcContext, remote: Ipv4, vni: u32) -> i
     }
     match vni {
         VNI_TO_GATEWAY => gateway_request(ctx, &packet, remote, config),
-        VNI_TO_POD_NODE => deliver_reply(ctx, &packet, config),
+        VNI_TO_POD_NODE => deliver_reply(ctx, &packet, remote, config),
         _ => drop(reason::DROP_NOT_ALLOWED, &packet),
     }
 }
@@ -360,10 +363,15 @@ fn gateway_request(
     snat_and_send(ctx, packet, &policy, remote, config, now())
 }
 
-/// A reply coming back from a gateway: only to a local pod, only for a flow this node
-/// steered (for an ICMP error, the flow of the packet it quotes).
+/// A reply coming back from the gateway `remote`: only to a local pod, only for a flow this
+/// node steered (for an ICMP error, the flow of the packet it quotes).
 #[inline(always)]
-fn deliver_reply(ctx: &mut TcContext, packet: &Packet, config: &DatapathConfig) -> i32 {
+fn deliver_reply(
+    ctx: &mut TcContext,
+    packet: &Packet,
+    remote: Ipv4,
+    config: &DatapathConfig,
+) -> i32 {
     if packet.later_fragment && !packet.translatable {
         return drop(reason::DROP_FRAGMENT_UNKNOWN, packet);
     }
@@ -417,6 +425,7 @@ fn deliver_reply(ctx: &mut TcContext, packet: &Packet, config: &DatapathConfig) 
     if clamp_mss(ctx, packet, config.tunnel_mss).is_err() {
         return drop(reason::DROP_ERROR, packet);
     }
+    gateway::note_received(remote, now);
     send_to_pod(packet, ifindex, reason::REPLY_TO_POD)
 }
 

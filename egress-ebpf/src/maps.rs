@@ -16,8 +16,9 @@ use egress_common::{
     counters::{Counter, reason},
     flow::{FlowKey, FragmentKey, FragmentPorts, InboundFlow, SteeredFlow},
     gateway::{
-        GATEWAY_GROUP_MAP_SIZE, GatewayGroup, GatewayHealth, OWN_PORT_BLOCK_MAP_SIZE,
-        PORT_BLOCK_OWNER_MAP_SIZE, PortBlock, PortBlockKey, PortBlockOwner, ProbeReply,
+        GATEWAY_GROUP_MAP_SIZE, GatewayGroup, GatewayHealth, GatewayTraffic,
+        OWN_PORT_BLOCK_MAP_SIZE, PORT_BLOCK_OWNER_MAP_SIZE, PortBlock, PortBlockKey,
+        PortBlockOwner, ProbeReply,
     },
     nat::{NatForward, NatReverse},
     nodes::{ClusterCidr, EgressIp, LocalPod, NodeInfo},
@@ -81,6 +82,11 @@ pub(crate) static GATEWAY_HEALTH: HashMap<Ipv4, GatewayHealth, 4096> = HashMap::
 /// The last probe reply from each gateway, for the prober.
 #[btf_map]
 pub(crate) static PROBE_REPLIES: HashMap<Ipv4, ProbeReply, 4096> = HashMap::new();
+
+/// When this node last sent to, and heard from, each gateway its prober probes (entries made
+/// by the prober only: the datapath never inserts here).
+#[btf_map]
+pub(crate) static GATEWAY_TRAFFIC: HashMap<Ipv4, GatewayTraffic, 4096> = HashMap::new();
 
 /// This node's block of each floating egress IP's ports, when its pods use that IP.
 #[btf_map]

@@ -33,13 +33,17 @@ const FLOATING_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 const PROGRAMMED: Duration = Duration::from_secs(30);
 
 /// The cluster, both gateways with eth1 (their egress interface), `candidates` labelled
-/// egress-node=true.
-fn cluster_with_gateways(candidates: &[&str]) -> Cluster {
+/// egress-node=true; the agents run with `agent_args` too.
+fn cluster_with_gateways(candidates: &[&str], agent_args: &[&str]) -> Cluster {
     // These failovers run with the XDP probe responder (the three-gateway one and the other
     // suites with the TC program, the default).
     let mut cluster = Cluster::new(ClusterConfig {
         extra_peer_ports: vec![APP_PORT, FLOW_PORT, TCP_FLOW_PORT],
-        agent_args: vec!["--probe-responder".into(), "xdp".into()],
+        agent_args: ["--probe-responder", "xdp"]
+            .iter()
+            .chain(agent_args)
+            .map(ToString::to_string)
+            .collect(),
         ..ClusterConfig::with_peer_bin(env!("CARGO_BIN_EXE_egress-peer"))
     })
     .expect("building the test cluster");
@@ -55,13 +59,13 @@ fn cluster_with_gateways(candidates: &[&str]) -> Cluster {
 /// Both gateways labelled egress-node=true, policy `app` (app=my-app, `interface: eth1`),
 /// my-app on worker-1 served through A; capture running.
 fn two_candidates() -> (Cluster, Pod) {
-    served_by(&[GATEWAY_A, GATEWAY_B], EGRESS_A)
+    served_by(&[GATEWAY_A, GATEWAY_B], EGRESS_A, &[])
 }
 
 /// `candidates` labelled egress-node=true, policy `app` (app=my-app, `interface: eth1`),
 /// my-app on worker-1 served with `egress_ip`; capture running.
-fn served_by(candidates: &[&str], egress_ip: Ipv4Addr) -> (Cluster, Pod) {
-    let mut cluster = cluster_with_gateways(candidates);
+fn served_by(candidates: &[&str], egress_ip: Ipv4Addr, agent_args: &[&str]) -> (Cluster, Pod) {
+    let mut cluster = cluster_with_gateways(candidates, agent_args);
     SimplePolicy::new(
         "app",
         &[("app", "my-app")],
@@ -327,14 +331,54 @@ fn killing_the_active_gateways_agent_is_no_failover() {
     assert_no_leaks(&mut cluster, &pod);
 }
 
+/// Demand mode: while no traffic goes to the gateways, and while the pod's traffic gets
+/// replies, worker-1 probes each of A and B about once a second (`--probe-quiet-interval-ms`),
+/// not every 50 ms. (When A stops answering the traffic, it is probed every interval again:
+/// the failovers above start from this quiet state.)
+#[test]
+fn a_quiet_gateway_is_probed_about_once_a_second() {
+    skip_unless_root!();
+    let (mut cluster, pod) = two_candidates();
+    let replies = |cluster: &Cluster| {
+        cluster
+            .counter_packets("k8s-worker-1", "probe_reply_received")
+            .unwrap()
+    };
+    // Every 50 ms, two gateways would answer 120 probes in 3 s; once a second, about 6.
+    let in_three_seconds = |cluster: &Cluster| {
+        let before = replies(cluster);
+        thread::sleep(Duration::from_secs(3));
+        replies(cluster) - before
+    };
+    thread::sleep(Duration::from_secs(1));
+    let failovers_before = all_failovers(&cluster);
+    let idle = in_three_seconds(&cluster);
+    let flow = cluster
+        .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let busy = in_three_seconds(&cluster);
+    eprintln!("probe replies to worker-1 in 3 s: {idle} idle, {busy} with the UDP flow answered");
+    assert!(
+        idle < 30 && busy < 30,
+        "probe replies to worker-1 in 3 s: {idle} idle, {busy} with the UDP flow answered"
+    );
+    assert_nothing_moved(&cluster, flow, failovers_before);
+    assert_no_leaks(&mut cluster, &pod);
+}
+
 /// Gateways answer the probes in XDP, on their underlay interface. When the way back of
 /// those answers breaks (the frames XDP sends are dropped, as by a driver without XDP
 /// transmit), the probing node asks the gateway's TC program instead: no failover, nothing
-/// lost.
+/// lost. (Probes every interval, quiet or not, to count them.)
 #[test]
 fn probes_are_answered_in_xdp_and_lost_xdp_answers_fail_nothing_over() {
     skip_unless_root!();
-    let (mut cluster, pod) = two_candidates();
+    let (mut cluster, pod) = served_by(
+        &[GATEWAY_A, GATEWAY_B],
+        EGRESS_A,
+        &["--probe-quiet-interval-ms", "50"],
+    );
     let answered = |cluster: &Cluster| {
         [
             cluster
@@ -437,7 +481,7 @@ fn a_gateway_coming_back_moves_no_established_flow() {
 /// Policy `app` with a floating egress IP (the annotation), candidates A and B, my-app on
 /// worker-1 served through A holding the address; capture running.
 fn floating_candidates() -> (Cluster, Pod) {
-    let mut cluster = cluster_with_gateways(&[GATEWAY_A, GATEWAY_B]);
+    let mut cluster = cluster_with_gateways(&[GATEWAY_A, GATEWAY_B], &[]);
     let policy = format!(
         "apiVersion: cilium.io/v2\nkind: CiliumEgressGatewayPolicy\nmetadata:\n  name: app\n  \
          annotations:\n    egress-gateway.io/floating-egress-ip: \"true\"\nspec:\n  selectors:\n  \
@@ -645,7 +689,7 @@ fn with_three_egress_gateways_only_the_failed_ones_pods_move() {
 fn a_gateway_joining_moves_no_established_flow() {
     skip_unless_root!();
     // Only B is a candidate at first.
-    let (mut cluster, pod) = served_by(&[GATEWAY_B], EGRESS_B);
+    let (mut cluster, pod) = served_by(&[GATEWAY_B], EGRESS_B, &[]);
     let flow = cluster
         .start_long_flow(&pod, FlowKind::Udp, FLOW_PORT)
         .unwrap();

@@ -24,8 +24,8 @@ pub struct MapSizes {
     pub nat: u32,
     /// Each of STEERED_FLOWS and INBOUND_FLOWS: flows of this node's selected pods.
     pub flows: u32,
-    /// NODES, and GATEWAY_HEALTH and PROBE_REPLIES (keyed by node too): every node of the
-    /// cluster.
+    /// NODES, and GATEWAY_HEALTH, PROBE_REPLIES and GATEWAY_TRAFFIC (keyed by node too):
+    /// every node of the cluster.
     pub nodes: u32,
     /// CLUSTER_CIDRS: nodes' pod CIDRs, every pod IP, `--cluster-cidr` and `--service-cidr`.
     pub cluster: u32,
@@ -37,7 +37,7 @@ pub struct MapSizes {
 
 impl MapSizes {
     /// The maps these sizes apply to, with the size of each.
-    pub fn by_map(self) -> [(&'static str, u32); 11] {
+    pub fn by_map(self) -> [(&'static str, u32); 12] {
         [
             (map_names::POLICIES, self.policies),
             (map_names::NAT_FORWARD, self.nat),
@@ -47,6 +47,7 @@ impl MapSizes {
             (map_names::NODES, self.nodes),
             (map_names::GATEWAY_HEALTH, self.nodes),
             (map_names::PROBE_REPLIES, self.nodes),
+            (map_names::GATEWAY_TRAFFIC, self.nodes),
             (map_names::CLUSTER_CIDRS, self.cluster),
             (map_names::LOCAL_PODS, self.local_pods),
             (map_names::EGRESS_IPS, self.egress_ips),

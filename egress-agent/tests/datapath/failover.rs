@@ -5,7 +5,8 @@
 
 use egress_agent::health::probe_frame;
 use egress_common::gateway::{
-    GATEWAY_DOWN, GATEWAY_DRAINING, PROBE_REPLY, PROBE_VIA_ANY, PROBE_VIA_TC, ProbeReply,
+    GATEWAY_DOWN, GATEWAY_DRAINING, GatewayTraffic, PROBE_REPLY, PROBE_VIA_ANY, PROBE_VIA_TC,
+    ProbeReply,
 };
 
 use crate::support::*;
@@ -239,4 +240,48 @@ fn the_probing_node_notes_replies_for_its_prober() {
     );
     assert!(noted.received_ns > 0);
     assert_eq!(node.counter(reason::DROP_UNKNOWN_REPLY), 0);
+}
+
+fn traffic_of(node: &mut Node, gateway: Ipv4Addr) -> Option<GatewayTraffic> {
+    node.hash::<[u8; 4], GatewayTraffic>(map_names::GATEWAY_TRAFFIC)
+        .get(&gateway.octets(), 0)
+        .ok()
+}
+
+/// Demand mode's evidence: the pod's node stamps when it sent pods' traffic to a gateway and
+/// when a reply from it reached a pod, in the entries its prober made (never making one).
+#[test]
+fn the_pod_node_stamps_traffic_to_and_replies_from_a_probed_gateway() {
+    if !root() {
+        return;
+    }
+    let mut node = pod_node();
+    node.run(program_names::FROM_POD, &syn(40000));
+    assert_eq!(
+        traffic_of(&mut node, GATEWAY),
+        None,
+        "not probed: no entry made"
+    );
+
+    node.hash::<[u8; 4], GatewayTraffic>(map_names::GATEWAY_TRAFFIC)
+        .insert(GATEWAY.octets(), GatewayTraffic::default(), 0)
+        .unwrap();
+    assert_eq!(tunnelled_to(&node, &ack(40000)), Some(GATEWAY));
+    let sent = traffic_of(&mut node, GATEWAY).unwrap();
+    assert!(sent.sent_ns > 0, "{sent:?}");
+    assert_eq!(sent.received_ns, 0, "nothing came back yet");
+
+    // A reply the node refuses (no such flow) is no sign of life.
+    let stray = packet(DEST, 443, POD, 40999, L4::Tcp { flags: ACK });
+    assert_eq!(from_gateway_node(&node, &stray).0, TC_ACT_SHOT);
+    assert_eq!(traffic_of(&mut node, GATEWAY).unwrap().received_ns, 0);
+
+    let reply = packet(DEST, 443, POD, 40000, L4::Tcp { flags: ACK });
+    assert_eq!(from_gateway_node(&node, &reply).0, TC_ACT_REDIRECT);
+    let answered = traffic_of(&mut node, GATEWAY).unwrap();
+    assert!(answered.received_ns >= sent.sent_ns, "{answered:?}");
+    assert_eq!(
+        answered.sent_ns, sent.sent_ns,
+        "within the stamp granularity"
+    );
 }
