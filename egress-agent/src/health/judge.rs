@@ -55,6 +55,12 @@ struct Peer {
     tc_only_left: u32,
     /// Rounds without a probe since the last one (the gateway was quiet).
     skipped: u32,
+    /// Probes answered in a row (by a gateway saying it can serve).
+    streak: u32,
+    /// Answers in a row a down gateway needs to be up again (0: `multiplier`).
+    hold_down: u32,
+    /// Rounds judged up since it last came up.
+    rounds_up: u32,
 }
 
 /// The verdicts, from probes sent and replies seen: pure, so it is unit-tested.
@@ -119,6 +125,10 @@ impl Judge {
                 backoff: 0,
                 tc_only_left: 0,
                 skipped: 0,
+                streak: 0,
+                hold_down: 0,
+                // No flaps on record.
+                rounds_up: FLAP_ROUNDS,
             });
             kept.insert(ip, peer);
         }
@@ -185,6 +195,12 @@ impl Judge {
         if seq <= peer.answered || seq > peer.sent {
             return false;
         }
+        // A gap in the sequence numbers is a lost probe.
+        peer.streak = match (serving, seq == peer.answered + 1) {
+            (false, _) => 0,
+            (true, true) => peer.streak.saturating_add(1),
+            (true, false) => 1,
+        };
         peer.answered = seq;
         peer.heard = true;
         peer.not_serving = !serving;
@@ -205,9 +221,21 @@ impl Judge {
 
     /// Judges every gateway, just before the next round of probes: each probe sent so far
     /// had an interval to be answered. Returns the changes.
+    ///
+    /// A down gateway is up again once it answered `multiplier` probes in a row, saying it
+    /// can serve. One that goes down again within `FLAP_ROUNDS` of coming up (a starved CPU,
+    /// a flaky link) needs twice as many answers each time, up to `MAX_HOLD_DOWN` times
+    /// `multiplier`, so a flapping gateway does not pull new flows back and forth; staying
+    /// up that long forgives it.
     pub fn judge(&mut self) -> Vec<(Ipv4Addr, Change)> {
         let mut changes = Vec::new();
+        let base = u32::try_from(self.multiplier).unwrap_or(u32::MAX);
         for (ip, peer) in &mut self.peers {
+            let hold_down = if peer.hold_down == 0 {
+                base
+            } else {
+                peer.hold_down
+            };
             let unanswered = peer.sent - peer.answered.min(peer.sent);
             let verdict = if unanswered >= self.multiplier {
                 Some(if peer.heard {
@@ -220,9 +248,31 @@ impl Judge {
                 peer.down
             } else if peer.not_serving {
                 Some(Cause::NotServing)
+            } else if peer.down.is_some() && peer.streak < hold_down {
+                // Answering again, not long enough yet.
+                peer.down
             } else {
                 None
             };
+            match (peer.down.is_some(), verdict.is_some()) {
+                (false, true) => {
+                    peer.hold_down = if peer.rounds_up < FLAP_ROUNDS {
+                        hold_down
+                            .saturating_mul(2)
+                            .min(base.saturating_mul(MAX_HOLD_DOWN))
+                    } else {
+                        base
+                    };
+                }
+                (true, false) => peer.rounds_up = 0,
+                (false, false) => {
+                    peer.rounds_up = peer.rounds_up.saturating_add(1);
+                    if peer.rounds_up >= FLAP_ROUNDS {
+                        peer.hold_down = base;
+                    }
+                }
+                (true, true) => {}
+            }
             // Down for another reason is no news.
             if verdict.is_some() != peer.down.is_some() {
                 changes.push((*ip, verdict.map_or(Change::Up, Change::Down)));
@@ -241,6 +291,13 @@ impl Judge {
         self.peers.get(&ip).is_some_and(|peer| peer.heard)
     }
 }
+
+/// Rounds a gateway must stay up after coming back before a new failure counts as a fresh
+/// one rather than a flap (30 s at the default interval).
+const FLAP_ROUNDS: u32 = 600;
+/// Most times `multiplier` answers in a row a flapping gateway needs to come back (about
+/// 10 s at the defaults).
+const MAX_HOLD_DOWN: u32 = 64;
 
 /// Probes asked of the TC program alone the first time it answered where the probe before,
 /// for any responder, twice in a row got no answer (30 s at the default interval); each
@@ -271,7 +328,7 @@ mod tests {
     }
 
     #[test]
-    fn a_gateway_is_down_after_multiplier_unanswered_probes_and_up_at_the_next_reply() {
+    fn a_gateway_is_down_after_multiplier_unanswered_probes_and_up_after_as_many_answers() {
         let mut judge = Judge::new(3, 0);
         judge.retain([(GW, false)]);
         assert!(round(&mut judge, true).is_empty());
@@ -282,6 +339,13 @@ mod tests {
             [(GW, Change::Down(Cause::Unanswered))]
         );
         assert!(round(&mut judge, false).is_empty(), "no news while down");
+        assert!(round(&mut judge, true).is_empty());
+        assert!(
+            round(&mut judge, false).is_empty(),
+            "answers in a row, or none"
+        );
+        assert!(round(&mut judge, true).is_empty());
+        assert!(round(&mut judge, true).is_empty());
         assert_eq!(round(&mut judge, true), [(GW, Change::Up)]);
         assert!(!judge.is_down(GW));
     }
@@ -297,6 +361,7 @@ mod tests {
             round(&mut judge, false),
             [(GW, Change::Down(Cause::NeverAnswered))]
         );
+        assert!(round(&mut judge, true).is_empty());
         assert_eq!(round(&mut judge, true), [(GW, Change::Up)]);
     }
 
@@ -311,7 +376,9 @@ mod tests {
         assert_eq!(seq, 1_001);
         assert!(judge.replied(GW, seq, true));
         assert!(judge.has_answered(GW));
-        assert_eq!(judge.judge(), [(GW, Change::Up)]);
+        assert!(judge.judge().is_empty(), "one answer of the three needed");
+        assert!(round(&mut judge, true).is_empty());
+        assert_eq!(round(&mut judge, true), [(GW, Change::Up)]);
     }
 
     #[test]
@@ -321,9 +388,9 @@ mod tests {
         let (seq, _) = probe(&mut judge);
         judge.replied(GW, seq, false);
         assert_eq!(judge.judge(), [(GW, Change::Down(Cause::NotServing))]);
-        let (seq, _) = probe(&mut judge);
-        judge.replied(GW, seq, true);
-        assert_eq!(judge.judge(), [(GW, Change::Up)]);
+        assert!(round(&mut judge, true).is_empty());
+        assert!(round(&mut judge, true).is_empty());
+        assert_eq!(round(&mut judge, true), [(GW, Change::Up)]);
     }
 
     /// A restarted agent keeps the verdict it found until probes say otherwise; stale or
@@ -340,9 +407,44 @@ mod tests {
             !judge.replied(GW, seq + 5, true),
             "a reply to a probe never sent"
         );
-        assert_eq!(judge.judge(), [(GW, Change::Up)]);
+        assert!(judge.judge().is_empty());
+        assert!(round(&mut judge, true).is_empty());
+        assert_eq!(round(&mut judge, true), [(GW, Change::Up)]);
         judge.retain([]);
         assert!(!judge.is_down(GW), "no longer probed");
+    }
+
+    /// Rounds until `GW` is up again, answering every probe (at most `limit`).
+    fn rounds_to_come_back(judge: &mut Judge, limit: usize) -> Option<usize> {
+        (1..=limit).find(|_| round(judge, true) == [(GW, Change::Up)])
+    }
+
+    fn take_down(judge: &mut Judge) {
+        for _ in 0..2 {
+            assert!(round(judge, false).is_empty());
+        }
+        assert_eq!(round(judge, false), [(GW, Change::Down(Cause::Unanswered))]);
+    }
+
+    /// A gateway that goes down again soon after it came back needs twice as many answers
+    /// in a row each time (up to 64 times the multiplier); staying up `FLAP_ROUNDS` forgives
+    /// it.
+    #[test]
+    fn a_flapping_gateway_needs_ever_more_answers_to_come_back() {
+        let mut judge = Judge::new(3, 0);
+        judge.retain([(GW, false)]);
+        assert!(round(&mut judge, true).is_empty());
+        let mut needed = Vec::new();
+        for _ in 0..8 {
+            take_down(&mut judge);
+            needed.push(rounds_to_come_back(&mut judge, 1000).unwrap());
+        }
+        assert_eq!(needed, [3, 6, 12, 24, 48, 96, 192, 192]);
+        for _ in 0..FLAP_ROUNDS {
+            assert!(round(&mut judge, true).is_empty());
+        }
+        take_down(&mut judge);
+        assert_eq!(rounds_to_come_back(&mut judge, 1000), Some(3));
     }
 
     /// Probes whose answers arrive only when they ask for the TC program (the XDP
@@ -499,6 +601,12 @@ mod tests {
             quiet_round(&mut judge, Traffic::Answered, false).0,
             "down: probed"
         );
+        for _ in 0..2 {
+            assert_eq!(
+                quiet_round(&mut judge, Traffic::Answered, true),
+                (true, vec![])
+            );
+        }
         assert_eq!(
             quiet_round(&mut judge, Traffic::Answered, true),
             (true, vec![(GW, Change::Up)])
@@ -532,6 +640,12 @@ mod tests {
             quiet_round(&mut judge, Traffic::Unanswered, false),
             (true, vec![(GW, Change::Down(Cause::Unanswered))])
         );
+        for _ in 0..2 {
+            assert_eq!(
+                quiet_round(&mut judge, Traffic::Unanswered, true),
+                (true, vec![])
+            );
+        }
         assert_eq!(
             quiet_round(&mut judge, Traffic::Unanswered, true),
             (true, vec![(GW, Change::Up)])
