@@ -198,6 +198,8 @@ pub(crate) fn run(params: &Params, bins: &Binaries) -> Result<Value> {
         let after = failovers(&cluster);
         faults.push(fault_json(fault, &trials, &redone, &before, &after));
     }
+    eprintln!("-- probes a probing node sends, idle and with its traffic answered");
+    let probe_rates = probe_rates(&cluster, &pod)?;
     eprintln!("-- probe load on a gateway: probe floods from {GATEWAY_B} to {GATEWAY_A}");
     let probe_load = probe_load(&cluster, params, bins)?;
     drop(pod);
@@ -214,6 +216,7 @@ pub(crate) fn run(params: &Params, bins: &Binaries) -> Result<Value> {
         "probe_interval_ms": 50,
         "probe_multiplier": 3,
         "faults": faults,
+        "probe_rates": probe_rates,
         "probe_load": probe_load,
         "elapsed_seconds": started.elapsed().as_secs_f64(),
     }))
@@ -552,6 +555,38 @@ impl Stream {
         let summary = serde_json::from_str(line).with_context(|| format!("parsing {line:?}"))?;
         Ok((summary, seconds))
     }
+}
+
+/// How many probes the pod's node sends each gateway per second (demand mode): while no
+/// traffic goes to them, and while the UDP stream through A gets its echoes. Counted as the
+/// probe replies worker-1's datapath receives, over its two gateways (A carries the stream,
+/// B is idle: both quiet).
+fn probe_rates(cluster: &Cluster, pod: &Pod) -> Result<Value> {
+    const SECONDS: u64 = 10;
+    let per_gateway_per_s = || -> Result<f64> {
+        let before = cluster.counter_packets(POD_NODE, "probe_reply_received")?;
+        thread::sleep(Duration::from_secs(SECONDS));
+        let after = cluster.counter_packets(POD_NODE, "probe_reply_received")?;
+        Ok(after.saturating_sub(before) as f64 / 2.0 / SECONDS as f64)
+    };
+    // The last trial's failover and return are over.
+    thread::sleep(Duration::from_secs(2));
+    let idle = per_gateway_per_s()?;
+    let stream = Stream::start(cluster, pod)?;
+    thread::sleep(Duration::from_secs(1));
+    let answered = per_gateway_per_s()?;
+    let (summary, _) = stream.stop()?;
+    if summary.received == 0 {
+        bail!("the UDP stream got no echoes while probes were counted: {summary:?}");
+    }
+    eprintln!("   {idle:.1} probes/s per gateway idle, {answered:.1} with the stream answered");
+    Ok(json!({
+        "seconds": SECONDS,
+        "idle_per_s": idle,
+        "answered_per_s": answered,
+        "every_interval_per_s": 1000.0 / 50.0,
+        "quiet_interval_ms": 1000,
+    }))
 }
 
 /// Probe floods from B to A's tunnel port, each against a flood of spoilt probes (A's

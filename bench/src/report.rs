@@ -68,6 +68,9 @@ pub fn analyse(doc: &mut Value) {
     doc["targets"] = targets(doc);
 }
 
+/// The probing node of the failover section's probe rates.
+const POD_NODE_NAME: &str = "k8s-worker-1";
+
 /// Probing nodes the issue sizes the probe load for, and the default probe interval.
 const PROBING_NODES: f64 = 5000.0;
 const PROBE_INTERVAL_MS: f64 = 50.0;
@@ -110,7 +113,21 @@ fn probe_cost(doc: &Value) -> Value {
     let tc_kernel = median(&doc["failover"]["probe_load"]["answer_tc_ns_per_probe"]);
     let receive = median(&doc["failover"]["probe_load"]["receive_ns_per_probe"]);
     let share = |ns: Option<f64>| ns.map(|ns| ns * probes_per_s() / 1e9);
+    // Demand mode: what a quiet probing node sends (the higher of idle and answered), for
+    // as many nodes; measured in the failover section.
+    let rates = &doc["failover"]["probe_rates"];
+    let quiet_per_node = rates["idle_per_s"]
+        .as_f64()
+        .zip(rates["answered_per_s"].as_f64())
+        .map(|(idle, answered)| idle.max(answered));
+    let quiet_probes_per_s = quiet_per_node.map(|rate| rate * PROBING_NODES);
+    let quiet_share =
+        |ns: Option<f64>| ns.zip(quiet_probes_per_s).map(|(ns, rate)| ns * rate / 1e9);
     json!({
+        "quiet_probes_per_node_per_s": quiet_per_node,
+        "quiet_probes_per_s": quiet_probes_per_s,
+        "quiet_in_kernel_core_share": quiet_share(in_kernel),
+        "quiet_tc_in_kernel_core_share": quiet_share(tc_in_kernel),
         "probing_nodes": PROBING_NODES,
         "probe_interval_ms": PROBE_INTERVAL_MS,
         "probes_per_s": probes_per_s(),
@@ -412,7 +429,7 @@ fn probe_targets(doc: &Value, list: &mut Vec<Value>) {
     let bpf = cost["bpf_core_share"].as_f64();
     if bpf.is_some() {
         list.push(target(
-            "probe cost on a gateway, 5,000 probing nodes at 50 ms: the XDP responder",
+            "probe cost on a gateway, 5,000 nodes probing every 50 ms (traffic without replies): the XDP responder",
             "< 1% of one core",
             bpf,
             format!(
@@ -428,10 +445,45 @@ fn probe_targets(doc: &Value, list: &mut Vec<Value>) {
     }
     let kernel = cost["kernel_core_share"].as_f64();
     let in_kernel = cost["in_kernel_core_share"].as_f64();
+    let quiet_rate = cost["quiet_probes_per_s"].as_f64();
+    if quiet_rate.is_some() {
+        for (responder, field, ns_field) in [
+            (
+                "the TC program (the default)",
+                "quiet_tc_in_kernel_core_share",
+                "tc_in_kernel_ns_per_probe",
+            ),
+            (
+                "the XDP responder",
+                "quiet_in_kernel_core_share",
+                "in_kernel_ns_per_probe",
+            ),
+        ] {
+            let share = cost[field].as_f64();
+            list.push(target(
+                &format!(
+                    "probe cost on a gateway, 5,000 quiet probing nodes (idle, or their \
+                     traffic answered; demand mode): {responder} under a probe flood (bpf_stats)"
+                ),
+                "< 1% of one core",
+                share,
+                format!(
+                    "{} ({} probes/s: {:.2} per node; {} ns per probe)",
+                    pct(share),
+                    thousands(&cost["quiet_probes_per_s"]),
+                    cost["quiet_probes_per_node_per_s"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
+                    cost[ns_field].as_f64().map_or("n/a".into(), fmt_num)
+                ),
+                |v| v < 0.01,
+            ));
+        }
+    }
     if !doc["failover"].is_null() {
         list.push(target(
-            "probe cost on a gateway, 5,000 probing nodes at 50 ms: the XDP responder under a \
-             probe flood (bpf_stats)",
+            "probe cost on a gateway, 5,000 nodes probing every 50 ms (traffic without replies): \
+             the XDP responder under a probe flood (bpf_stats)",
             "< 1% of one core",
             in_kernel,
             format!(
@@ -445,8 +497,8 @@ fn probe_targets(doc: &Value, list: &mut Vec<Value>) {
             |v| v < 0.01,
         ));
         list.push(target(
-            "probe cost on a gateway, 5,000 probing nodes at 50 ms: XDP and the kernel path \
-             (upper bound)",
+            "probe cost on a gateway, 5,000 nodes probing every 50 ms (traffic without replies): \
+             XDP and the kernel path (upper bound)",
             "< 1% of one core",
             kernel,
             format!(
@@ -918,6 +970,30 @@ fn probe_cost_md(doc: &Value) -> String {
         ns(&cost["tc_kernel_ns_per_probe"]),
         pct(&cost["tc_kernel_core_share"]),
     );
+    let rates = &doc["failover"]["probe_rates"];
+    if !rates.is_null() {
+        let _ = writeln!(
+            md,
+            "Demand mode (BFD's): a probing node probes a gateway every \
+             `--probe-quiet-interval-ms` ({} ms) while no traffic goes to it, or while the \
+             replies to its traffic show it alive, and every interval only while its traffic \
+             goes unanswered. Measured in the failover cluster (probe replies {} received \
+             over {} s, per gateway): {:.2} probes/s idle, {:.2} with the UDP stream through \
+             the gateway answered (every interval: {}). For {} quiet nodes that is {} \
+             probes/s: {} with the TC program (the default), {} with the XDP responder \
+             (in-kernel run time per probe under the flood, below).\n",
+            rates["quiet_interval_ms"],
+            POD_NODE_NAME,
+            rates["seconds"],
+            rates["idle_per_s"].as_f64().unwrap_or(f64::NAN),
+            rates["answered_per_s"].as_f64().unwrap_or(f64::NAN),
+            rates["every_interval_per_s"],
+            thousands(&cost["probing_nodes"]),
+            thousands(&cost["quiet_probes_per_s"]),
+            pct(&cost["quiet_tc_in_kernel_core_share"]),
+            pct(&cost["quiet_in_kernel_core_share"]),
+        );
+    }
     if load.is_null() {
         let _ = writeln!(
             md,
