@@ -59,14 +59,22 @@ pub struct Changes {
     pub take: Vec<(Ipv4Addr, u32)>,
 }
 
+/// What an earlier run of the agent may have left, released on the first pass unless wanted.
+#[derive(Debug, Default)]
+pub struct Leftovers<'a> {
+    /// Every floating IP this node is a candidate of, on its interface.
+    pub known: Option<&'a BTreeMap<Ipv4Addr, FloatingTarget>>,
+    /// The addresses marked as the agent's (`FLOATING_ADDRESS_PROTO`), on their interface:
+    /// also those of policies deleted while no agent ran.
+    pub marked: &'a [(Ipv4Addr, u32)],
+}
+
 /// The changes that make `held` (address -> interface) equal `wanted`: an address moves by
-/// release and take. On the first pass every `known` address not wanted is released too (an
-/// earlier run of the agent may have left it).
+/// release and take; `leftovers` not wanted on their interface are released too.
 pub fn plan(
     held: &BTreeMap<Ipv4Addr, u32>,
     wanted: &BTreeMap<Ipv4Addr, u32>,
-    known: &BTreeMap<Ipv4Addr, FloatingTarget>,
-    first_pass: bool,
+    leftovers: &Leftovers<'_>,
 ) -> Changes {
     let mut changes = Changes::default();
     for (ip, ifindex) in held {
@@ -74,11 +82,15 @@ pub fn plan(
             changes.release.push((*ip, *ifindex));
         }
     }
-    if first_pass {
-        for (ip, target) in known {
-            if !wanted.contains_key(ip) && !held.contains_key(ip) {
-                changes.release.push((*ip, target.ifindex));
-            }
+    let known = leftovers
+        .known
+        .into_iter()
+        .flatten()
+        .map(|(ip, target)| (*ip, target.ifindex));
+    for (ip, ifindex) in known.chain(leftovers.marked.iter().copied()) {
+        let left = wanted.get(&ip) != Some(&ifindex) && held.get(&ip) != Some(&ifindex);
+        if left && !changes.release.contains(&(ip, ifindex)) {
+            changes.release.push((ip, ifindex));
         }
     }
     for (ip, ifindex) in wanted {
@@ -129,7 +141,21 @@ impl Holder {
             .iter()
             .map(|(ip, (ifindex, _))| (*ip, *ifindex))
             .collect();
-        let changes = plan(&held, &wanted_ifindex, known, !self.started);
+        let marked = if self.started {
+            Vec::new()
+        } else {
+            self.runtime
+                .block_on(self.netlink.floating_addresses())
+                .unwrap_or_else(|error| {
+                    warn!(error = %Chain(&error), "cannot look for floating egress IPs an earlier run left");
+                    Vec::new()
+                })
+        };
+        let leftovers = Leftovers {
+            known: (!self.started).then_some(known),
+            marked: &marked,
+        };
+        let changes = plan(&held, &wanted_ifindex, &leftovers);
         for (ip, ifindex) in changes.release {
             match self
                 .runtime
@@ -300,29 +326,51 @@ mod tests {
         const C: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 101);
         let known = BTreeMap::from([(B, target(3)), (C, target(3))]);
         // First pass: a known address not wanted is released even if this run never took it.
-        let first = plan(&BTreeMap::new(), &BTreeMap::from([(B, 3)]), &known, true);
+        let first_pass = Leftovers {
+            known: Some(&known),
+            marked: &[],
+        };
+        let first = plan(&BTreeMap::new(), &BTreeMap::from([(B, 3)]), &first_pass);
         assert_eq!(first.release, [(C, 3)]);
         assert_eq!(first.take, [(B, 3)]);
         // Later: only what is held and not wanted.
-        let later = plan(&BTreeMap::from([(B, 3)]), &BTreeMap::new(), &known, false);
+        let later = plan(
+            &BTreeMap::from([(B, 3)]),
+            &BTreeMap::new(),
+            &Leftovers::default(),
+        );
         assert_eq!(later.release, [(B, 3)]);
         assert!(later.take.is_empty());
         // Moved to another interface.
         let moved = plan(
             &BTreeMap::from([(B, 3)]),
             &BTreeMap::from([(B, 4)]),
-            &known,
-            false,
+            &Leftovers::default(),
         );
         assert_eq!((moved.release, moved.take), (vec![(B, 3)], vec![(B, 4)]));
         // Nothing to do.
         let steady = plan(
             &BTreeMap::from([(B, 3)]),
             &BTreeMap::from([(B, 3)]),
-            &known,
-            false,
+            &Leftovers::default(),
         );
         assert_eq!(steady, Changes::default());
+    }
+
+    /// An address marked as the agent's whose policy went while no agent ran is released on
+    /// the first pass; a marked one still wanted there stays.
+    #[test]
+    fn marked_addresses_nobody_wants_are_released_on_the_first_pass() {
+        const B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+        const GONE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 150);
+        let marked = [(B, 3), (GONE, 3), (B, 5)];
+        let first_pass = Leftovers {
+            known: None,
+            marked: &marked,
+        };
+        let changes = plan(&BTreeMap::new(), &BTreeMap::from([(B, 3)]), &first_pass);
+        assert_eq!(changes.release, [(GONE, 3), (B, 5)]);
+        assert_eq!(changes.take, [(B, 3)], "taken again (and announced)");
     }
 
     #[test]

@@ -1,17 +1,22 @@
 //! This node's interfaces, addresses and routes, and the agent's VXLAN device, through
 //! rtnetlink.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
-    address::AddressAttribute,
+    address::{AddressAttribute, AddressProtocol},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo},
     route::{RouteAddress, RouteAttribute, RouteHeader},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkVxlan, RouteMessageBuilder};
 use thiserror::Error;
+
+/// `IFA_PROTO` of the floating egress IPs the agent adds (the address's `proto` in recent
+/// iproute2): how a restarted agent finds one an earlier run left, also when its policy is
+/// gone.
+pub const FLOATING_ADDRESS_PROTO: u8 = 0xE6;
 
 /// VXLAN and outer IPv4/UDP/Ethernet headers the tunnel adds.
 pub const TUNNEL_OVERHEAD: u32 = 50;
@@ -217,16 +222,52 @@ impl Netlink {
     /// Adds `ip`/32 to interface `index` (a floating egress IP this node now holds);
     /// already there is fine.
     pub async fn add_address(&self, index: u32, ip: Ipv4Addr) -> Result<()> {
-        self.handle
-            .address()
-            .add(index, ip.into(), 32)
-            .replace()
+        let mut request = self.handle.address().add(index, ip.into(), 32).replace();
+        request
+            .message_mut()
+            .attributes
+            .push(AddressAttribute::Protocol(AddressProtocol::Other(
+                FLOATING_ADDRESS_PROTO,
+            )));
+        request
             .execute()
             .await
             .map_err(|source| NetlinkError::Request {
                 what: "add a floating egress IP",
                 source,
             })
+    }
+
+    /// The addresses marked `FLOATING_ADDRESS_PROTO`, with their interface: floating
+    /// egress IPs a run of the agent added.
+    pub async fn floating_addresses(&self) -> Result<Vec<(Ipv4Addr, u32)>> {
+        let mut stream = self.handle.address().get().execute();
+        let mut found = Vec::new();
+        while let Some(message) =
+            stream
+                .try_next()
+                .await
+                .map_err(|source| NetlinkError::Request {
+                    what: "address dump",
+                    source,
+                })?
+        {
+            let ours = message.attributes.iter().any(|attribute| {
+                matches!(attribute, AddressAttribute::Protocol(protocol)
+                    if u8::from(*protocol) == FLOATING_ADDRESS_PROTO)
+            });
+            let local = message
+                .attributes
+                .iter()
+                .find_map(|attribute| match attribute {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                    _ => None,
+                });
+            if let (true, Some(ip)) = (ours, local) {
+                found.push((ip, message.header.index));
+            }
+        }
+        Ok(found)
     }
 
     /// Removes `ip` from interface `index`; not there is fine.

@@ -764,12 +764,9 @@ fn two_holders_of_a_floating_egress_ip_break_nothing() {
     let a_ip = cluster.node(GATEWAY_A).unwrap().ip.to_string();
     drop_tunnel_traffic(&cluster, GATEWAY_B, Some(&a_ip));
     let both_hold = wait_until(PROGRAMMED, || {
-        [GATEWAY_A, GATEWAY_B].iter().all(|node| {
-            let netns = cluster.node(node).unwrap().netns.clone();
-            cluster
-                .exec(&netns, &["ip", "-4", "addr", "show", "dev", "eth1"])
-                .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("192.0.2.100/"))
-        })
+        [GATEWAY_A, GATEWAY_B]
+            .iter()
+            .all(|node| holds_floating_ip(&cluster, node))
     });
     assert!(both_hold, "B took the floating IP while A kept it");
     thread::sleep(Duration::from_secs(3));
@@ -793,6 +790,37 @@ fn two_holders_of_a_floating_egress_ip_break_nothing() {
         .forbidden_sources([pod.ip, POD_NODE_IP, EGRESS_A, EGRESS_B])
         .check(&packets)
         .unwrap();
+}
+
+/// Whether `node` holds the floating egress IP on its eth1.
+fn holds_floating_ip(cluster: &Cluster, node: &str) -> bool {
+    let netns = cluster.node(node).unwrap().netns.clone();
+    cluster
+        .exec(&netns, &["ip", "-4", "addr", "show", "dev", "eth1"])
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("192.0.2.100/"))
+}
+
+/// The holder's agent is down (kill -9) while the policy is deleted: no policy names the
+/// address any more, yet the restarted agent removes it, since it marks the addresses it
+/// adds (`IFA_PROTO`).
+#[test]
+fn a_floating_ip_left_while_no_agent_ran_is_removed_by_the_next_one() {
+    skip_unless_root!();
+    let (cluster, _pod) = floating_candidates();
+    assert!(holds_floating_ip(&cluster, GATEWAY_A));
+    cluster.kill_agent(GATEWAY_A, Signal::Kill).unwrap();
+    cluster.delete_policy("app").unwrap();
+    thread::sleep(Duration::from_secs(1));
+    assert!(
+        holds_floating_ip(&cluster, GATEWAY_A),
+        "no agent ran to remove it"
+    );
+    cluster.restart_agent(GATEWAY_A).unwrap();
+    assert!(
+        wait_until(PROGRAMMED, || !holds_floating_ip(&cluster, GATEWAY_A)),
+        "{GATEWAY_A}'s new agent removed the address of the deleted policy"
+    );
+    assert!(!holds_floating_ip(&cluster, GATEWAY_B));
 }
 
 /// After a failover, the agents restart (kill -9, then started again) on the new holder and

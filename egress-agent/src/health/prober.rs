@@ -315,9 +315,8 @@ impl Prober {
 
     /// Holds the floating egress IPs whose candidates before this node are all down.
     fn hold_floating_ips(&mut self, targets: &Targets) -> anyhow::Result<()> {
-        if targets.floating.is_empty() && self.holder.is_none() {
-            return Ok(());
-        }
+        // The first round makes the holder even without floating IPs: it removes those an
+        // earlier run left (their policy may be gone).
         let wanted: BTreeMap<Ipv4Addr, (u32, String)> = targets
             .floating
             .iter()
