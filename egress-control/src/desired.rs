@@ -318,6 +318,13 @@ pub enum PolicyProblem {
     )]
     FloatingEgressIpTaken { egress_ip: Ipv4Addr, policy: String },
     #[error(
+        "egress IP {egress_ip} floats between the candidates of policy {policy}: a policy \
+         without the floating-egress-ip annotation cannot use it, since both would translate \
+         to its ports; annotate this policy too, with the same nodeSelector and interface, or \
+         pick another egress IP; its pods' traffic is dropped"
+    )]
+    EgressIpFloats { egress_ip: Ipv4Addr, policy: String },
+    #[error(
         "floating egress IP {egress_ip}: {nodes_without} nodes running its pods got no block \
          of its ports (--nat-port-range holds {blocks} blocks of 64), so their pods' traffic \
          is dropped; spread the pods over more floating egress IPs (more policies), or widen \

@@ -51,7 +51,7 @@ pub use crate::inventory::policy::FLOATING_EGRESS_IP_ANNOTATION;
 use crate::{
     desired::{DesiredState, LocalInterface, LocalNetwork, PolicyProblem},
     gateways::{Candidate, GroupInterner, fnv1a, mix64, spec_candidates},
-    inventory::{Inventory, Pod, PodIndex, Policy},
+    inventory::{EgressSource, Inventory, Pod, PodIndex, Policy},
 };
 
 /// The NAT source ports, inclusive (the agent's `--nat-port-range`). Floating egress IPs
@@ -194,8 +194,8 @@ enum PolicyFloat {
     Floats(Ipv4Addr),
     /// No candidate: dropped like any policy without a gateway node.
     NoCandidates,
-    /// Its IP already floats with another spec: not programmed (its pods' traffic is
-    /// dropped), with this problem.
+    /// Its IP already floats with another spec, or it is a plain policy naming a floating
+    /// IP: not programmed (its pods' traffic is dropped), with this problem.
     Refused(PolicyProblem),
 }
 
@@ -272,6 +272,25 @@ impl<'a> Plan<'a> {
                         .or_default()
                         .insert(node.name.as_str(), node_ip);
                 }
+            }
+        }
+        // A plain policy naming a floating IP would translate to the ports the pods' nodes
+        // use: refused.
+        for policy in inv.policies.values() {
+            if policy.floating_egress().is_some() {
+                continue;
+            }
+            let floating = policy.gateways.iter().find_map(|spec| match spec.egress {
+                EgressSource::Ip(ip) => plan.floats.get(&ip).map(|float| (ip, float.policy)),
+                _ => None,
+            });
+            if let Some((egress_ip, owner)) = floating {
+                let problem = PolicyProblem::EgressIpFloats {
+                    egress_ip,
+                    policy: owner.to_owned(),
+                };
+                plan.policies
+                    .insert(policy.name.as_str(), PolicyFloat::Refused(problem));
             }
         }
         let blocks = nat_ports.blocks();

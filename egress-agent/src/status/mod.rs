@@ -60,7 +60,8 @@ pub enum Reason {
     InterfaceDown,
     NoEgressIp,
     InvalidSpec,
-    /// A floating egress IP another policy uses with other candidates.
+    /// A floating egress IP another policy uses with other candidates, or a plain policy
+    /// naming a floating egress IP.
     FloatingEgressIpTaken,
     /// Some nodes running the policy's pods got no block of the floating egress IP's ports.
     PortBlocksExhausted,
@@ -99,7 +100,9 @@ pub fn readiness(problem: Option<&PolicyProblem>) -> (bool, Reason) {
             | PolicyProblem::EgressIpNotLocal { .. }
             | PolicyProblem::NoDefaultRoute,
         ) => (false, Reason::NoEgressIp),
-        Some(PolicyProblem::FloatingEgressIpTaken { .. }) => (false, Reason::FloatingEgressIpTaken),
+        Some(
+            PolicyProblem::FloatingEgressIpTaken { .. } | PolicyProblem::EgressIpFloats { .. },
+        ) => (false, Reason::FloatingEgressIpTaken),
         // Partly served: the pods of the nodes without a block are not.
         Some(PolicyProblem::PortBlocksExhausted { .. }) => (false, Reason::PortBlocksExhausted),
     }

@@ -674,6 +674,43 @@ fn an_egress_ip_floats_with_one_spec_only() {
     assert!(message.contains("already floats between the candidates of policy float"));
 }
 
+/// A plain policy naming a floating egress IP would translate to ports the pods' nodes
+/// translate to: refused on every node, its pods' traffic dropped, the floating policy
+/// untouched.
+#[test]
+fn a_plain_policy_cannot_use_a_floating_egress_ip() {
+    let plain = "metadata: {name: plain}\nspec:\n  selectors: [{podSelector: {matchLabels: {app: db}}}]\n  destinationCIDRs: [203.0.113.0/24]\n  egressGateway: {nodeSelector: {matchLabels: {egress: 'true'}}, egressIP: 192.0.2.50}\n";
+    let inv = inventory(&[&web_policy(), plain]);
+    for node in ["gw-a", "gw-b", "w2"] {
+        let s = desired_state(&inv, node, &gw_network());
+        assert_eq!(
+            s.policies["plain"].problem,
+            Some(PolicyProblem::EgressIpFloats {
+                egress_ip: EGRESS,
+                policy: "float".into()
+            }),
+            "{node}"
+        );
+        assert_eq!(s.policies["float"].problem, None, "{node}");
+        assert_eq!(
+            s.policy_entries[&(DB, net("203.0.113.0/24"))],
+            dropped(W2),
+            "{node}"
+        );
+        assert_eq!(
+            s.policy_entries[&(WEB_2, net("203.0.113.0/24"))],
+            pod_value(W2),
+            "{node}"
+        );
+    }
+    let s = desired_state(&inv, "gw-a", &gw_network());
+    let message = s.policies["plain"].problem.as_ref().unwrap().to_string();
+    assert!(
+        message.contains("floating-egress-ip annotation"),
+        "{message}"
+    );
+}
+
 #[test]
 fn a_candidate_whose_floating_entries_do_not_fit_gives_up_the_address() {
     let inv = inventory(&[&web_policy()]);
