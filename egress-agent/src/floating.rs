@@ -106,7 +106,7 @@ pub struct Holder {
     runtime: tokio::runtime::Runtime,
     netlink: Netlink,
     held: BTreeMap<Ipv4Addr, Held>,
-    /// Whether the first pass (which also removes addresses an earlier run left) happened.
+    /// Whether a first pass (which also removes addresses an earlier run left) went through.
     started: bool,
 }
 
@@ -141,13 +141,16 @@ impl Holder {
             .iter()
             .map(|(ip, (ifindex, _))| (*ip, *ifindex))
             .collect();
+        // Until the first sweep went through whole (each failure is retried next round).
+        let mut swept = true;
         let marked = if self.started {
             Vec::new()
         } else {
             self.runtime
                 .block_on(self.netlink.floating_addresses())
                 .unwrap_or_else(|error| {
-                    warn!(error = %Chain(&error), "cannot look for floating egress IPs an earlier run left");
+                    swept = false;
+                    tracing::debug!(error = %Chain(&error), "cannot look for floating egress IPs an earlier run left");
                     Vec::new()
                 })
         };
@@ -167,6 +170,7 @@ impl Holder {
                     }
                 }
                 Err(error) => {
+                    swept = false;
                     warn!(egress_ip = %ip, error = %Chain(&error), "cannot release the floating egress IP");
                 }
             }
@@ -209,7 +213,7 @@ impl Holder {
                 warn!(egress_ip = %ip, error = %error, "cannot announce the floating egress IP");
             }
         }
-        self.started = true;
+        self.started = self.started || swept;
     }
 }
 

@@ -68,6 +68,8 @@ struct Said {
     /// Map writes that failed in the last sync, one line per map.
     map_failures: SayOnce<Vec<String>>,
     summary: SayOnce<String>,
+    /// `--probe-responder xdp` on a candidate where no interface holds the node's address.
+    xdp_without_underlay: SayOnce<bool>,
 }
 
 impl<'a> Reconciler<'a> {
@@ -187,6 +189,24 @@ impl<'a> Reconciler<'a> {
         let fit = desired.fit_policy_map(config.map_sizes.policies as usize);
         self.say_policy_map_fit(fit);
         let (contents, attachments) = self.plan(&desired, network, node_ip);
+        let xdp_without_underlay = config.probe_responder == ProbeResponder::Xdp
+            && is_candidate(&desired, node_ip)
+            && !attachments
+                .iter()
+                .any(|attachment| attachment.hook == Hook::ProbeResponder);
+        if self
+            .said
+            .xdp_without_underlay
+            .update(xdp_without_underlay)
+            .is_some()
+            && xdp_without_underlay
+        {
+            warn!(
+                %node_ip,
+                "--probe-responder xdp: no interface holds this node's address, so the TC \
+                 program answers the probes"
+            );
+        }
         let unwired: BTreeSet<Ipv4Addr> = desired
             .local_pods
             .iter()
@@ -491,11 +511,7 @@ impl<'a> Reconciler<'a> {
         }
         // A gateway candidate is probed: its underlay interface (the one holding the node's
         // address, where the probes arrive) answers them in XDP.
-        let candidate = desired
-            .gateway_groups
-            .values()
-            .any(|candidates| candidates.contains(&node_ip));
-        if candidate && self.config.probe_responder == ProbeResponder::Xdp {
+        if is_candidate(desired, node_ip) && self.config.probe_responder == ProbeResponder::Xdp {
             let underlay = network
                 .links
                 .iter()
@@ -506,6 +522,14 @@ impl<'a> Reconciler<'a> {
         }
         (contents, attachments)
     }
+}
+
+/// Whether this node is a gateway candidate of some group (other nodes probe it).
+fn is_candidate(desired: &DesiredState, node_ip: Ipv4Addr) -> bool {
+    desired
+        .gateway_groups
+        .values()
+        .any(|candidates| candidates.contains(&node_ip))
 }
 
 /// A route to a pod through the default-route interface means the pod is not really here

@@ -257,6 +257,18 @@ impl Datapath {
             }
         }
         for reply in &plan.remove_reverse {
+            let was_held = reverse_entries
+                .get(reply)
+                .is_some_and(|entry| entry.flags & NAT_TIME_WAIT != 0);
+            // A held port the datapath gave to a new connection meanwhile (it clears the
+            // flag when it adopts the entry) is that connection's now.
+            if was_held
+                && reverse
+                    .get(reply, 0)
+                    .is_ok_and(|entry| entry.flags & NAT_TIME_WAIT == 0)
+            {
+                continue;
+            }
             ignore_missing(reverse.remove(reply)).map_err(map_err(map_names::NAT_REVERSE))?;
         }
         let mut forward: HashMap<&mut MapData, FlowKey, NatForward> =

@@ -61,6 +61,9 @@ struct Peer {
     hold_down: u32,
     /// Rounds judged up since it last came up.
     rounds_up: u32,
+    /// Whether the probes before this round were all answered, by a gateway saying it can
+    /// serve (also while it is held down).
+    answering: bool,
 }
 
 /// The verdicts, from probes sent and replies seen: pure, so it is unit-tested.
@@ -129,6 +132,7 @@ impl Judge {
                 hold_down: 0,
                 // No flaps on record.
                 rounds_up: FLAP_ROUNDS,
+                answering: false,
             });
             kept.insert(ip, peer);
         }
@@ -140,8 +144,9 @@ impl Judge {
     ///
     /// A gateway that is up, answered its last probe and is quiet (its replies reach the
     /// pods, or no traffic goes to it) is probed every `quiet_rounds` rounds only. Traffic
-    /// that stops getting replies counts as one lost probe, and probes go every round again:
-    /// a dead gateway is down as soon as if none had been skipped.
+    /// that gets no reply brings back a probe every round (BFD's poll): a dead gateway is
+    /// down one round later than if none had been skipped. The silence itself is no lost
+    /// probe: a reply may just take longer than a round (a far destination, a slow server).
     ///
     /// After a lost probe the next one asks for the TC program, so an XDP responder whose
     /// answers get lost on their way back (a driver that cannot send what XDP sends) never
@@ -161,9 +166,7 @@ impl Judge {
                         return None;
                     }
                 }
-                // A probe that no reply answers (the sequence number is skipped).
-                Traffic::Unanswered => peer.sent += 1,
-                Traffic::Ignored => {}
+                Traffic::Unanswered | Traffic::Ignored => {}
             }
         }
         peer.skipped = 0;
@@ -237,6 +240,7 @@ impl Judge {
                 peer.hold_down
             };
             let unanswered = peer.sent - peer.answered.min(peer.sent);
+            peer.answering = peer.heard && unanswered == 0 && !peer.not_serving;
             let verdict = if unanswered >= self.multiplier {
                 Some(if peer.heard {
                     Cause::Unanswered
@@ -284,6 +288,13 @@ impl Judge {
 
     pub fn is_down(&self, ip: Ipv4Addr) -> bool {
         self.peers.get(&ip).is_some_and(|peer| peer.down.is_some())
+    }
+
+    /// Whether `ip` answered every probe so far and said it can serve, held down or not: a
+    /// standby of a floating IP hands the address back on that, since no flow state stays
+    /// behind on a floating IP's gateway.
+    pub fn is_answering(&self, ip: Ipv4Addr) -> bool {
+        self.peers.get(&ip).is_some_and(|peer| peer.answering)
     }
 
     /// Whether `ip` answered since this agent started probing it.
@@ -614,11 +625,11 @@ mod tests {
         assert!(!quiet_round(&mut judge, Traffic::Answered, true).0);
     }
 
-    /// Traffic that stops getting replies counts as one lost probe: the gateway is down
-    /// after `multiplier` rounds, as when every round is probed; a reply to the probe that
-    /// goes with it clears it.
+    /// Traffic that stops getting replies brings back a probe every round: the gateway is
+    /// down `multiplier` rounds later. A slow reply (a server thinking) costs probes, never
+    /// a verdict.
     #[test]
-    fn traffic_without_replies_counts_as_a_lost_probe() {
+    fn traffic_without_replies_brings_back_a_probe_every_round() {
         let mut judge = Judge::new(3, 0).with_quiet_rounds(20);
         judge.retain([(GW, false)]);
         assert!(
@@ -630,39 +641,30 @@ mod tests {
             quiet_round(&mut judge, Traffic::Answered, true),
             (false, vec![])
         );
-        // Replies stop (the round that shows it follows a round of silence): probed at
-        // once, and down two rounds later, as a gateway probed every round would be.
-        assert_eq!(
-            quiet_round(&mut judge, Traffic::Unanswered, false),
-            (true, vec![])
-        );
-        assert_eq!(
-            quiet_round(&mut judge, Traffic::Unanswered, false),
-            (true, vec![(GW, Change::Down(Cause::Unanswered))])
-        );
-        for _ in 0..2 {
-            assert_eq!(
-                quiet_round(&mut judge, Traffic::Unanswered, true),
-                (true, vec![])
-            );
-        }
-        assert_eq!(
-            quiet_round(&mut judge, Traffic::Unanswered, true),
-            (true, vec![(GW, Change::Up)])
-        );
-        // A slow reply (a server thinking): probes answered, never down.
         for _ in 0..10 {
             assert_eq!(
                 quiet_round(&mut judge, Traffic::Unanswered, true),
                 (true, vec![])
             );
         }
-        // The probe that goes with the silence asks for any responder.
+        for _ in 0..2 {
+            assert_eq!(
+                quiet_round(&mut judge, Traffic::Unanswered, false),
+                (true, vec![])
+            );
+        }
         assert_eq!(
-            judge
-                .next_probe(GW, Traffic::Unanswered)
-                .map(|(_, path)| path),
-            Some(PROBE_VIA_ANY)
+            quiet_round(&mut judge, Traffic::Unanswered, false),
+            (true, vec![(GW, Change::Down(Cause::Unanswered))])
         );
+        assert!(!judge.is_answering(GW));
+        // Answering again: a standby hands a floating IP back at once, new flows wait for
+        // the hold-down.
+        assert_eq!(
+            quiet_round(&mut judge, Traffic::Unanswered, true),
+            (true, vec![])
+        );
+        assert!(judge.is_answering(GW));
+        assert!(judge.is_down(GW));
     }
 }

@@ -7,8 +7,9 @@
 //!
 //! Demand mode, as BFD's: a gateway that is quiet (the replies to this node's pods' traffic
 //! show it alive, or no traffic goes to it) is probed every `quiet_interval` only; traffic
-//! that stops getting replies counts as a lost probe and brings back a probe every interval,
-//! so a dead gateway is found as fast, at a twentieth of the probes (`GATEWAY_TRAFFIC`: the
+//! that stops getting replies brings back a probe every interval, so a dead gateway is found
+//! one interval later than with a probe every interval, at a twentieth of the probes while
+//! all is well (at the defaults; `GATEWAY_TRAFFIC`: the
 //! datapath stamps what it sent to each gateway and what came back).
 //!
 //! The probes are answered by the gateway's datapath, never its agent: a busy or restarting
@@ -73,7 +74,7 @@ pub enum Traffic {
     /// A reply from the gateway reached a pod since the last round.
     Answered,
     /// Traffic went to the gateway, or came from it, in the round before, but no reply
-    /// came since the last round: as good as a lost probe.
+    /// came since the last round: probe every round until it is answered again.
     Unanswered,
     /// No traffic in the last two rounds.
     Idle,

@@ -55,7 +55,8 @@ type TrafficMap = HashMap<MapData, [u8; 4], GatewayTraffic>;
 struct ProberMaps {
     health: HealthMap,
     replies: ReplyMap,
-    traffic: TrafficMap,
+    /// Demand mode only: without it every gateway is probed every round.
+    traffic: Result<TrafficMap, String>,
 }
 
 impl ProberMaps {
@@ -63,7 +64,8 @@ impl ProberMaps {
         Ok(ProberMaps {
             health: pinned::hash_map(pins, map_names::GATEWAY_HEALTH)?,
             replies: pinned::hash_map(pins, map_names::PROBE_REPLIES)?,
-            traffic: pinned::hash_map(pins, map_names::GATEWAY_TRAFFIC)?,
+            traffic: pinned::hash_map(pins, map_names::GATEWAY_TRAFFIC)
+                .map_err(|error| Chain(&error).to_string()),
         })
     }
 }
@@ -85,9 +87,13 @@ struct Prober {
     written: BTreeMap<Ipv4Addr, u32>,
     /// The gateways of the last round, with their node names (for the metric).
     probed: BTreeMap<Ipv4Addr, String>,
-    /// Holds this node's floating egress IPs; made when the first one shows up.
+    /// Holds this node's floating egress IPs; made in the first round (it removes those an
+    /// earlier run left).
     holder: Option<Holder>,
     said: SayOnce<String>,
+    /// The last failure to read the traffic stamps, and to hold the floating IPs.
+    said_traffic: SayOnce<String>,
+    said_floating: SayOnce<String>,
     view: watch::Sender<HealthView>,
 }
 
@@ -114,6 +120,8 @@ impl Prober {
             probed: BTreeMap::new(),
             holder: None,
             said: SayOnce::new(String::new()),
+            said_traffic: SayOnce::new(String::new()),
+            said_floating: SayOnce::new(String::new()),
         }
     }
 
@@ -246,11 +254,40 @@ impl Prober {
             *current = view;
             changed
         });
-        let traffic = self.read_traffic(traffic, targets)?;
+        // Without the traffic stamps every gateway is probed every round: a failure there
+        // must not stop the health checks.
+        let traffic = match traffic
+            .as_mut()
+            .map_err(|error| anyhow::anyhow!("{error}"))
+            .and_then(|map| self.read_traffic(map, targets))
+        {
+            Ok(traffic) => {
+                self.said_traffic.update(String::new());
+                traffic
+            }
+            Err(error) => {
+                let message = format!("{error:#}");
+                if self.said_traffic.update(message.clone()).is_some() {
+                    warn!(
+                        error = message,
+                        "cannot read the traffic stamps: probing every interval"
+                    );
+                }
+                BTreeMap::new()
+            }
+        };
         self.send_probes(targets, &traffic)?;
         // After the probes: a failure here must not stop the health checks.
-        if let Err(error) = self.hold_floating_ips(targets) {
-            warn!(error = %Chain(&*error), "cannot hold the floating egress IPs");
+        match self.hold_floating_ips(targets) {
+            Ok(()) => {
+                self.said_floating.update(String::new());
+            }
+            Err(error) => {
+                let message = Chain(&*error).to_string();
+                if self.said_floating.update(message.clone()).is_some() {
+                    warn!(error = message, "cannot hold the floating egress IPs");
+                }
+            }
         }
         Ok(())
     }
@@ -324,7 +361,7 @@ impl Prober {
                 // A candidate before this one is out when it is down, draining, or has not
                 // answered yet (a newcomer must prove itself before this one hands over).
                 should_hold(target, targets.self_serving, targets.self_draining, |ip| {
-                    self.judge.is_down(ip)
+                    (self.judge.is_down(ip) && !self.judge.is_answering(ip))
                         || !self.judge.has_answered(ip)
                         || targets
                             .gateways
@@ -358,6 +395,15 @@ impl Prober {
             .values()
             .flat_map(|floating| floating.candidates_before.iter().copied())
             .collect();
+        // Entries of gateways no longer probed go first, making room for new ones.
+        let gone: Vec<[u8; 4]> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|ip| !targets.gateways.contains_key(&Ipv4Addr::from(*ip)))
+            .collect();
+        for ip in gone {
+            let _ = map.remove(&ip);
+        }
         let mut seen = BTreeMap::new();
         for ip in targets.gateways.keys() {
             let stamps = match map.get(&ip.octets(), 0) {
@@ -374,14 +420,6 @@ impl Prober {
                 traffic_since(stamps, last, before_last)
             };
             seen.insert(*ip, traffic);
-        }
-        let gone: Vec<[u8; 4]> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|ip| !targets.gateways.contains_key(&Ipv4Addr::from(*ip)))
-            .collect();
-        for ip in gone {
-            let _ = map.remove(&ip);
         }
         Ok(seen)
     }
