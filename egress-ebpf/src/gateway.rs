@@ -100,28 +100,28 @@ pub(crate) fn choose(
     None
 }
 
-/// Notes, for the prober, that this node sent pods' traffic to `gateway` (only where the
-/// prober made an entry: a gateway it does not probe costs a lookup, no insert).
+/// Which stamp of `GatewayTraffic` to refresh.
+#[derive(Clone, Copy)]
+pub(crate) enum Stamp {
+    /// This node sent pods' traffic to the gateway.
+    Sent,
+    /// A reply from the gateway reached a pod: it is alive.
+    Received,
+}
+
+/// Notes, for the prober, traffic to or from `gateway` (only where the prober made an entry:
+/// a gateway it does not probe costs a lookup, no insert).
 #[inline(always)]
-pub(crate) fn note_sent(gateway: Ipv4, now: u64) {
+pub(crate) fn note_traffic(gateway: Ipv4, stamp: Stamp, now: u64) {
     if let Some(traffic) = GATEWAY_TRAFFIC.get_ptr_mut(&gateway) {
         // SAFETY: valid for this run; a racing writer stores a time just as recent.
         unsafe {
-            if now.wrapping_sub((*traffic).sent_ns) >= TRAFFIC_STAMP_GRANULARITY_NS {
-                (*traffic).sent_ns = now;
-            }
-        }
-    }
-}
-
-/// Notes, for the prober, a reply from `gateway` delivered to a pod: the gateway is alive.
-#[inline(always)]
-pub(crate) fn note_received(gateway: Ipv4, now: u64) {
-    if let Some(traffic) = GATEWAY_TRAFFIC.get_ptr_mut(&gateway) {
-        // SAFETY: as in `note_sent`.
-        unsafe {
-            if now.wrapping_sub((*traffic).received_ns) >= TRAFFIC_STAMP_GRANULARITY_NS {
-                (*traffic).received_ns = now;
+            let field = match stamp {
+                Stamp::Sent => &raw mut (*traffic).sent_ns,
+                Stamp::Received => &raw mut (*traffic).received_ns,
+            };
+            if now.wrapping_sub(*field) >= TRAFFIC_STAMP_GRANULARITY_NS {
+                *field = now;
             }
         }
     }

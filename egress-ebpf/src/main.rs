@@ -216,7 +216,7 @@ pub(crate) fn from_pod(mut ctx: TcContext) -> i32 {
         }
     }
     if gateway != config.node_ip {
-        gateway::note_sent(gateway, now);
+        gateway::note_traffic(gateway, gateway::Stamp::Sent, now);
     }
     if gateway::pod_node_translates(group) {
         // A floating egress IP: this node translates, the gateway forwards.
@@ -425,7 +425,7 @@ fn deliver_reply(
     if clamp_mss(ctx, packet, config.tunnel_mss).is_err() {
         return drop(reason::DROP_ERROR, packet);
     }
-    gateway::note_received(remote, now);
+    gateway::note_traffic(remote, gateway::Stamp::Received, now);
     send_to_pod(packet, ifindex, reason::REPLY_TO_POD)
 }
 
