@@ -15,7 +15,7 @@
 //! pod's flows with any other source than A or B.
 //!
 //! The probe load: probe frames sent from B (which has no selected pods; it probes only A,
-//! the candidate before it, 20 times a second)
+//! the candidate before it, once a second while quiet)
 //! to A's tunnel port at a fixed rate, answered by A's XDP responder (and, side by side, the
 //! same frames asking for A's TC program), against the same frames sent at the same rate to
 //! a closed UDP port of A; the difference in the sender's CPU time per datagram (which holds
